@@ -1,0 +1,100 @@
+"""``embed`` stage: tiles Parquet -> Ray Data actor pool running the encoder -> embeddings Parquet.
+
+The model is loaded once per actor (a callable class); the pool autoscales between the spec's
+``resources.autoscale.min`` and ``max`` actors, with ``gpus_per_worker`` GPUs each when asked.
+Output rows are keyed by ``tile_id`` and the folder by (tiling hash, encoder id), so a second encoder
+re-uses the same tiles.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pbip_engine.jobs.manifest import read_json
+from pbip_engine.jobs.resources import actor_pool_options
+from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
+from pbip_engine.jobs.tile import tile_files
+from pbip_engine.schemas.spec import JobSpec
+
+EMBED_COLUMNS = ["tile_id", "slide_id", "x", "y", "white_fraction", "labelled", "labels", "image"]
+
+
+class ArrowEmbedder:
+    """Ray Data callable: the engine's Embedder, returning Arrow with the dataset's exact schema."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        from pbip_engine.engine.embedder import Embedder
+
+        self.embedder = Embedder(**kwargs)
+        self.dtype = kwargs.get("dtype", "float16")
+
+    def __call__(self, batch: dict[str, Any]):
+        import pyarrow as pa
+
+        from pbip_engine.schemas.datasets import embeddings_schema
+
+        out = self.embedder(batch)
+        emb = out["embedding"]
+        schema = embeddings_schema(emb.shape[1], self.dtype)
+        flat = pa.array(emb.reshape(-1), type=schema.field("embedding").type.value_type)
+        cols = {name: out[name] for name in schema.names if name != "embedding"}
+        arrays = [
+            pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])
+            if name == "embedding"
+            else pa.array(list(cols[name]) if name == "labels" else cols[name], type=schema.field(name).type)
+            for name in schema.names
+        ]
+        return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def encoder_key(spec: JobSpec) -> str:
+    from pbip_engine.engine.encoders import encoder_id
+
+    return encoder_id(spec.encoder.name, spec.encoder.checkpoint)
+
+
+@register_stage
+class EmbedStage(Stage):
+    name = "embed"
+    deps = ("tile",)
+    sections = ("encoder",)
+
+    def run(self, ctx: StageContext) -> StageResult:
+        import ray
+
+        spec = ctx.spec
+        files = tile_files(ctx.stage_dir("tile"))
+        if not files:
+            raise RuntimeError("the tile stage produced no tiles (every slide failed?)")
+        tile_hash = (read_json(ctx.stage_dir("tile") / "manifest.json") or {}).get("input_hash", "")
+        key = f"{tile_hash}__{encoder_key(spec)}"
+        out_dir = ctx.work_dir / "embeddings" / key
+        ctx.ray()
+        ds = ray.data.read_parquet([str(f) for f in files], columns=EMBED_COLUMNS)
+        ds = ds.map_batches(
+            ArrowEmbedder,
+            fn_constructor_kwargs={
+                "encoder": spec.encoder.name,
+                "checkpoint": spec.encoder.checkpoint,
+                "dtype": spec.encoder.dtype,
+                "batch_size": spec.encoder.batch_size,
+            },
+            batch_size=spec.encoder.batch_size,
+            batch_format="numpy",
+            **actor_pool_options(spec.resources),
+        )
+        ds.write_parquet(str(out_dir))
+        n = _count_rows(out_dir)
+        return StageResult(counts={"tiles": n, "slides": len(files)}, extra={"embeddings_key": key})
+
+
+def _count_rows(folder: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in sorted(folder.glob("*.parquet")))
+
+
+def embeddings_dir(stage_dir: Path) -> Path:
+    m = read_json(stage_dir / "manifest.json") or {}
+    return stage_dir / "embeddings" / m["embeddings_key"]

@@ -1,0 +1,80 @@
+"""Stage manifests: what a stage was run on (input hash), what it produced, and how it went.
+
+A stage whose manifest says ``done`` with the same input hash is skipped on a re-run (TRIDENT-style
+"skip what is done"); the hash chains through upstream manifests so a change upstream re-runs
+everything below it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+_VERSIONED = (
+    "pbip-engine",
+    "torch",
+    "timm",
+    "ray",
+    "pyarrow",
+    "numpy",
+    "tifffile",
+    "tiffslide",
+    "cucim-cu13",
+)
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def input_hash(stage: str, stage_version: int, spec_json: str, upstream: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([stage, stage_version, spec_json, sorted(upstream.items())]).encode())
+    return h.hexdigest()[:16]
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def new_manifest(stage: str, in_hash: str, inputs: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "stage": stage,
+        "input_hash": in_hash,
+        "inputs": inputs,
+        "versions": package_versions(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "status": "running",
+    }

@@ -1,0 +1,107 @@
+"""The stage registry: each pipeline stage is a small class the driver runs in order.
+
+A stage reads its upstream stages' finished folders and writes into its own work folder, which the
+driver renames into place only when the stage returns. Stages that process slides one by one keep
+per-unit state in the work folder so an interrupted or partially failed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pbip_engine.schemas.spec import JobSpec
+
+
+@dataclass
+class StageResult:
+    counts: dict[str, Any] = field(default_factory=dict)
+    units: dict[str, dict[str, Any]] = field(default_factory=dict)  # per slide: status, reason, ...
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failed_units(self) -> list[str]:
+        return sorted(k for k, v in self.units.items() if v.get("status") == "failed")
+
+    @property
+    def status(self) -> str:
+        return "partial" if self.failed_units else "done"
+
+
+@dataclass
+class StageContext:
+    spec: JobSpec
+    output: Path
+    work_dir: Path
+    address: str | None
+    log: Callable[[str], None]
+    progress: bool = True
+    _ray_started: list[bool] = field(default_factory=lambda: [False])
+
+    def stage_dir(self, name: str) -> Path:
+        """Finished output folder of an upstream stage."""
+        d = self.output / name
+        if not d.is_dir():
+            raise RuntimeError(f"stage {name!r} has no finished output at {d}; run it first")
+        return d
+
+    def ray(self) -> None:
+        """Start (or connect to) Ray only when a stage needs it."""
+        from pbip_engine.jobs.ray_runtime import ensure_ray
+
+        ensure_ray(self.address, self.spec.resources)
+
+
+class Stage:
+    name: str = ""
+    deps: tuple[str, ...] = ()
+    sections: tuple[str, ...] = ()  # spec sections whose values change this stage's output
+    version: int = 1  # bump when the stage's output format or algorithm changes
+
+    def enabled(self, spec: JobSpec) -> bool:
+        return True
+
+    def dependencies(self, spec: JobSpec) -> tuple[str, ...]:
+        """Upstream stages that this spec enables (a stage may follow synth or real slides)."""
+        return tuple(d for d in self.deps if get_stage(d).enabled(spec))
+
+    def run(self, ctx: StageContext) -> StageResult:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, Stage] = {}
+
+
+def register_stage(cls: type[Stage]) -> type[Stage]:
+    inst = cls()
+    if not inst.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    _REGISTRY[inst.name] = inst
+    return cls
+
+
+def all_stages() -> list[Stage]:
+    """Stages in pipeline order (registration order follows the data flow)."""
+    _load_builtin_stages()
+    return list(_REGISTRY.values())
+
+
+def get_stage(name: str) -> Stage:
+    _load_builtin_stages()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown stage {name!r}; stages are {list(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def _load_builtin_stages() -> None:
+    # Importing the modules registers their stages, in data-flow order.
+    import pbip_engine.jobs.bank
+    import pbip_engine.jobs.embed
+    import pbip_engine.jobs.synth
+    import pbip_engine.jobs.tile  # noqa: F401
+
+
+def stage_names(stages: Iterable[Stage]) -> list[str]:
+    return [s.name for s in stages]

@@ -1,0 +1,173 @@
+"""``tile`` stage: one Ray task per slide, each writing its own Parquet file and state record.
+
+A slide that fails (unreadable, no mpp, no tissue, unknown annotation class) is reported and the
+others go on. Finished slides are skipped on a re-run. Tasks are retried when a worker dies; since
+each slide's output is written atomically, a retry cannot duplicate tiles.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from pbip_engine.jobs.manifest import read_json, write_json_atomic
+from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
+from pbip_engine.schemas.spec import JobSpec, SpecError, expand_slides
+
+ANNOTATION_SUFFIXES = (".geojson", ".json", ".geojson.gz")
+
+
+def slide_id_of(path: Path) -> str:
+    return path.stem
+
+
+def cohort_slides(ctx: StageContext) -> list[Path]:
+    """The slides of the run: the spec's list, or the synthetic cohort's."""
+    spec = ctx.spec
+    if spec.data.synthetic is not None:
+        return sorted((ctx.stage_dir("synth") / "slides").glob("*.tif"))
+    return expand_slides(spec.data.slides)
+
+
+def annotation_dir(ctx: StageContext) -> Path | None:
+    if ctx.spec.data.annotations:
+        return Path(ctx.spec.data.annotations)
+    if ctx.spec.data.synthetic is not None:
+        return ctx.stage_dir("synth") / "annotations"
+    return None
+
+
+def find_annotation(folder: Path | None, slide_id: str) -> Path | None:
+    if folder is None:
+        return None
+    for suf in ANNOTATION_SUFFIXES:
+        p = folder / f"{slide_id}{suf}"
+        if p.is_file():
+            return p
+    return None
+
+
+def tile_params(spec: JobSpec) -> dict[str, Any]:
+    from pbip_engine.engine.tiling import TileGridParams
+    from pbip_engine.engine.tissue import TissueParams
+
+    t = spec.tiling
+    return {
+        "grid": TileGridParams(mpp=t.mpp, tile_px=t.tile_px, overlap=t.overlap, min_tissue=t.min_tissue),
+        "tissue": TissueParams(**t.tissue.model_dump()),
+        "label_min_fraction": t.label_min_fraction,
+        "jpeg_quality": t.jpeg_quality,
+        "backends": tuple(t.backends),
+        "class_names": spec.class_names,
+    }
+
+
+def _tile_one(path: str, slide_id: str, out_dir: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    from pbip_engine.engine.tile_slide import tile_slide
+
+    t0 = time.perf_counter()
+    try:
+        res = tile_slide(Path(path), slide_id, Path(out_dir), **kwargs)
+        rec = asdict(res)
+    except Exception as e:  # a bug, not a slide problem: still fail this slide alone
+        rec = {"slide_id": slide_id, "status": "failed", "reason": f"{type(e).__name__}: {e}", "n_tiles": 0}
+    rec["seconds"] = round(time.perf_counter() - t0, 3)
+    rec["path"] = path
+    write_json_atomic(Path(out_dir) / "state" / f"{slide_id}.json", rec)
+    return rec
+
+
+@register_stage
+class TileStage(Stage):
+    name = "tile"
+    deps = ("synth",)
+    sections = ("data", "classes", "tiling")
+
+    def enabled(self, spec: JobSpec) -> bool:
+        return spec.data.patches is None
+
+    def run(self, ctx: StageContext) -> StageResult:
+        import ray
+        from tqdm.auto import tqdm
+
+        from pbip_engine.engine.slides import read_mpp_overrides
+        from pbip_engine.engine.tile_labels import read_slide_label_csv
+
+        spec = ctx.spec
+        slides = cohort_slides(ctx)
+        ids = [slide_id_of(p) for p in slides]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise SpecError(
+                f"data.slides: several slides share the id(s) {dup} (file name without extension)"
+            )
+        overrides = read_mpp_overrides(spec.data.mpp_overrides) if spec.data.mpp_overrides else {}
+        slide_labels = (
+            read_slide_label_csv(spec.data.labels_csv, spec.class_names) if spec.data.labels_csv else {}
+        )
+        ann_dir = annotation_dir(ctx)
+        base = tile_params(spec)
+
+        units: dict[str, dict[str, Any]] = {}
+        todo = []
+        for path, sid in zip(slides, ids, strict=True):
+            state = read_json(ctx.work_dir / "state" / f"{sid}.json")
+            if (
+                state
+                and state.get("status") == "done"
+                and (ctx.work_dir / "tiles" / f"{sid}.parquet").exists()
+            ):
+                units[sid] = state
+                continue
+            kw = dict(base)
+            kw["annotations"] = find_annotation(ann_dir, sid)
+            kw["slide_labels"] = slide_labels.get(sid) or slide_labels.get(path.name)
+            kw["mpp_override"] = overrides.get(sid) or overrides.get(path.name)
+            todo.append((str(path), sid, kw))
+        if units:
+            ctx.log(f"[tile] {len(units)} slide(s) already done, {len(todo)} to go")
+
+        if todo:
+            ctx.ray()
+            task = ray.remote(_tile_one).options(
+                num_cpus=spec.resources.cpus_per_worker,
+                max_retries=spec.resources.max_failures,
+                retry_exceptions=False,
+            )
+            refs = {task.remote(p, sid, str(ctx.work_dir), kw): sid for p, sid, kw in todo}
+            t0 = time.perf_counter()
+            n_tiles = 0
+            with tqdm(total=len(refs), desc="tile slides", unit="slide", disable=not ctx.progress) as bar:
+                pending = list(refs)
+                while pending:
+                    done, pending = ray.wait(pending, num_returns=1)
+                    for ref in done:
+                        sid = refs[ref]
+                        try:
+                            rec = ray.get(ref)
+                        except Exception as e:  # worker died more often than max_failures
+                            rec = {"slide_id": sid, "status": "failed", "reason": f"{type(e).__name__}: {e}"}
+                            write_json_atomic(ctx.work_dir / "state" / f"{sid}.json", rec)
+                        units[sid] = rec
+                        n_tiles += rec.get("n_tiles", 0) or 0
+                        bar.set_postfix(tiles_per_s=f"{n_tiles / max(time.perf_counter() - t0, 1e-9):.0f}")
+                        bar.update(1)
+                        if rec["status"] == "failed":
+                            ctx.log(f"[tile] {sid} FAILED: {rec.get('reason')}")
+
+        done = [u for u in units.values() if u["status"] == "done"]
+        counts = {
+            "slides": len(units),
+            "slides_done": len(done),
+            "slides_failed": len(units) - len(done),
+            "tiles": sum(u.get("n_tiles", 0) for u in done),
+            "labelled_tiles": sum(u.get("n_labelled", 0) for u in done),
+        }
+        return StageResult(counts=counts, units=units)
+
+
+def tile_files(stage_dir: Path) -> list[Path]:
+    """The per-slide Parquet files of a finished tile stage (failed slides have none)."""
+    return sorted((stage_dir / "tiles").glob("*.parquet"))

@@ -1,0 +1,349 @@
+"""The job spec (``train.yaml``): one pydantic model per section, unknown keys rejected.
+
+Relative paths resolve against the spec file's folder, so a spec means the same thing wherever it is
+run from. Every error names the key path and the bad value (``SpecError``), and is raised before any
+output is written.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+URI_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+class SpecError(ValueError):
+    """A spec problem, already phrased for the user (file, key path, bad value)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+Colour = tuple[int, int, int]
+
+
+class ClassDef(_Section):
+    name: str = Field(min_length=1)
+    color: Colour
+
+    @field_validator("color")
+    @classmethod
+    def _rgb(cls, v: Colour) -> Colour:
+        if any(c < 0 or c > 255 for c in v):
+            raise ValueError(f"colour components must be 0..255, got {list(v)}")
+        return v
+
+
+class RunSection(_Section):
+    name: str = "run"
+    output: str = Field(description="output directory, or a pyarrow.fs URI (s3://, gs://) for clusters")
+    seed: int = 0
+
+    @property
+    def is_uri(self) -> bool:
+        return bool(URI_RE.match(self.output))
+
+
+class SynthSection(_Section):
+    slides: int = Field(4, ge=1)
+    size: int = Field(4096, ge=512)
+    seed: int = 0
+    mpp: float = Field(0.5, gt=0)
+
+
+class DataSection(_Section):
+    slides: list[str] = Field(default_factory=list, description="slide paths or globs")
+    synthetic: SynthSection | None = None
+    annotations: str | None = Field(None, description="folder of QuPath GeoJSON, <slide stem>.geojson")
+    labels_csv: str | None = Field(None, description="slide-level labels: slide,<class>... (0/1)")
+    mpp_overrides: str | None = Field(None, description="CSV slide,mpp for slides without mpp metadata")
+    patches: str | None = Field(None, description="a patch dataset root instead of slides")
+    patch_format: Literal["bcss_wsss", "luad_histoseg", "glas", "folder_csv"] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSection:
+        sources = [bool(self.slides), self.synthetic is not None, self.patches is not None]
+        if sum(sources) == 0:
+            raise ValueError("give one of data.slides, data.synthetic or data.patches")
+        if self.slides and self.synthetic is not None:
+            raise ValueError(
+                "data.slides and data.synthetic are exclusive (the synthetic cohort makes its slides)"
+            )
+        if self.patches is not None and self.patch_format is None:
+            raise ValueError("data.patches needs data.patch_format")
+        return self
+
+
+class TissueSection(_Section):
+    target_mpp: float = Field(8.0, gt=0)
+    blur: int = Field(7, ge=1)
+    sat_threshold: float | None = Field(None, ge=0, le=1)
+    min_saturation: float = Field(0.05, ge=0, le=1)
+    close_radius: int = Field(2, ge=0)
+    min_area_um2: float = Field(20000.0, ge=0)
+    min_hole_um2: float = Field(10000.0, ge=0)
+    exclude_dark: bool = True
+
+
+class TilingSection(_Section):
+    mpp: float = Field(0.5, gt=0, description="target µm/px of the tiles")
+    tile_px: int = Field(224, ge=32)
+    overlap: float = Field(0.0, ge=0, lt=1)
+    min_tissue: float = Field(0.5, ge=0, le=1)
+    label_min_fraction: float = Field(0.1, gt=0, le=1)
+    jpeg_quality: int = Field(90, ge=50, le=100)
+    backends: list[Literal["cucim", "tiffslide"]] = Field(default_factory=lambda: ["cucim", "tiffslide"])
+    tissue: TissueSection = Field(default_factory=TissueSection)
+
+
+class EncoderSection(_Section):
+    name: str = "efficientnet_lite0"
+    checkpoint: str | None = None
+    batch_size: int = Field(64, ge=1)
+    dtype: Literal["float16", "float32"] = "float16"
+
+
+class BankSection(_Section):
+    k: int = Field(3, ge=1)
+    k_per_class: dict[str, int] = Field(default_factory=dict)
+    n_k: int = Field(100, ge=1)
+    max_white: float = Field(0.5, ge=0, le=1)
+    prototype: Literal["mean_topk", "centroid"] = "mean_topk"
+    seed: int = 0
+    allow_majority_fallback: bool = False
+    holdout_fraction: float = Field(0.2, ge=0, lt=1)
+
+
+class ClassNetSection(_Section):
+    backbone: str = "efficientnet_lite0"
+    backbone_checkpoint: str | None = None
+    levels: list[int] = Field(default_factory=lambda: [2, 3, 4])
+    hidden: int = Field(256, ge=8)
+    merge_train: Literal["mean", "softmax_max"] = "mean"
+    merge_eval: Literal["mean", "softmax_max"] = "mean"
+    delta: float = Field(0.15, ge=0, le=1)
+    threshold: Literal["per_class", "per_image"] = "per_class"
+    alpha: float = 1.0
+    beta: float = 0.5
+    tau: float = Field(1.0, gt=0)
+    theta1: float = 1.0
+    theta2: float = 0.5
+    use_sim: bool = True
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.003, ge=0)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(10, ge=1)
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    amp: bool = True
+
+
+class PseudoSection(_Section):
+    background: Literal["none", "white", "power"] = "white"
+    white_threshold: int = Field(200, ge=0, le=255)
+    min_object: int = Field(50, ge=0)
+    gamma: float = Field(10.0, gt=0)
+    heatmaps: bool = True
+
+
+class SegmenterSection(_Section):
+    arch: Literal["deeplabv2", "deeplabv3plus"] = "deeplabv2"
+    backbone: str = "efficientnet_lite0"
+    backbone_checkpoint: str | None = None
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    amp: bool = True
+
+
+class SegmentSection(_Section):
+    slides: list[str] = Field(
+        default_factory=list, description="slides to segment; empty = the training slides"
+    )
+    overlap: float = Field(0.25, ge=0, lt=1)
+    blend: Literal["gaussian", "average"] = "gaussian"
+    output_mpp: float | None = Field(None, gt=0, description="mask µm/px; default = the model's tile µm/px")
+    batch_size: int = Field(16, ge=1)
+
+
+class AutoscaleSection(_Section):
+    min: int = Field(1, ge=0)
+    max: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _order(self) -> AutoscaleSection:
+        if self.min > self.max:
+            raise ValueError(f"autoscale.min ({self.min}) > autoscale.max ({self.max})")
+        return self
+
+
+class ResourcesSection(_Section):
+    workers: int = Field(1, ge=1, description="Ray Train workers / tiling parallelism")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    autoscale: AutoscaleSection = Field(default_factory=AutoscaleSection)
+    max_failures: int = Field(2, ge=0)
+    local_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray (default: all)")
+
+
+class JobSpec(_Section):
+    run: RunSection
+    data: DataSection
+    classes: list[ClassDef] = Field(min_length=1)
+    tiling: TilingSection = Field(default_factory=TilingSection)
+    encoder: EncoderSection = Field(default_factory=EncoderSection)
+    bank: BankSection = Field(default_factory=BankSection)
+    classnet: ClassNetSection = Field(default_factory=ClassNetSection)
+    pseudo: PseudoSection = Field(default_factory=PseudoSection)
+    segmenter: SegmenterSection = Field(default_factory=SegmenterSection)
+    segment: SegmentSection = Field(default_factory=SegmentSection)
+    resources: ResourcesSection = Field(default_factory=ResourcesSection)
+
+    @model_validator(mode="after")
+    def _classes(self) -> JobSpec:
+        names = [c.name for c in self.classes]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"class names must be unique, repeated: {dup}")
+        if any(n.lower() in ("background", "bg") for n in names):
+            raise ValueError("'background' is implicit (mask value 0); do not list it in classes")
+        unknown = sorted(set(self.bank.k_per_class) - set(names))
+        if unknown:
+            raise ValueError(f"bank.k_per_class names unknown classes {unknown}; classes are {names}")
+        return self
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    @property
+    def class_colors(self) -> list[Colour]:
+        return [tuple(c.color) for c in self.classes]
+
+    def section_json(self, *names: str) -> str:
+        """Canonical JSON of some sections: what a stage's manifest hash is computed from."""
+        d = self.model_dump(mode="json")
+        return json.dumps({n: d[n] for n in names}, sort_keys=True)
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+_PATH_KEYS = [
+    ("data", "annotations"),
+    ("data", "labels_csv"),
+    ("data", "mpp_overrides"),
+    ("data", "patches"),
+    ("encoder", "checkpoint"),
+    ("classnet", "backbone_checkpoint"),
+    ("segmenter", "backbone_checkpoint"),
+]
+
+
+def _resolve(value: str, base: Path) -> str:
+    if URI_RE.match(value):
+        return value
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _format_errors(err: ValidationError, source: str, raw: dict[str, Any]) -> str:
+    lines = [f"{source}: {err.error_count()} problem(s) in the job spec"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown key {loc!r} (not part of the spec; check the spelling)"
+        else:
+            msg = f"{loc}: {e['msg']}"
+            if "input" in e and e["type"] != "missing":
+                msg += f" (got {e['input']!r})"
+        lines.append(f"  - {msg}")
+    return "\n".join(lines)
+
+
+def parse_spec(raw: dict[str, Any], base_dir: Path | str = ".", source: str = "<spec>") -> JobSpec:
+    """Validate a spec dict; relative paths resolve against ``base_dir``."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: the spec must be a YAML mapping, got {type(raw).__name__}")
+    base = Path(base_dir).resolve()
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(_format_errors(err, source, raw)) from None
+    # Resolve paths after validation so errors show what the user wrote.
+    if not spec.run.is_uri:
+        spec.run.output = _resolve(spec.run.output, base)
+    for section, key in _PATH_KEYS:
+        sec = getattr(spec, section)
+        val = getattr(sec, key)
+        if val is not None:
+            setattr(sec, key, _resolve(val, base))
+    spec.data.slides = [_resolve(s, base) for s in spec.data.slides]
+    spec.segment.slides = [_resolve(s, base) for s in spec.segment.slides]
+    return spec
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: spec file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from None
+    return parse_spec(raw, path.parent, source=str(path))
+
+
+def expand_slides(patterns: list[str], key: str = "data.slides") -> list[Path]:
+    """Globs → existing files, sorted and de-duplicated; a pattern matching nothing is an error."""
+    out: list[Path] = []
+    for pat in patterns:
+        hits = sorted(glob.glob(pat)) if any(ch in pat for ch in "*?[") else [pat]
+        hits = [h for h in hits if Path(h).exists()]
+        if not hits:
+            raise SpecError(f"{key}: {pat!r} matches no file")
+        out.extend(Path(h) for h in hits)
+    seen: set[Path] = set()
+    uniq = [p for p in out if not (p in seen or seen.add(p))]
+    if not uniq:
+        raise SpecError(f"{key}: the slide list is empty")
+    return uniq
+
+
+def check_output(spec: JobSpec) -> None:
+    """Output must be a directory (or creatable), never an existing file."""
+    if spec.run.is_uri:
+        return
+    out = Path(spec.run.output)
+    if out.exists() and not out.is_dir():
+        raise SpecError(f"run.output: {str(out)!r} is a file, not a directory")
+    parent = next((p for p in [out, *out.parents] if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise SpecError(f"run.output: {str(parent)!r} is a file, so {str(out)!r} cannot be created")
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema for editors (yaml-language-server)."""
+    schema = JobSpec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "pbip-engine job spec"
+    return schema
+
+
+def check_inputs(spec: JobSpec) -> list[Path]:
+    """Everything the spec points at must exist before a run starts; returns the slide list."""
+    check_output(spec)
+    for section, key in _PATH_KEYS:
+        val = getattr(getattr(spec, section), key)
+        if val is not None and not URI_RE.match(val) and not Path(val).exists():
+            raise SpecError(f"{section}.{key}: {val!r} does not exist")
+    if spec.data.slides:
+        return expand_slides(spec.data.slides)
+    return []

@@ -1,0 +1,104 @@
+"""The pipeline driver: a run, a re-run that skips, --force, and a stage that raises."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from pbip_engine.cli import main
+from pbip_engine.jobs.driver import run_pipeline
+from pbip_engine.jobs.synth import SynthStage
+from pbip_engine.schemas.spec import load_spec
+
+SPEC = {
+    "run": {"name": "t", "output": "out"},
+    "data": {"synthetic": {"slides": 1, "size": 768, "seed": 3}},
+    "classes": [
+        {"name": "tumour", "color": [200, 40, 40]},
+        {"name": "stroma", "color": [240, 130, 190]},
+        {"name": "lymphocytes", "color": [60, 60, 200]},
+        {"name": "necrosis", "color": [150, 120, 40]},
+    ],
+}
+
+
+@pytest.fixture
+def spec_path(tmp_path: Path) -> Path:
+    p = tmp_path / "spec.yaml"
+    p.write_text(yaml.safe_dump(SPEC))
+    return p
+
+
+def _manifest(out: Path, stage: str) -> dict:
+    return json.loads((out / stage / "manifest.json").read_text())
+
+
+def test_run_rerun_skip_and_force(spec_path: Path) -> None:
+    spec = load_spec(spec_path)
+    out = Path(spec.run.output)
+    logs: list[str] = []
+    s1 = run_pipeline(spec, only=["synth"], log=logs.append, progress=False)
+    assert s1.exit_code == 0
+    m1 = _manifest(out, "synth")
+    assert m1["status"] == "done" and m1["counts"]["slides"] == 1
+    assert "torch" in m1["versions"] and m1["seconds"] >= 0
+    slide = out / "synth" / "slides" / "synth_000.tif"
+    assert slide.is_file()
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["stages"]["synth"]["status"] == "done"
+    mtime = slide.stat().st_mtime_ns
+
+    logs.clear()
+    s2 = run_pipeline(spec, only=["synth"], log=logs.append, progress=False)
+    assert s2.stages["synth"].get("skipped") is True
+    assert any("up to date" in line for line in logs)
+    assert slide.stat().st_mtime_ns == mtime
+
+    s3 = run_pipeline(spec, only=["synth"], force=["synth"], log=logs.append, progress=False)
+    assert not s3.stages["synth"].get("skipped")
+    assert slide.stat().st_mtime_ns != mtime
+    assert not (out / ".work" / "synth").exists()  # the work dir was renamed into place
+
+
+def test_changed_spec_reruns(spec_path: Path, tmp_path: Path) -> None:
+    spec = load_spec(spec_path)
+    run_pipeline(spec, only=["synth"], log=lambda s: None, progress=False)
+    h1 = _manifest(Path(spec.run.output), "synth")["input_hash"]
+    raw = yaml.safe_load(spec_path.read_text())
+    raw["data"]["synthetic"]["seed"] = 4
+    spec_path.write_text(yaml.safe_dump(raw))
+    spec2 = load_spec(spec_path)
+    s = run_pipeline(spec2, only=["synth"], log=lambda s: None, progress=False)
+    assert not s.stages["synth"].get("skipped")
+    assert _manifest(Path(spec2.run.output), "synth")["input_hash"] != h1
+
+
+def test_stage_that_raises_leaves_no_output_and_a_failed_manifest(
+    spec_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def boom(self, ctx):  # writes something first: none of it may appear as output
+        (ctx.work_dir / "half.txt").write_text("half")
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(SynthStage, "run", boom)
+    spec = load_spec(spec_path)
+    out = Path(spec.run.output)
+    summary = run_pipeline(spec, log=lambda s: None, progress=False)
+    assert summary.exit_code == 1 and summary.failed == ["synth"]
+    assert not (out / "synth").exists()
+    failed = json.loads((out / "manifests" / "synth.json").read_text())
+    assert failed["status"] == "failed" and "disk on fire" in failed["error"]
+    assert json.loads((out / "run.json").read_text())["stages"]["synth"]["status"] == "failed"
+
+
+def test_cli_run_exit_codes(spec_path: Path) -> None:
+    runner = CliRunner()
+    r = runner.invoke(main, ["run", str(spec_path), "--stages", "synth"])
+    assert r.exit_code == 0, r.output
+    assert "synth" in r.output and "run.json" in r.output
+    bad = runner.invoke(main, ["run", str(spec_path), "--stages", "nope"])
+    assert bad.exit_code != 0 and "unknown stage" in bad.output
