@@ -39,7 +39,7 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory, ray_local) -> Path:
         "run": {"name": "t", "output": "out"},
         "data": {"synthetic": {"slides": 2, "size": 2048, "seed": 1}},
         "classes": CLASSES,
-        "tiling": {"mpp": 2.0, "tile_px": 64, "min_tissue": 0.5},
+        "tiling": {"mpp": 1.0, "tile_px": 64, "min_tissue": 0.5},
         "encoder": {"batch_size": 32},
         "bank": {"k": 2, "n_k": 5, "holdout_fraction": 0.2},
         "resources": {"workers": 1, "autoscale": {"min": 1, "max": 2}},

@@ -83,9 +83,20 @@ def register_stage(cls: type[Stage]) -> type[Stage]:
 
 
 def all_stages() -> list[Stage]:
-    """Stages in pipeline order (registration order follows the data flow)."""
+    """Stages in data-flow order: each after every stage it depends on (registration order breaks ties)."""
     _load_builtin_stages()
-    return list(_REGISTRY.values())
+    ordered: list[Stage] = []
+    placed: set[str] = set()
+    pending = list(_REGISTRY.values())
+    while pending:
+        ready = [s for s in pending if all(d in placed or d not in _REGISTRY for d in s.deps)]
+        if not ready:
+            raise RuntimeError(f"stage dependency cycle among {[s.name for s in pending]}")
+        for s in ready:
+            ordered.append(s)
+            placed.add(s.name)
+            pending.remove(s)
+    return ordered
 
 
 def get_stage(name: str) -> Stage:
@@ -96,9 +107,11 @@ def get_stage(name: str) -> Stage:
 
 
 def _load_builtin_stages() -> None:
-    # Importing the modules registers their stages, in data-flow order.
+    # Importing the modules registers their stages; all_stages() orders them by their deps.
     import pbip_engine.jobs.bank
+    import pbip_engine.jobs.classnet
     import pbip_engine.jobs.embed
+    import pbip_engine.jobs.pseudo
     import pbip_engine.jobs.synth
     import pbip_engine.jobs.tile  # noqa: F401
 
