@@ -1,4 +1,4 @@
-"""The first stages end to end on a real local Ray: synth -> tile -> embed -> bank."""
+"""The pipeline end to end on a real local Ray: synth -> tile -> embed -> bank -> classnet -> pseudo."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pbip_engine.schemas.spec import load_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
+STAGES = ["synth", "tile", "embed", "bank", "classnet", "pseudo"]
 CLASSES = [
     {"name": "tumour", "color": [200, 40, 40]},
     {"name": "stroma", "color": [240, 130, 190]},
@@ -37,24 +38,25 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory, ray_local) -> Path:
     tmp = tmp_path_factory.mktemp("pipe")
     raw = {
         "run": {"name": "t", "output": "out"},
-        "data": {"synthetic": {"slides": 2, "size": 2048, "seed": 1}},
+        "data": {"synthetic": {"slides": 3, "size": 3072, "seed": 2}},
         "classes": CLASSES,
         "tiling": {"mpp": 1.0, "tile_px": 64, "min_tissue": 0.5},
         "encoder": {"batch_size": 32},
         "bank": {"k": 2, "n_k": 5, "holdout_fraction": 0.2},
+        "classnet": {"epochs": 1, "batch_size": 8, "lr": 1.0e-4},
         "resources": {"workers": 1, "autoscale": {"min": 1, "max": 2}},
     }
     p = tmp / "spec.yaml"
     p.write_text(yaml.safe_dump(raw))
     spec = load_spec(p)
-    summary = run_pipeline(spec, only=["synth", "tile", "embed", "bank"], log=print, progress=False)
+    summary = run_pipeline(spec, only=STAGES, log=print, progress=False)
     assert summary.exit_code == 0, summary.stages
     return Path(spec.run.output)
 
 
 def test_tiles_written_per_slide_with_schema(pipeline_run: Path) -> None:
     files = sorted((pipeline_run / "tile" / "tiles").glob("*.parquet"))
-    assert [f.stem for f in files] == ["synth_000", "synth_001"]
+    assert [f.stem for f in files] == ["synth_000", "synth_001", "synth_002"]
     table = pq.read_table(files[0])
     assert table.schema.remove_metadata().equals(TILES.remove_metadata())
     assert table.num_rows > 10
@@ -88,8 +90,32 @@ def test_bank_gallery_and_zero_shot(pipeline_run: Path) -> None:
     assert 0.0 <= report["zero_shot"]["macro_f1"] <= 1.0
 
 
+def test_classnet_checkpoint_and_metrics(pipeline_run: Path) -> None:
+    d = pipeline_run / "classnet"
+    assert (d / "best.pt").is_file() and (d / "last.pt").is_file()
+    rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["epoch"] == 0 and rows[0]["total"] > 0
+
+
+def test_pseudo_masks_index_and_score(pipeline_run: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    d = pipeline_run / "pseudo"
+    index = pq.read_table(d / "index.parquet").to_pylist()
+    assert len(index) > 50
+    row = index[0]
+    mask = np.asarray(Image.open(d / row["mask_path"]))
+    assert mask.shape == (64, 64) and mask.max() <= 4
+    present = {k + 1 for k, v in enumerate(row["labels"]) if v}
+    assert set(np.unique(mask)) - {0} <= present  # masks only use the tile's image-level classes
+    metrics = json.loads((d / "metrics.json").read_text())
+    assert metrics["ignore_background"] is True and 0.3 < metrics["miou"] <= 1.0
+    assert (d / "heatmaps" / "synth_000.png").is_file()
+
+
 def test_rerun_skips_everything(pipeline_run: Path) -> None:
     spec = load_spec(pipeline_run.parent / "spec.yaml")
     logs: list[str] = []
-    s = run_pipeline(spec, only=["synth", "tile", "embed", "bank"], log=logs.append, progress=False)
+    s = run_pipeline(spec, only=STAGES, log=logs.append, progress=False)
     assert all(v.get("skipped") for v in s.stages.values()), s.stages

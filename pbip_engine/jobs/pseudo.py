@@ -68,12 +68,13 @@ class PseudoPredictor:
             min_size=self.pseudo["min_object"],
             power=self.pseudo["gamma"],
         )
-        paths = []
+        paths, pngs = [], []
         for sid, x, y, m in zip(batch["slide_id"], batch["x"], batch["y"], masks, strict=True):
             rel = mask_relpath(str(sid), int(x), int(y))
             (self.out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
             write_palette_png(self.out_dir / rel, m, self.colors)
             paths.append(rel)
+            pngs.append((self.out_dir / rel).read_bytes())
         return {
             "tile_id": batch["tile_id"],
             "slide_id": batch["slide_id"],
@@ -82,6 +83,8 @@ class PseudoPredictor:
             "size0": batch["size0"],
             "mask_path": np.array(paths, dtype=object),
             "labels": batch["labels"],
+            "image": batch["image"],  # the stage-2 training samples travel with their masks
+            "mask": np.array(pngs, dtype=object),
         }
 
 
@@ -153,11 +156,13 @@ def slide_mosaics(index: list[dict[str, Any]], out_dir: Path, colors, max_px: in
 @register_stage
 class PseudoStage(Stage):
     name = "pseudo"
+    version = 2  # v2: samples/ Parquet (image + mask) for stage 2
     deps = ("tile", "bank", "classnet")
     sections = ("classes", "pseudo")
 
     def run(self, ctx: StageContext) -> StageResult:
         import pyarrow as pa
+        import pyarrow.dataset as pads
         import pyarrow.parquet as pq
         import ray
 
@@ -182,19 +187,11 @@ class PseudoStage(Stage):
             batch_format="numpy",
             **actor_pool_options(spec.resources),
         )
-        rows = ds.take_all()
-        index = [
-            {
-                "tile_id": r["tile_id"],
-                "slide_id": r["slide_id"],
-                "x": int(r["x"]),
-                "y": int(r["y"]),
-                "size0": int(r["size0"]),
-                "mask_path": r["mask_path"],
-                "labels": [int(v) for v in r["labels"]],
-            }
-            for r in rows
-        ]
+        ds.write_parquet(str(ctx.work_dir / "samples"))
+        cols = ["tile_id", "slide_id", "x", "y", "size0", "mask_path", "labels"]
+        index = (
+            pads.dataset(str(ctx.work_dir / "samples"), format="parquet").to_table(columns=cols).to_pylist()
+        )
         index.sort(key=lambda r: r["tile_id"])
         table = pa.Table.from_pylist(
             [{k: r[k] for k in PSEUDO_INDEX.names} for r in index], schema=PSEUDO_INDEX

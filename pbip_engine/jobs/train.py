@@ -116,7 +116,15 @@ def fit_on_ray(
         run_config=run_config,
         datasets=datasets,
     )
-    result = trainer.fit()
+    from ray.data import DataContext
+
+    data_ctx = DataContext.get_current()
+    bars = data_ctx.enable_progress_bars
+    data_ctx.enable_progress_bars = False  # per-worker ingest bars drown the epoch logs
+    try:
+        result = trainer.fit()
+    finally:
+        data_ctx.enable_progress_bars = bars
     if result.checkpoint is None:
         raise RuntimeError(f"{name}: training produced no checkpoint ({result.error})")
     out_dir.mkdir(parents=True, exist_ok=True)
