@@ -1,0 +1,322 @@
+"""Segmentation metrics from ONE confusion matrix per split (as every reference repo does, METHODS.md §8).
+
+Labels follow the project convention: 0 = background / not tissue, k = tissue class k (1..N). Truth
+values above N (e.g. 255) are "ignore" pixels and never counted. With h the confusion matrix (rows = truth,
+columns = prediction) restricted as below:
+
+* IoU_c = h_cc / (row_c + col_c - h_cc); Dice_c = 2 h_cc / (row_c + col_c); means over ``classes``
+  (default the tissue classes 1..N; a class absent from both truth and prediction is NaN and skipped).
+* FwIoU = sum_c (row_c / total) IoU_c over ``classes`` (WSSS-Tissue's form: total counts every kept pixel).
+* pixel accuracy = trace(h) / total.
+* Boundary IoU (Cheng et al., CVPR 2021, ``boundary-iou-api``'s ``mask_to_boundary``): per image and
+  class, band = G minus G eroded d times by a 3x3 kernel after zero-padding by 1 (so the image border is a
+  boundary), d = max(1, round(0.02 * image diagonal)); intersections and unions of the truth and predicted
+  bands are accumulated over the split, then IoU per class and the mean over ``classes``.
+
+``ignore_background`` is always explicit: True drops every pixel whose *truth* is 0 (WSSS-Tissue); False
+keeps them, so predicting tissue there counts as a false positive (TPRO/PBIP/LPD). Results from the two
+settings are not comparable, so every result dict records it, with the band width.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+MASK_SUFFIXES = (".mask.tiff", ".mask.tif", ".png", ".tiff", ".tif")
+
+
+class MetricsError(ValueError):
+    """Bad masks (shape, values) or unpaired files."""
+
+
+class ConfusionMatrix:
+    """Accumulates an ``n_labels x n_labels`` matrix (labels 0..n_labels-1, background included)."""
+
+    def __init__(self, n_labels: int) -> None:
+        if n_labels < 2:
+            raise MetricsError(f"need at least 2 labels (background + one class), got {n_labels}")
+        self.n = int(n_labels)
+        self.mat = np.zeros((self.n, self.n), dtype=np.int64)
+        self.n_ignored = 0
+
+    def update(self, pred: np.ndarray, truth: np.ndarray, *, name: str = "") -> None:
+        """Add a prediction/truth pair of equal shape (any rank). Truth values >= n_labels are ignored."""
+        p = np.asarray(pred).astype(np.int64, copy=False).ravel()
+        t = np.asarray(truth).astype(np.int64, copy=False).ravel()
+        if np.shape(pred) != np.shape(truth):
+            raise MetricsError(
+                f"{name or 'mask'}: prediction shape {np.shape(pred)} != truth shape {np.shape(truth)}"
+            )
+        keep = (t >= 0) & (t < self.n)
+        self.n_ignored += int(t.size - keep.sum())
+        p, t = p[keep], t[keep]
+        if p.size and (p.min() < 0 or p.max() >= self.n):
+            raise MetricsError(
+                f"{name or 'prediction'}: values must lie in 0..{self.n - 1}, got {p.min()}..{p.max()}"
+            )
+        self.mat += np.bincount(t * self.n + p, minlength=self.n * self.n).reshape(self.n, self.n)
+
+    def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
+        """Add another (e.g. another worker's) matrix in place."""
+        if other.n != self.n:
+            raise MetricsError(f"cannot merge a {other.n}-label matrix into a {self.n}-label one")
+        self.mat += other.mat
+        self.n_ignored += other.n_ignored
+        return self
+
+    def compute(self, *, ignore_background: bool, classes: Sequence[int] | None = None) -> dict:
+        return scores_from_confusion(self.mat, ignore_background=ignore_background, classes=classes)
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    v = [x for x in values if not math.isnan(x)]
+    return float(np.mean(v)) if v else math.nan
+
+
+def scores_from_confusion(
+    mat: np.ndarray, *, ignore_background: bool, classes: Sequence[int] | None = None
+) -> dict:
+    """mIoU, FwIoU, Dice (per class + mean), pixel accuracy from a confusion matrix (see module doc)."""
+    h = np.array(mat, dtype=np.float64)
+    n = h.shape[0]
+    classes = list(range(1, n)) if classes is None else [int(c) for c in classes]
+    if any(c < 0 or c >= n for c in classes):
+        raise MetricsError(f"classes {classes} outside 0..{n - 1}")
+    if ignore_background:
+        h[0, :] = 0
+    total = h.sum()
+    rows, cols, tp = h.sum(1), h.sum(0), np.diag(h)
+    iou, dice, acc = [], [], []
+    for c in classes:
+        denom = rows[c] + cols[c] - tp[c]
+        iou.append(float(tp[c] / denom) if denom > 0 else math.nan)
+        dice.append(float(2 * tp[c] / (rows[c] + cols[c])) if rows[c] + cols[c] > 0 else math.nan)
+        acc.append(float(tp[c] / rows[c]) if rows[c] > 0 else math.nan)
+    fwiou = sum(
+        rows[c] / total * i for c, i in zip(classes, iou, strict=True) if rows[c] > 0 and not math.isnan(i)
+    )
+    return {
+        "miou": _nanmean(iou),
+        "fwiou": float(fwiou) if total > 0 else math.nan,
+        "mdice": _nanmean(dice),
+        "pixel_acc": float(tp.sum() / total) if total > 0 else math.nan,
+        "mean_class_acc": _nanmean(acc),
+        "iou": iou,
+        "dice": dice,
+        "classes": classes,
+        "ignore_background": bool(ignore_background),
+        "n_pixels": int(total),
+    }
+
+
+def band_width(height: int, width: int, ratio: float = 0.02) -> int:
+    """Boundary band d = max(1, round(ratio * diagonal)); 6 px for 224 x 224."""
+    return max(1, round(ratio * math.sqrt(height**2 + width**2)))
+
+
+def boundary_band(mask: np.ndarray, d: int) -> np.ndarray:
+    """Inner boundary band of a binary mask: mask minus its d-fold 3x3 erosion after a zero pad of 1."""
+    m = np.asarray(mask).astype(np.uint8)
+    h, w = m.shape
+    padded = cv2.copyMakeBorder(m, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    eroded = cv2.erode(padded, np.ones((3, 3), np.uint8), iterations=d)[1 : h + 1, 1 : w + 1]
+    return (m - eroded).astype(bool)
+
+
+class SegmentationMeter:
+    """Confusion matrix + boundary IoU accumulators for one split of N tissue classes (+ background 0)."""
+
+    def __init__(
+        self,
+        n_classes: int,
+        *,
+        ignore_background: bool,
+        classes: Sequence[int] | None = None,
+        boundary: bool = True,
+        boundary_ratio: float = 0.02,
+    ) -> None:
+        self.n_classes = int(n_classes)
+        self.ignore_background = bool(ignore_background)
+        self.classes = list(range(1, self.n_classes + 1)) if classes is None else list(classes)
+        self.cm = ConfusionMatrix(self.n_classes + 1)
+        self.boundary = boundary
+        self.boundary_ratio = boundary_ratio
+        self.b_inter = np.zeros(self.n_classes + 1, dtype=np.int64)
+        self.b_union = np.zeros(self.n_classes + 1, dtype=np.int64)
+        self.band_widths: set[int] = set()
+        self.n_images = 0
+
+    def update(self, pred: np.ndarray, truth: np.ndarray, *, name: str = "") -> None:
+        """Add one [H,W] pair or a [B,H,W] batch."""
+        pred, truth = np.asarray(pred), np.asarray(truth)
+        if pred.shape != truth.shape:
+            raise MetricsError(
+                f"{name or 'mask'}: prediction shape {pred.shape} != truth shape {truth.shape}"
+            )
+        if pred.ndim == 2:
+            pred, truth = pred[None], truth[None]
+        if pred.ndim != 3:
+            raise MetricsError(f"{name or 'mask'}: expected [H,W] or [B,H,W], got shape {pred.shape}")
+        for p, t in zip(pred, truth, strict=True):
+            self.cm.update(p, t, name=name)
+            self.n_images += 1
+            if self.boundary:
+                self._update_boundary(p, t)
+
+    def _update_boundary(self, p: np.ndarray, t: np.ndarray) -> None:
+        d = band_width(*t.shape, ratio=self.boundary_ratio)
+        self.band_widths.add(d)
+        valid = t <= self.n_classes
+        if self.ignore_background:
+            valid &= t != 0
+        for c in range(self.n_classes + 1):
+            gt, pr = t == c, p == c
+            if not gt.any() and not pr.any():
+                continue
+            gb, pb = boundary_band(gt, d), boundary_band(pr, d)
+            self.b_inter[c] += int((gb & pb & valid).sum())
+            self.b_union[c] += int(((gb | pb) & valid).sum())
+
+    def merge(self, other: SegmentationMeter) -> SegmentationMeter:
+        self.cm.merge(other.cm)
+        self.b_inter += other.b_inter
+        self.b_union += other.b_union
+        self.band_widths |= other.band_widths
+        self.n_images += other.n_images
+        return self
+
+    def compute(self) -> dict:
+        out = self.cm.compute(ignore_background=self.ignore_background, classes=self.classes)
+        if self.boundary:
+            biou = [
+                float(self.b_inter[c] / self.b_union[c]) if self.b_union[c] > 0 else math.nan
+                for c in self.classes
+            ]
+            out["biou"] = biou
+            out["mbiou"] = _nanmean(biou)
+            widths = sorted(self.band_widths)
+            out["boundary_band_px"] = widths[0] if len(widths) == 1 else widths
+            out["boundary_ratio"] = self.boundary_ratio
+            out["boundary_accumulation"] = "global"
+        out["n_images"] = self.n_images
+        out["n_ignored_pixels"] = self.cm.n_ignored
+        return out
+
+
+def mask_stem(name: str) -> str:
+    """``a.png`` / ``a.png.png`` (PBIP's double extension) / ``a.mask.tif`` -> ``a``."""
+    stem = name
+    changed = True
+    while changed:
+        changed = False
+        for suf in MASK_SUFFIXES:
+            if stem.lower().endswith(suf) and len(stem) > len(suf):
+                stem = stem[: -len(suf)]
+                changed = True
+                break
+    return stem
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Index mask of a PNG (palettised or greyscale) or level 0 of a (pyramidal) TIFF."""
+    p = Path(path)
+    try:
+        if p.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(p) as tf:
+                arr = tf.series[0].levels[0].asarray()
+        else:
+            from PIL import Image
+
+            with Image.open(p) as im:
+                if im.mode not in ("P", "L", "I", "I;16"):
+                    raise MetricsError(
+                        f"{p}: mask must be palettised or single-channel, got PIL mode {im.mode}"
+                    )
+                arr = np.array(im)
+    except MetricsError:
+        raise
+    except Exception as e:
+        raise MetricsError(f"could not read mask {p}: {type(e).__name__}: {e}") from e
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 2:
+        raise MetricsError(f"{p}: mask must be 2-D, got shape {arr.shape}")
+    return arr
+
+
+def _index_dir(d: Path) -> dict[str, Path]:
+    if not d.is_dir():
+        raise MetricsError(f"mask directory not found: {d}")
+    out: dict[str, Path] = {}
+    for f in sorted(d.iterdir()):
+        if f.is_file() and f.name.lower().endswith(MASK_SUFFIXES):
+            stem = mask_stem(f.name)
+            if stem in out:
+                raise MetricsError(f"{d}: two masks share the stem {stem!r}: {out[stem].name}, {f.name}")
+            out[stem] = f
+    return out
+
+
+def evaluate_dirs(
+    pred_dir: str | Path,
+    truth_dir: str | Path,
+    n_classes: int,
+    ignore_background: bool,
+    *,
+    classes: Sequence[int] | None = None,
+    truth_lut: Sequence[int] | None = None,
+    pred_lut: Sequence[int] | None = None,
+    boundary: bool = True,
+    allow_unmatched: bool = False,
+) -> dict:
+    """Score every prediction in ``pred_dir`` against the truth mask with the same stem in ``truth_dir``.
+
+    ``n_classes`` = tissue classes N (masks hold 0..N). ``truth_lut``/``pred_lut`` remap raw values first
+    (e.g. GlaS truth {0: non-gland, 1: gland} -> ``[2, 1]``). Unpaired names are an error listing them,
+    unless ``allow_unmatched`` (then they are listed in the result).
+    """
+    preds, truths = _index_dir(Path(pred_dir)), _index_dir(Path(truth_dir))
+    only_pred = sorted(set(preds) - set(truths))
+    only_truth = sorted(set(truths) - set(preds))
+    if (only_pred or only_truth) and not allow_unmatched:
+        raise MetricsError(
+            f"unpaired masks: {len(only_pred)} predictions without truth {only_pred[:10]}, "
+            f"{len(only_truth)} truths without prediction {only_truth[:10]} "
+            f"(pred_dir={pred_dir}, truth_dir={truth_dir})"
+        )
+    meter = SegmentationMeter(
+        n_classes, ignore_background=ignore_background, classes=classes, boundary=boundary
+    )
+    luts = [None if lut is None else np.asarray(lut, dtype=np.int64) for lut in (pred_lut, truth_lut)]
+    stems = sorted(set(preds) & set(truths))
+    if not stems:
+        raise MetricsError(f"no paired masks between {pred_dir} and {truth_dir}")
+    for stem in stems:
+        p, t = read_mask(preds[stem]), read_mask(truths[stem])
+        for i, lut in enumerate(luts):
+            if lut is None:
+                continue
+            arr = p if i == 0 else t
+            if arr.max() >= len(lut):
+                raise MetricsError(
+                    f"{(preds if i == 0 else truths)[stem]}: value {arr.max()} outside the LUT of {len(lut)}"
+                )
+            if i == 0:
+                p = lut[p]
+            else:
+                t = lut[t]
+        if p.shape != t.shape:
+            raise MetricsError(f"{preds[stem]}: shape {p.shape} != truth {truths[stem]} shape {t.shape}")
+        meter.update(p, t, name=str(preds[stem]))
+    out = meter.compute()
+    out["n_pairs"] = len(stems)
+    out["unmatched_pred"] = only_pred
+    out["unmatched_truth"] = only_truth
+    return out

@@ -1,0 +1,343 @@
+"""ClassNet / ImgMatchNet / training loop on tiny models (CPU, 32-64 px, 2 classes, random prototypes)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pbip_engine  # noqa: F401  (loads cuCIM before torch)
+from pbip_engine.engine.encoders.base import EncoderInfo
+from pbip_engine.engine.models import (
+    VARIANTS,
+    ClassNetConfig,
+    build_classnet,
+    classnet_step,
+    create_backbone,
+    create_model,
+    freeze_encoder,
+    list_models,
+)
+from pbip_engine.engine.models.backbones import BackboneError
+from pbip_engine.engine.models.mit import FeatureInfo
+from pbip_engine.engine.train_classnet import (
+    CheckpointError,
+    evaluate_cams,
+    fit_local,
+    load_checkpoint,
+    make_optimizer,
+    save_checkpoint,
+    to_model_input,
+    train_one_epoch,
+)
+
+D = 16  # prototype / bank-encoder dim
+
+
+class TinyBackbone(nn.Module):
+    """Three conv stages at 1/2, 1/4, 1/8 with timm's features_only interface."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        chans = [8, 12, 16]
+        layers, c_in = [], 3
+        for c in chans:
+            layers.append(nn.Sequential(nn.Conv2d(c_in, c, 3, 2, 1), nn.BatchNorm2d(c), nn.ReLU()))
+            c_in = c
+        self.stages = nn.ModuleList(layers)
+        self.feature_info = FeatureInfo(chans, [2, 4, 8])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for s in self.stages:
+            x = s(x)
+            out.append(x)
+        return out
+
+
+class TinyEncoder(nn.Module):
+    """A stand-in bank encoder: conv + BN + GAP + linear to D, with an ``info`` like engine.encoders."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.info = EncoderInfo("tiny", 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), D)
+        self.conv = nn.Conv2d(3, 8, 3, 2, 1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, D)
+        self.seen_sizes: list[tuple[int, int]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen_sizes.append(tuple(x.shape[-2:]))
+        return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def tiny_cfg(**kw) -> ClassNetConfig:
+    base = {"pretrained": False, "levels": (1, 2, 3), "hidden": 16, "amp": False, "lr": 1e-3}
+    return ClassNetConfig(**{**base, **kw})
+
+
+def tiny_model(cfg: ClassNetConfig | None = None, k=(2, 2), seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = cfg or tiny_cfg()
+    protos = F.normalize(torch.randn(sum(k), D), dim=1)
+    return build_classnet(cfg, protos, list(k), len(k), backbone=TinyBackbone()), cfg
+
+
+def toy_batch(n: int = 4, size: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
+    """Solid red (class 1), solid blue (class 2) and half/half (both) images: trivially separable."""
+    rng = np.random.default_rng(seed)
+    imgs, labels, masks = [], [], []
+    for _ in range(n):
+        kind = int(rng.integers(3))
+        img = np.zeros((size, size, 3), np.uint8)
+        mask = np.zeros((size, size), np.uint8)
+        if kind == 0:
+            img[..., 0], mask[:] = 220, 1
+        elif kind == 1:
+            img[..., 2], mask[:] = 220, 2
+        else:
+            img[:, : size // 2, 0], mask[:, : size // 2] = 220, 1
+            img[:, size // 2 :, 2], mask[:, size // 2 :] = 220, 2
+        imgs.append(img)
+        labels.append([float(kind != 1), float(kind != 0)])
+        masks.append(mask)
+    return {"image": np.stack(imgs), "labels": np.asarray(labels, np.float32), "mask": np.stack(masks)}
+
+
+def test_forward_shapes_and_eq2():
+    model, _ = tiny_model()
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x)
+    assert [tuple(c.shape) for c in out["cams"]] == [(2, 2, 16, 16), (2, 2, 8, 8), (2, 2, 4, 4)]
+    assert [tuple(z.shape) for z in out["logits"]] == [(2, 2)] * 3
+    assert tuple(out["subclass_cams"][0].shape) == (2, 4, 16, 16)
+    # Eq. 2 by hand on the last level: mean over K of the cosine to each projected prototype, times s_i
+    f = model.backbone(x)[-1]
+    p = F.normalize(model.projectors[-1](model.prototypes), dim=1)
+    cos = torch.einsum("bchw,mc->bmhw", F.normalize(f, dim=1), p)
+    expected = model.logit_scale[-1] * torch.stack([cos[:, :2].mean(1), cos[:, 2:].mean(1)], 1)
+    torch.testing.assert_close(out["cams"][-1], expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["logits"][-1], expected.mean((2, 3)), rtol=1e-4, atol=1e-5)
+
+
+def test_merge_rules_differ_and_follow_mode():
+    cfg = tiny_cfg(merge_train="mean", merge_eval="softmax_max")
+    model, _ = tiny_model(cfg)
+    z = torch.tensor([[0.0, 2.0, 1.0, 1.0]])
+    mean = model.merge_subclasses(z, "mean")
+    smax = model.merge_subclasses(z, "softmax_max")
+    torch.testing.assert_close(mean, torch.tensor([[1.0, 1.0]]))
+    w = torch.softmax(torch.tensor([0.0, 2.0]), 0)
+    torch.testing.assert_close(smax, torch.tensor([[float((w * torch.tensor([0.0, 2.0])).sum()), 1.0]]))
+    model.train()
+    assert model.merge == "mean"
+    model.eval()
+    assert model.merge == "softmax_max"
+
+
+def test_uneven_k_and_nk_layout():
+    cfg = tiny_cfg()
+    m3 = build_classnet(cfg, torch.randn(2, 3, D), None, 2, backbone=TinyBackbone())
+    assert m3.k_list == [3, 3] and tuple(m3.prototypes.shape) == (6, D)
+    m = build_classnet(cfg, torch.randn(5, D), [2, 3], 2, backbone=TinyBackbone())
+    assert tuple(m(torch.randn(1, 3, 32, 32))["logits"][0].shape) == (1, 2)
+    with pytest.raises(ValueError, match="k_list sums to 4"):
+        build_classnet(cfg, torch.randn(5, D), [2, 2], 2, backbone=TinyBackbone())
+
+
+def test_sim_gradient_reaches_backbone_not_encoder():
+    model, cfg = tiny_model(tiny_cfg(alpha=0.0, beta=1.0))
+    enc = TinyEncoder()
+    enc.train()
+    batch = to_model_input(toy_batch(4, seed=1), cfg.mean, cfg.std, "cpu")
+    loss, stats = classnet_step(model, enc, batch, cfg)
+    assert stats["n_sim"] == batch["labels"].sum().item() > 0
+    assert stats["l_cls"] > 0 and loss.item() == pytest.approx(stats["l_sim"], rel=1e-5)
+    loss.backward()
+    grads = [p.grad for p in model.backbone.parameters()]
+    assert all(g is not None for g in grads) and sum(g.abs().sum().item() for g in grads) > 0
+    assert all(p.grad is None and not p.requires_grad for p in enc.parameters())
+    assert not enc.training  # put in eval mode: BN statistics of the frozen encoder do not move
+    assert enc.seen_sizes[-1] == (32, 32)
+
+
+def test_sim_size_and_dim_check():
+    model, cfg = tiny_model(tiny_cfg(sim_size=16))
+    enc = freeze_encoder(TinyEncoder())
+    batch = to_model_input(toy_batch(2), cfg.mean, cfg.std, "cpu")
+    classnet_step(model, enc, batch, cfg)
+    assert enc.seen_sizes[-1] == (16, 16)
+    enc.fc = nn.Linear(8, D + 1)
+    with pytest.raises(ValueError, match="17-d but the prototypes are 16-d"):
+        classnet_step(model, enc, batch, cfg)
+
+
+def test_no_present_class_gives_zero_sim():
+    model, cfg = tiny_model()
+    batch = to_model_input(toy_batch(2), cfg.mean, cfg.std, "cpu")
+    batch["labels"] = torch.zeros_like(batch["labels"])
+    _, stats = classnet_step(model, freeze_encoder(TinyEncoder()), batch, cfg)
+    assert stats["n_sim"] == 0 and stats["l_sim"] == 0.0
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variants_run(variant):
+    overrides = {"pretrained": False, "hidden": 16, "amp": False}
+    cfg = ClassNetConfig.from_variant(variant, **overrides)
+    if variant == "reference":
+        assert cfg.threshold == "per_image" and cfg.sim_loss == "infonce_batch" and cfg.tau == 0.07
+        cfg.levels, cfg.level_weights, cfg.fuse_weights = (1, 2, 3), (0.1, 1.0, 1.0), (0.0, 0.0, 1.0)
+        cfg.eval_fuse_weights = (0.3, 0.3, 0.4)
+    else:
+        cfg.levels = (1, 2, 3)
+    model, _ = tiny_model(cfg)
+    batch = to_model_input(toy_batch(3), cfg.mean, cfg.std, "cpu")
+    loss, stats = classnet_step(model, freeze_encoder(TinyEncoder()), batch, cfg)
+    assert math.isfinite(loss.item()) and stats["l_fgs"] > 0
+
+
+@pytest.mark.slow
+def test_loss_decreases_on_toy_task():
+    model, cfg = tiny_model(tiny_cfg(lr=3e-3))
+    enc = freeze_encoder(TinyEncoder())
+    opt = make_optimizer(model, cfg)
+    batches = [toy_batch(6, seed=s) for s in range(20)]
+    first = train_one_epoch(model, enc, batches[:3], opt, cfg, "cpu")
+    train_one_epoch(model, enc, batches[3:17], opt, cfg, "cpu")
+    last = train_one_epoch(model, enc, batches[17:], opt, cfg, "cpu")
+    assert last["l_cls"] < 0.5 * first["l_cls"], (first, last)
+    assert first["steps"] == 3 and first["images"] == 18 and first["images_per_s"] > 0
+    val = evaluate_cams(model, [toy_batch(6, seed=99)], cfg, "cpu", 2, ignore_background=True)
+    assert val["ignore_background"] is True and val["boundary_band_px"] == 1
+    assert val["miou"] > 0.5  # solid colours become separable after a few steps
+
+
+def test_optimizer_groups():
+    model, cfg = tiny_model()
+    opt = make_optimizer(model, cfg)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == cfg.weight_decay and no_decay["weight_decay"] == 0.0
+    ids = {id(p) for p in no_decay["params"]}
+    assert id(model.logit_scale) in ids and id(model.projectors[0].fc1.bias) in ids
+    assert id(model.projectors[0].fc1.weight) not in ids
+
+
+def test_to_model_input_normalises():
+    b = {"image": np.full((1, 4, 4, 3), 255, np.uint8), "labels": np.ones((1, 2))}
+    out = to_model_input(b, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "cpu")
+    assert tuple(out["image"].shape) == (1, 3, 4, 4) and torch.allclose(out["image"], torch.ones(1))
+    with pytest.raises(ValueError, match="B,H,W,3"):
+        to_model_input({"image": np.zeros((1, 3, 4, 4), np.uint8)}, (0, 0, 0), (1, 1, 1), "cpu")
+
+
+def test_checkpoint_roundtrip_and_mismatch(tmp_path):
+    model, cfg = tiny_model()
+    opt = make_optimizer(model, cfg)
+    train_one_epoch(model, freeze_encoder(TinyEncoder()), [toy_batch(2)], opt, cfg, "cpu")
+    path = save_checkpoint(tmp_path / "c.pt", model, opt, 3, {"miou": 0.5}, cfg=cfg)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    other, _ = tiny_model(seed=1)
+    opt2 = make_optimizer(other, cfg)
+    info = load_checkpoint(path, other, opt2)
+    assert info["epoch"] == 3 and info["metrics"]["miou"] == 0.5 and info["config"]["levels"] == [1, 2, 3]
+    for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert opt2.state_dict()["state"]  # AdamW moments restored
+    wrong, _ = tiny_model(k=(3, 2))
+    with pytest.raises(CheckpointError, match="prototypes"):
+        load_checkpoint(path, wrong)
+
+
+def test_fit_local_resume_and_best(tmp_path):
+    model, cfg = tiny_model(tiny_cfg(epochs=2))
+    enc = TinyEncoder()
+    train = lambda epoch: [toy_batch(4, seed=epoch)]  # noqa: E731
+    val = [toy_batch(4, seed=123)]
+    r1 = fit_local(model, enc, train, cfg, tmp_path, val_data=val, epochs=1, log_fn=None)
+    assert r1["epochs_run"] == 1 and (tmp_path / "best.pt").is_file()
+    model2, _ = tiny_model(cfg, seed=5)
+    r2 = fit_local(model2, enc, train, cfg, tmp_path, val_data=val, log_fn=None)
+    assert r2["epochs_run"] == 1  # resumed at epoch 2 of 2
+    lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    assert {"miou", "fwiou", "mdice", "mbiou"} <= set(lines[1]["val"])
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch_0001.pt", "epoch_0002.pt"]
+    r3 = fit_local(model2, enc, train, cfg, tmp_path, val_data=val, log_fn=None)
+    assert r3["epochs_run"] == 0
+
+
+def test_ddp_wrapped_step(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed unavailable")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model, cfg = tiny_model()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        batch = to_model_input(toy_batch(2), cfg.mean, cfg.std, "cpu")
+        loss, _ = classnet_step(ddp, freeze_encoder(TinyEncoder()), batch, cfg)
+        loss.backward()
+        assert model.projectors[0].fc1.weight.grad is not None
+    finally:
+        dist.destroy_process_group()
+
+
+def test_registry_and_mit_checkpoint(tmp_path):
+    assert {"classnet", "mit_b1", "efficientnet_lite0"} <= set(list_models())
+    with pytest.raises(ValueError, match="known"):
+        create_model("nope")
+    mit = create_backbone("mit_b0", pretrained=False, out_indices=(1, 2, 3, 4))
+    outs = mit(torch.randn(1, 3, 64, 64))
+    assert [tuple(o.shape[1:]) for o in outs] == [
+        (32, 16, 16),
+        (64, 8, 8),
+        (160, 4, 4),
+        (256, 4, 4),
+    ]  # strides 4,2,2,1
+    assert mit.feature_info.reduction() == [4, 8, 16, 16]
+    sd = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in mit.state_dict().items()}
+    sd["head.weight"] = torch.randn(1000, 256)
+    sd.pop("block1.0.mlp.fc2.bias")
+    torch.save({"state_dict": sd}, tmp_path / "mit_b0.pth")
+    loaded = create_backbone("mit_b0", pretrained=tmp_path / "mit_b0.pth", out_indices=(2, 3, 4))
+    assert loaded.load_report == {"missing": ["block1.0.mlp.fc2.bias"], "unexpected": []}  # head.* popped
+    assert torch.equal(loaded.state_dict()["block4.1.attn.q.weight"], sd["block4.1.attn.q.weight"])
+    sd["patch_embed2.proj.weight"] = torch.randn(64, 32, 5, 5)
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(BackboneError, match=r"patch_embed2\.proj\.weight.*\(64, 32, 5, 5\)"):
+        create_backbone("mit_b0", pretrained=tmp_path / "bad.pth")
+    with pytest.raises(BackboneError, match=r"mit_b1\.pth"):
+        create_backbone("mit_b1", pretrained=True)
+
+
+def test_efficientnet_backbone_imagenet_weights():
+    from pbip_engine.engine.encoders.efficientnet import efficientnet_lite0_imagenet_state_dict
+
+    bb = create_backbone("efficientnet_lite0", pretrained=True, out_indices=(2, 3, 4))
+    assert bb.feature_info.channels() == [40, 112, 320]
+    assert bb.load_report == {"missing": [], "unexpected": []}
+    ref = efficientnet_lite0_imagenet_state_dict()
+    assert torch.equal(bb.state_dict()["blocks.5.0.conv_pw.weight"], ref["blocks.5.0.conv_pw.weight"])
+
+
+def test_encoder_input_conversion():
+    model, cfg = tiny_model()
+    enc = TinyEncoder()  # info: input 32 px, mean 0.5, std 0.25
+    img01 = torch.rand(2, 3, 64, 64)
+    x = model.matcher.encoder_input(img01, enc)
+    ref = F.interpolate(img01, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(x, (ref - 0.5) / 0.25)
+    enc.channel_order = "bgr"  # PBIP's cv2 order: channels flipped, statistics used as given
+    torch.testing.assert_close(model.matcher.encoder_input(img01, enc), (ref.flip(1) - 0.5) / 0.25)
+    # the backbone-normalised batch is denormalised before masking: FG of an all-foreground map is the image
+    u8 = toy_batch(1)
+    batch = to_model_input(u8, cfg.mean, cfg.std, "cpu")
+    back = (batch["image"] * model.matcher.std + model.matcher.mean) * 255
+    assert torch.allclose(back.permute(0, 2, 3, 1), torch.as_tensor(u8["image"]).float(), atol=1e-3)
