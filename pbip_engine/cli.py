@@ -118,8 +118,8 @@ def run(spec: str, stages: str | None, address: str | None, force: str | None) -
     sys.exit(_run(_load(spec), _split(stages), _split(force) or [], address))
 
 
-def _stage_command(stage: str, help_text: str):
-    @main.command(name=stage.replace("_", "-"), help=help_text)
+def _stage_command(stage: str, help_text: str, name: str | None = None):
+    @main.command(name=name or stage, help=help_text)
     @click.argument("spec", type=click.Path())
     @_with_run_options
     def _cmd(spec: str, address: str | None, force: str | None) -> None:
@@ -131,6 +131,50 @@ def _stage_command(stage: str, help_text: str):
 tile_cmd = _stage_command("tile", "Tile the slides of SPEC (tissue detection, labels from outlines).")
 embed_cmd = _stage_command("embed", "Embed the tiles of SPEC with its encoder (Ray Data actor pool).")
 bank_cmd = _stage_command("bank", "Build the prototype bank of SPEC (cosine K-means per class).")
+
+
+train_classnet_cmd = _stage_command("classnet", "Train ClassNet (PBIP stage 1) on Ray Train.", "train-classnet")
+pseudo_cmd = _stage_command("pseudo", "Write ClassNet pseudo masks for the labelled tiles.")
+segmenter_cmd = _stage_command("segmenter", "Train the stage-2 DeepLab on the pseudo masks.")
+
+
+@main.command()
+@click.option("--pred", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--truth", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--classes", "n_classes", required=True, type=click.IntRange(1), help="number of tissue classes"
+)
+@click.option(
+    "--ignore-background/--count-background",
+    default=False,
+    show_default=True,
+    help="exclude pixels whose truth is 0, or count them as errors (PBIP's protocol)",
+)
+@click.option(
+    "--truth-lut", default=None, help="comma-separated remap of truth values, e.g. '1,2,3,4,0' for BCSS"
+)
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="write the metrics JSON here")
+def evaluate(
+    pred: str, truth: str, n_classes: int, ignore_background: bool, truth_lut: str | None, out: str | None
+) -> None:
+    """Score predicted masks against truth masks (same file stems): mIoU, FwIoU, Dice, boundary IoU."""
+    from pbip_engine.engine.metrics import MetricsError, evaluate_dirs
+
+    lut = [int(v) for v in truth_lut.split(",")] if truth_lut else None
+    try:
+        res = evaluate_dirs(pred, truth, n_classes, ignore_background, truth_lut=lut)
+    except MetricsError as e:
+        raise click.ClickException(str(e)) from None
+    text = json.dumps(res, indent=2, default=float)
+    if out:
+        Path(out).write_text(text + "\n")
+    click.echo(
+        f"mIoU {res['miou']:.4f}  FwIoU {res['fwiou']:.4f}  mDice {res['mdice']:.4f}  "
+        f"mbIoU {res.get('mbiou', float('nan')):.4f}  (ignore_background={res['ignore_background']}, "
+        f"{res.get('n_images')} images)"
+    )
+    if out:
+        click.echo(f"wrote {out}")
 
 
 @main.command()

@@ -85,10 +85,31 @@ class TileStage(Stage):
     deps = ("synth",)
     sections = ("data", "classes", "tiling")
 
-    def enabled(self, spec: JobSpec) -> bool:
-        return spec.data.patches is None
-
     def run(self, ctx: StageContext) -> StageResult:
+        if ctx.spec.data.patches is not None:
+            return self.run_patches(ctx)
+        return self.run_slides(ctx)
+
+    def run_patches(self, ctx: StageContext) -> StageResult:
+        """A patch dataset (GlaS, BCSS-WSSS, ...) becomes the same tiles dataset as slides."""
+        from tqdm.auto import tqdm
+
+        from pbip_engine.engine.patch_tiles import open_patch_dataset, write_patch_tiles
+
+        d = ctx.spec.data
+        assert d.patches is not None and d.patch_format is not None
+        ds = open_patch_dataset(d.patch_format, d.patches, split="train")
+        with tqdm(total=len(ds), desc="patches", unit="patch", disable=not ctx.progress) as bar:
+            counts = write_patch_tiles(
+                (ds[i] for i in range(len(ds))),
+                ctx.work_dir,
+                ctx.spec.tiling.mpp,
+                ctx.spec.tiling.jpeg_quality,
+                bar.update,
+            )
+        return StageResult(counts=counts)
+
+    def run_slides(self, ctx: StageContext) -> StageResult:
         import ray
         from tqdm.auto import tqdm
 

@@ -121,7 +121,14 @@ class GlaSPatches(_GlaSBase):
         img = self.image(name)[y : y + p, x : x + p]
         if img.shape[:2] != (p, p):
             raise DataError(f"GlaS: image {name} is smaller than its mask ({img.shape[:2]} at {y},{x})")
-        sample: dict[str, Any] = {"image": img, "labels": self.labels[i], "name": f"{name}_y{y}_x{x}"}
+        sample: dict[str, Any] = {
+            "image": img,
+            "labels": self.labels[i],
+            "name": f"{name}_y{y}_x{x}",
+            "source": name,  # where the patch was cut from, for the tiles dataset
+            "x": x,
+            "y": y,
+        }
         if self.with_mask:
             sample["mask"] = self._masks[name][y : y + p, x : x + p]
         if self.out_size and self.out_size != p:
