@@ -1,0 +1,31 @@
+"""Patch datasets become the same tiles dataset as slides (GlaS OEEM patches here)."""
+
+from __future__ import annotations
+
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pbip_engine.engine.data.common import decode_rgb
+from pbip_engine.engine.patch_tiles import open_patch_dataset, write_patch_tiles
+from pbip_engine.schemas.datasets import TILES
+
+
+def test_glas_patches_to_tiles(glas_dir: Path, tmp_path: Path) -> None:
+    ds = open_patch_dataset("glas", glas_dir, split="train")
+    samples = list(islice((ds[i] for i in range(len(ds))), 150))
+    counts = write_patch_tiles(samples, tmp_path, mpp=0.62)
+    assert counts["tiles"] == 150 and counts["sources"] >= 1
+    f = sorted((tmp_path / "tiles").glob("*.parquet"))[0]
+    t = pq.read_table(f)
+    assert t.schema.remove_metadata().equals(TILES.remove_metadata())
+    row = t.slice(0, 1).to_pylist()[0]
+    first = samples[0]
+    assert row["tile_id"] == f"{first['source']}:{first['x']}:{first['y']}"
+    assert row["labels"] == np.asarray(first["labels"]).astype(int).tolist()
+    img = decode_rgb(row["image"])
+    assert img.shape == (112, 112, 3)
+    assert np.abs(img.astype(int) - first["image"].astype(int)).mean() < 6  # JPEG round trip
+    assert not list((tmp_path / "tiles").glob(".*.tmp"))
