@@ -20,9 +20,14 @@ def _preload_cucim() -> bool:
     if "torch" in sys.modules:
         return False
     try:
-        import cucim.clara  # noqa: F401
+        from cucim.clara import CuImage
     except Exception:
         return False
+    # The GDS driver initialises on the first open, not at import: do it now, while torch is absent.
+    try:
+        CuImage("/nonexistent/pbip-engine-cucim-warmup.tif")
+    except Exception:
+        pass
     return True
 
 
