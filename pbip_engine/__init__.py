@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 __version__ = "0.1.0"
@@ -24,10 +25,8 @@ def _preload_cucim() -> bool:
     except Exception:
         return False
     # The GDS driver initialises on the first open, not at import: do it now, while torch is absent.
-    try:
+    with contextlib.suppress(Exception):
         CuImage("/nonexistent/pbip-engine-cucim-warmup.tif")
-    except Exception:
-        pass
     return True
 
 

@@ -133,9 +133,48 @@ embed_cmd = _stage_command("embed", "Embed the tiles of SPEC with its encoder (R
 bank_cmd = _stage_command("bank", "Build the prototype bank of SPEC (cosine K-means per class).")
 
 
-train_classnet_cmd = _stage_command("classnet", "Train ClassNet (PBIP stage 1) on Ray Train.", "train-classnet")
+train_classnet_cmd = _stage_command(
+    "classnet", "Train ClassNet (PBIP stage 1) on Ray Train.", "train-classnet"
+)
 pseudo_cmd = _stage_command("pseudo", "Write ClassNet pseudo masks for the labelled tiles.")
 segmenter_cmd = _stage_command("segmenter", "Train the stage-2 DeepLab on the pseudo masks.")
+
+
+@main.command()
+@click.option(
+    "--model",
+    "model_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="a finished run directory (its segmenter/ stage)",
+)
+@click.option("--slides", "slides", default=None, help="slide path or glob")
+@click.option("--images", "images", default=None, help="plain image path or glob (PNG/JPEG), e.g. GlaS")
+@click.option("--mpp", type=float, default=None, help="µm/px of the inputs (required for plain images)")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--address", default=None, help="Ray cluster address (default: run in this process)")
+@click.option("--overlap", default=0.25, show_default=True, type=click.FloatRange(0, 0.9))
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+def segment(model_dir: str, slides: str | None, images: str | None, mpp: float | None, out: str,
+            address: str | None, overlap: float, batch_size: int) -> None:  # fmt: skip
+    """Segment new slides or images with a trained run: OME-TIFF masks, GeoJSON, overlays."""
+    from pbip_engine.jobs.segment import segment_cli
+    from pbip_engine.schemas.spec import expand_slides
+
+    if bool(slides) == bool(images):
+        raise click.ClickException("give exactly one of --slides or --images")
+    if images and mpp is None:
+        raise click.ClickException("--images needs --mpp (plain images carry no physical pixel size)")
+    try:
+        inputs = expand_slides([slides or images], "--slides" if slides else "--images")
+        res = segment_cli(Path(model_dir), inputs, Path(out), mpp, address, overlap, batch_size)
+    except (SpecError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    failed = {k: v["reason"] for k, v in res.items() if v["status"] != "done"}
+    click.echo(f"segmented {len(res) - len(failed)}/{len(res)} into {out}")
+    for k, why in failed.items():
+        click.echo(f"  FAILED {k}: {why}")
+    sys.exit(2 if failed else 0)
 
 
 @main.command()

@@ -1,15 +1,16 @@
 """A multi-node Ray cluster on one machine, for tests, benchmarks and trying cluster features locally.
 
-Each node is a separate ``ray start --block`` process on this machine, started in its own session so
-that the node's whole process tree (raylet, GCS, dashboard, agents, workers) shares one process group
-whose id is the pid we record. Stopping a node — or killing it to inject a fault — signals that group,
-never ``ray stop``: other Ray work on the machine (another engineer's ``ray.init()``, a CI job) is left
+Each node is a separate ``ray start --block`` process on this machine, started in a session of its
+own, so the node's whole process tree (raylet, GCS, dashboard, agents, and the worker processes, which
+Ray puts in process groups of their own) shares one session id: the pid we record. Stopping a node —
+or killing it to inject a fault — signals exactly the processes of that session, never ``ray stop``: other Ray work on the machine (another engineer's ``ray.init()``, a CI job) is left
 alone. ``ray.cluster_utils.AutoscalingCluster.start()`` runs ``ray stop --force``, so the autoscaling
 variant here starts its head itself and only reuses Ray's ``fake_multinode`` node provider.
 
-Every cluster gets a private ``--temp-dir`` (short, under /tmp: Unix socket paths are limited to 107
-bytes), its own free ports, and — unless ``auth=False`` — its own token file, so clients must present
-the token exactly as they would to a real cluster (``client_env()`` gives the variables to set).
+Every cluster gets a private temp dir (short, under /tmp: Unix socket paths are limited to 107 bytes)
+with one ``--temp-dir`` per node in it, ports picked per node, and — unless ``auth=False`` — its own
+token file, so clients must present the token exactly as they would to a real cluster
+(``client_env()`` gives the variables to set).
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ from typing import Any
 
 READY_LINE = "Ray runtime started."
 ASSIGNED_STATES = ("SUBMITTED_TO_WORKER", "PENDING_ARGS_FETCH", "RUNNING")
+NODE_PORT_FLAGS = (
+    "node-manager-port",
+    "object-manager-port",
+    "metrics-export-port",
+    "dashboard-agent-grpc-port",
+    "dashboard-agent-listen-port",
+    "runtime-env-agent-port",
+)
 
 
 class ClusterError(RuntimeError):
@@ -40,7 +49,7 @@ class ClusterError(RuntimeError):
 
 @dataclass
 class RayNode:
-    """One ``ray start --block`` process; ``pid`` is also the process-group id of the whole node."""
+    """One ``ray start --block`` process; ``pid`` is also the session id of the node's processes."""
 
     name: str
     kind: str  # "head" | "worker"
@@ -53,13 +62,23 @@ class RayNode:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def group_pids(self) -> list[int]:
-        """Pids of every process in this node's process group (the node's whole tree)."""
-        return [pid for pid, pgid, _ in _proc_table() if pgid == self.pid]
+    def session_pids(self) -> list[int]:
+        """Pids of every process of this node: its session (Ray puts each worker in its own process
+        group, but they all stay in the session the node was started in)."""
+        return [pid for pid, sid in _sessions() if sid == self.pid]
+
+    def running(self, title: str) -> bool:
+        """A Ray worker process of this node is executing ``title`` (a task or actor name) right now.
+
+        Read from the process titles (``ray::<name>``) in /proc: no reporting delay, unlike the
+        state API, so even sub-second tasks can be caught in flight.
+        """
+        want = f"ray::{title}"
+        return any((args := _cmdline(pid)) and args[0].startswith(want) for pid in self.session_pids())
 
     def node_id(self) -> str | None:
         """The Ray node id, read from this node's raylet command line (``--node_id=``)."""
-        for pid in self.group_pids():
+        for pid in self.session_pids():
             args = _cmdline(pid)
             if args and args[0].endswith("raylet"):
                 for a in args:
@@ -75,8 +94,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _proc_table() -> list[tuple[int, int, int]]:
-    """(pid, pgid, ppid) of every process we can see, from /proc (Linux)."""
+def _sessions() -> list[tuple[int, int]]:
+    """(pid, session id) of every process we can see, from /proc (Linux)."""
     out = []
     for d in os.listdir("/proc"):
         if not d.isdigit():
@@ -87,7 +106,7 @@ def _proc_table() -> list[tuple[int, int, int]]:
             continue
         # The command name (field 2) may contain spaces or parentheses: split after the last ')'.
         rest = stat.rsplit(")", 1)[1].split()
-        out.append((int(d), int(rest[2]), int(rest[1])))
+        out.append((int(d), int(rest[3])))
     return out
 
 
@@ -123,7 +142,7 @@ class LocalCluster:
     """A head and ``workers`` worker nodes as separate Ray processes on 127.0.0.1.
 
     Use as a context manager, or call :meth:`start` / :meth:`stop`. Nodes can be added
-    (:meth:`add_worker`) and killed (:meth:`kill_worker`, SIGKILL of the node's process group: the
+    (:meth:`add_worker`) and killed (:meth:`kill_worker`, SIGKILL of all the node's processes: the
     closest thing to a machine dying) while work runs.
     """
 
@@ -153,6 +172,9 @@ class LocalCluster:
         self.head: RayNode | None = None
         self.workers: list[RayNode] = []
         self._token: str | None = None
+        self._n_spawned = 0
+        self._ports: set[int] = set()
+        self.start_failures: list[str] = []  # workers that needed a second try, with their log tails
 
     # -- addresses and credentials ----------------------------------------------------------------
 
@@ -214,7 +236,7 @@ class LocalCluster:
     def _head_env(self) -> dict[str, str]:
         return self._node_env()
 
-    def start(self, timeout: float = 90) -> LocalCluster:
+    def start(self, timeout: float = 150) -> LocalCluster:
         """Start the head, then the workers (in parallel), and wait until all are registered."""
         if self.head is not None:
             raise ClusterError("cluster already started")
@@ -224,7 +246,7 @@ class LocalCluster:
             fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(self._token)
-        self.port, self.dashboard_port = free_port(), free_port()
+        self.port, self.dashboard_port = self._new_port(), self._new_port()
         deadline = time.monotonic() + timeout
         args = [
             "--head",
@@ -232,7 +254,7 @@ class LocalCluster:
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.dashboard_port}",
-            f"--ray-client-server-port={free_port()}",
+            f"--ray-client-server-port={self._new_port()}",
             f"--num-cpus={self.head_cpus:g}",
             *self._head_extra_args(),
         ]
@@ -241,28 +263,25 @@ class LocalCluster:
         self._wait_dashboard(deadline)
         nodes = [self._spawn_worker(self.worker_cpus) for _ in range(self.n_workers)]
         for n in nodes:
-            try:
-                self._wait_ready(n, deadline)
-            except ClusterError:
-                # `ray start` gives a raylet 30 s to register; on a loaded machine that can be too
-                # short. One more try, alone, before giving up.
-                self.workers.remove(n)
-                _kill_group(n.pid, signal.SIGKILL)
-                _reap(n.popen)
-                self._wait_ready(self._spawn_worker(self.worker_cpus), deadline)
+            self._wait_worker_ready(n, deadline)
         self.wait_for_nodes(1 + self.n_workers, timeout=max(1.0, deadline - time.monotonic()), at_least=True)
         return self
 
     def _spawn(self, name: str, kind: str, args: list[str], cpus: float, env: dict[str, str]) -> RayNode:
         assert self.temp_dir is not None
         log = self.temp_dir / f"{name}.log"
+        # One temp dir per node, as on separate machines: nodes sharing one pick their socket and log
+        # names (raylet.1, ...) by looking at what exists, and two starting together collide.
+        node_tmp = self.temp_dir if kind == "head" else self.temp_dir / name
         cmd = [
             _ray_executable(),
             "start",
             "--block",
             "--disable-usage-stats",
-            f"--temp-dir={self.temp_dir}",
+            f"--temp-dir={node_tmp}",
             f"--object-store-memory={self.object_store_mb * 1024 * 1024}",
+            # Ports chosen here, distinct per node (Ray's own pick is racy across nodes starting at once).
+            *(f"--{flag}={self._new_port()}" for flag in NODE_PORT_FLAGS),
             *args,
         ]
         with open(log, "wb") as fh:
@@ -276,8 +295,16 @@ class LocalCluster:
             )
         return RayNode(name=name, kind=kind, pid=p.pid, num_cpus=cpus, log=log, popen=p)
 
+    def _new_port(self) -> int:
+        while True:
+            p = free_port()
+            if p not in self._ports:
+                self._ports.add(p)
+                return p
+
     def _spawn_worker(self, num_cpus: float, resources: Mapping[str, float] | None = None) -> RayNode:
-        i = len(self.workers) + 1
+        self._n_spawned += 1
+        i = self._n_spawned
         args = [f"--address={self.gcs_address}", f"--num-cpus={num_cpus:g}"]
         if resources:
             args.append(f"--resources={json.dumps(dict(resources))}")
@@ -297,6 +324,25 @@ class LocalCluster:
                 raise ClusterError(f"ray node {node.name} not ready in time:\n{_tail(node.log)}")
             time.sleep(0.25)
 
+    def _wait_worker_ready(
+        self, node: RayNode, deadline: float, resources: Mapping[str, float] | None = None
+    ) -> RayNode:
+        """Wait for a worker; if it failed, try once more alone, with a fresh time budget.
+
+        ``ray start`` gives a raylet 30 s to register with the GCS, which a loaded machine can miss.
+        """
+        try:
+            self._wait_ready(node, deadline)
+            return node
+        except ClusterError as e:
+            self.start_failures.append(str(e))
+            self.workers.remove(node)
+            _kill_session(node.pid, signal.SIGKILL)
+            _reap(node.popen)
+        again = self._spawn_worker(node.num_cpus, resources)
+        self._wait_ready(again, max(deadline, time.monotonic() + 60))
+        return again
+
     def _wait_dashboard(self, deadline: float) -> None:
         import requests
 
@@ -315,12 +361,12 @@ class LocalCluster:
             time.sleep(0.25)
 
     def add_worker(
-        self, num_cpus: float | None = None, resources: Mapping[str, float] | None = None, timeout: float = 60
+        self, num_cpus: float | None = None, resources: Mapping[str, float] | None = None, timeout: float = 90
     ) -> RayNode:
         """Start one more worker node and wait until the cluster lists it as alive."""
         node = self._spawn_worker(self.worker_cpus if num_cpus is None else num_cpus, resources)
         deadline = time.monotonic() + timeout
-        self._wait_ready(node, deadline)
+        node = self._wait_worker_ready(node, deadline, resources)
         node_id = wait_until(
             node.node_id, max(1.0, deadline - time.monotonic()), what=f"{node.name}'s raylet"
         )
@@ -338,7 +384,7 @@ class LocalCluster:
         wait_dead: bool = False,
         timeout: float = 60,
     ) -> RayNode:
-        """Kill one worker node's whole process group (fault injection); default: the last live one.
+        """SIGKILL every process of one worker node (fault injection); default: the last live one.
 
         ``node`` may be a :class:`RayNode` or a Ray node id. With ``wait_dead`` also wait until the
         GCS has noticed (its health check marks the node DEAD).
@@ -356,7 +402,7 @@ class LocalCluster:
         if node.kind == "head":
             raise ClusterError("kill_worker() kills worker nodes only; use stop() for the head")
         node_id = node.node_id()
-        _kill_group(node.pid, sig)
+        _kill_session(node.pid, sig)
         node.killed = True
         _reap(node.popen)
         if wait_dead and node_id:
@@ -368,9 +414,9 @@ class LocalCluster:
         return node
 
     def stop(self) -> None:
-        """SIGKILL every node's process group (workers first), then anything left in our temp dir."""
+        """SIGKILL every node's processes (workers first), then anything left naming our temp dir."""
         for node in [*self.workers, *([self.head] if self.head else [])]:
-            _kill_group(node.pid, signal.SIGKILL)
+            _kill_session(node.pid, signal.SIGKILL)
             node.killed = True
             _reap(node.popen)
         if self.temp_dir is not None:
@@ -383,17 +429,17 @@ class LocalCluster:
         self.workers = []
 
     def stray_pids(self) -> list[int]:
-        """Processes that belong to this cluster but not to a recorded group (their args name our temp dir)."""
+        """Processes of this cluster outside the recorded sessions (their args name our temp dir)."""
         if self.temp_dir is None:
             return []
         key = str(self.temp_dir)
         me = os.getpid()
-        return [pid for pid, _, _ in _proc_table() if pid != me and any(key in a for a in _cmdline(pid))]
+        return [pid for pid, _ in _sessions() if pid != me and any(key in a for a in _cmdline(pid))]
 
     def all_pids(self) -> list[int]:
         """Every live process of this cluster (for checks that cleanup left nothing behind)."""
-        groups = {n.pid for n in [*self.workers, *([self.head] if self.head else [])]}
-        pids = {pid for pid, pgid, _ in _proc_table() if pgid in groups and _is_running(pid)}
+        sessions = {n.pid for n in [*self.workers, *([self.head] if self.head else [])]}
+        pids = {pid for pid, sid in _sessions() if sid in sessions and _is_running(pid)}
         return sorted(pids | {p for p in self.stray_pids() if _is_running(p)})
 
     # -- cluster state ----------------------------------------------------------------------------
@@ -414,6 +460,10 @@ class LocalCluster:
     def alive_nodes(self) -> list[dict[str, Any]]:
         """Ray's view of the live nodes (state API): node_id, is_head_node, resources_total, ..."""
         return [n for n in self.state_api("nodes") if n.get("state") == "ALIVE"]
+
+    def busy_workers(self, title: str) -> list[RayNode]:
+        """Live worker nodes executing ``title`` right now (see :meth:`RayNode.running`)."""
+        return [w for w in self.workers if not w.killed and w.running(title)]
 
     def running_tasks(
         self, name_contains: str = "", states: tuple[str, ...] = ASSIGNED_STATES
@@ -473,9 +523,14 @@ def _is_running(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def _kill_group(pgid: int, sig: int) -> None:
+def _kill_session(sid: int, sig: int) -> None:
+    """Signal every process of the session ``sid`` (a node started with ``start_new_session``)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
+        os.killpg(sid, sig)  # the session leader's own group: ray start, raylet, GCS, agents
+    for pid, s in _sessions():
+        if s == sid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)  # worker processes, each in a group of its own
 
 
 def _reap(p: subprocess.Popen) -> None:
@@ -559,8 +614,8 @@ class AutoscalingLocalCluster(LocalCluster):
 
     Follows the recipe Ray's own tests use (``fake_multinode`` provider, ``RAY_FAKE_CLUSTER=1``, a
     1 s autoscaler update interval) without ``AutoscalingCluster.start()``'s ``ray stop --force``.
-    The autoscaler's nodes are children of the head's monitor process, hence in the head's process
-    group: :meth:`stop` takes them down with the head.
+    The autoscaler's nodes are children of the head's monitor process, hence in the head's session:
+    :meth:`stop` takes them down with the head.
     """
 
     def __init__(

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from pbip_engine.jobs.manifest import write_json_atomic
+from pbip_engine.jobs.segment import MODEL_CARD, model_card
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
 from pbip_engine.jobs.train import augment, decode_batch, fit_on_ray
 
@@ -95,6 +97,7 @@ def augment_pair(batch: dict[str, Any], seed: int) -> dict[str, Any]:
 @register_stage
 class SegmenterStage(Stage):
     name = "segmenter"
+    version = 3  # v3: model.json card beside the weights
     deps = ("pseudo",)
     sections = ("classes", "segmenter")
 
@@ -134,6 +137,7 @@ class SegmenterStage(Stage):
             storage=ctx.work_dir / "ray_train",
             out_dir=ctx.work_dir,
         )
+        write_json_atomic(ctx.work_dir / MODEL_CARD, model_card(spec))
         last = history[-1]
         ctx.log(
             f"[segmenter] {len(history)} epoch(s) on {n} pseudo-labelled tiles; last loss {last.get('loss')}"

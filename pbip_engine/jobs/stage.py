@@ -112,6 +112,7 @@ def _load_builtin_stages() -> None:
     import pbip_engine.jobs.classnet
     import pbip_engine.jobs.embed
     import pbip_engine.jobs.pseudo
+    import pbip_engine.jobs.segment
     import pbip_engine.jobs.segmenter
     import pbip_engine.jobs.synth
     import pbip_engine.jobs.tile  # noqa: F401

@@ -38,6 +38,7 @@ from pbip_engine.schemas.spec import JobSpec, SpecError, check_inputs, check_out
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 120.0
+PREFLIGHT_READ_S = 30.0
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 
 
@@ -141,7 +142,10 @@ def preflight(address: str, token: str | None, timeout: float = CONNECT_TIMEOUT_
 
     url = normalize_address(address)
     try:
-        r = requests.get(url + "/api/version", headers=auth_headers(token), timeout=(timeout, timeout * 2))
+        # Connect fast-fails; a live but busy dashboard gets longer to answer.
+        r = requests.get(
+            url + "/api/version", headers=auth_headers(token), timeout=(timeout, PREFLIGHT_READ_S)
+        )
     except requests.exceptions.ConnectTimeout:
         raise ClusterConnectionError(
             f"{url}: no answer within {timeout:.0f}s. Is the address right and the head running? The "
@@ -155,7 +159,9 @@ def preflight(address: str, token: str | None, timeout: float = CONNECT_TIMEOUT_
             "(`ray start --head --include-dashboard=true`; the Jobs API is on the dashboard port, 8265 by default)"
         ) from None
     except requests.exceptions.Timeout:
-        raise ClusterConnectionError(f"{url}: connected, but no reply within {timeout * 2:.0f}s") from None
+        raise ClusterConnectionError(
+            f"{url}: connected, but no reply within {PREFLIGHT_READ_S:.0f}s"
+        ) from None
     except requests.exceptions.RequestException as e:
         raise ClusterConnectionError(f"{url}: request failed: {_short_reason(e)}") from None
     if r.status_code in (401, 403):
@@ -242,17 +248,21 @@ class Submission:
 
 
 def check_spec_for_cluster(
-    spec_path: str | os.PathLike[str], address: str, allow_local_output: bool = False
+    spec_path: str | os.PathLike[str],
+    address: str,
+    allow_local_output: bool = False,
+    remote: bool | None = None,
 ) -> tuple[JobSpec, list[str]]:
     """Validate the spec locally and decide whether it can run on the cluster at ``address``.
 
     Returns the spec and warnings. A local output path with a remote cluster is refused unless
     ``allow_local_output``; inputs missing here are errors for a local cluster and warnings for a
-    remote one (they may exist only on the cluster's shared storage).
+    remote one (they may exist only on the cluster's shared storage). ``remote=True`` says that a
+    localhost address is a tunnel or port-forward to a remote cluster.
     """
     spec = load_spec(spec_path)
     check_output(spec)
-    local = is_local_address(address)
+    local = is_local_address(address) if remote is None else not remote
     warnings: list[str] = []
     if not local and not spec.run.is_uri and not allow_local_output:
         host = urlparse(normalize_address(address)).hostname
@@ -418,6 +428,7 @@ def submit(
     stages: Sequence[str] | None = None,
     force: Sequence[str] | None = None,
     allow_local_output: bool = False,
+    remote: bool | None = None,
     token_file: str | os.PathLike[str] | None = None,
     submission_id: str | None = None,
     timeout: float = CONNECT_TIMEOUT_S,
@@ -426,7 +437,7 @@ def submit(
 ) -> SubmitResult:
     """Validate, submit, and optionally follow one job; ``log`` gets messages, ``out`` the job's logs."""
     address = normalize_address(address)
-    spec, warnings = check_spec_for_cluster(spec_path, address, allow_local_output)
+    spec, warnings = check_spec_for_cluster(spec_path, address, allow_local_output, remote)
     for w in warnings:
         log(f"warning: {w}")
     token = resolve_token(token_file)
