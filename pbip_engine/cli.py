@@ -240,8 +240,28 @@ def demo(out: str, address: str | None, slides: int | None, size: int | None) ->
     t0 = time.perf_counter()
     code = _run(spec, None, [], address)
     click.echo(f"demo finished in {time.perf_counter() - t0:.0f}s; outputs under {spec.run.output}")
+    out = Path(spec.run.output)
     for name in ("synth", "tile", "embed", "bank", "classnet", "pseudo", "segmenter", "segment"):
-        d = Path(spec.run.output) / name
-        if d.is_dir():
-            click.echo(f"  {name:<10} {d}")
+        if (out / name).is_dir():
+            click.echo(f"  {name:<10} {out / name}")
+    for label, path in (("pseudo masks", out / "pseudo" / "metrics.json"),
+                        ("stage-2 whole-slide masks", out / "segment" / "metrics.json")):  # fmt: skip
+        if path.is_file():
+            m = json.loads(path.read_text())
+            click.echo(
+                f"{label} vs synthetic truth (tissue pixels): mIoU {m['miou']:.3f}  mDice {m['mdice']:.3f}  "
+                f"bIoU {m.get('mbiou', float('nan')):.3f}"
+            )
+    if (out / "segment" / "masks").is_dir():
+        click.echo(f"QuPath-ready masks, GeoJSON and overlays: {out / 'segment' / 'masks'}")
     sys.exit(code)
+
+
+def _register_cluster_commands() -> None:
+    from pbip_engine.cli_cluster import COMMANDS
+
+    for c in COMMANDS:
+        main.add_command(c)
+
+
+_register_cluster_commands()

@@ -470,7 +470,11 @@ def submit(
     if not wait:
         log(f"  follow it with: pbip-engine logs {job_id} --address {address} --follow")
         return SubmitResult(job_id)
-    status = follow(client, job_id, out or log, address=address)
+    try:
+        status = follow(client, job_id, out or log, address=address)
+    except KeyboardInterrupt:
+        log(f"stopped following; job {job_id} keeps running (pbip-engine stop {job_id} --address {address})")
+        return SubmitResult(job_id, None, 130)
     info = _sdk_call(lambda: client.get_job_info(job_id), address, job_id)
     code = exit_code_of(info)
     log(f"job {job_id} {status}" + (f": {info.message}" if status != "SUCCEEDED" and info.message else ""))
