@@ -15,7 +15,7 @@ from pbip_engine.schemas.spec import load_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-STAGES = ["synth", "tile", "embed", "bank", "classnet", "pseudo"]
+STAGES = ["synth", "tile", "embed", "bank", "classnet", "pseudo", "segmenter", "segment"]
 CLASSES = [
     {"name": "tumour", "color": [200, 40, 40]},
     {"name": "stroma", "color": [240, 130, 190]},
@@ -44,6 +44,8 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory, ray_local) -> Path:
         "encoder": {"batch_size": 32},
         "bank": {"k": 2, "n_k": 5, "holdout_fraction": 0.2},
         "classnet": {"epochs": 1, "batch_size": 8, "lr": 1.0e-4},
+        "segmenter": {"epochs": 1, "batch_size": 16},
+        "segment": {"batch_size": 8},
         "resources": {"workers": 1, "autoscale": {"min": 1, "max": 2}},
     }
     p = tmp / "spec.yaml"
@@ -112,6 +114,31 @@ def test_pseudo_masks_index_and_score(pipeline_run: Path) -> None:
     metrics = json.loads((d / "metrics.json").read_text())
     assert metrics["ignore_background"] is True and 0.3 < metrics["miou"] <= 1.0
     assert (d / "heatmaps" / "synth_000.png").is_file()
+
+
+def test_segment_outputs_read_back(pipeline_run: Path) -> None:
+    import shapely.geometry
+    import tifffile
+
+    d = pipeline_run / "segment" / "masks"
+    with tifffile.TiffFile(d / "synth_000.mask.ome.tif") as tf:
+        assert tf.is_ome and len(tf.series[0].levels) >= 2
+        level0 = tf.series[0].levels[0].asarray()
+        assert level0.dtype.name == "uint8" and level0.max() <= 4
+        assert "tumour" in tf.ome_metadata and 'PhysicalSizeX="1.0"' in tf.ome_metadata.replace(
+            "1.0000", "1.0"
+        )
+    gj = json.loads((d / "synth_000.classes.geojson").read_text())
+    names = {f["properties"]["classification"]["name"] for f in gj["features"]}
+    assert names and names <= {c["name"] for c in CLASSES}
+    for f in gj["features"]:
+        assert shapely.geometry.shape(f["geometry"]).is_valid
+        assert len(f["properties"]["classification"]["color"]) == 3
+    assert (d / "synth_000.overlay.png").is_file()
+    areas = (pipeline_run / "segment" / "cohort_areas.csv").read_text().splitlines()
+    assert areas[0].startswith("slide,tissue_mpix,tumour_um2") and len(areas) == 4
+    metrics = json.loads((pipeline_run / "segment" / "metrics.json").read_text())
+    assert 0.0 <= metrics["miou"] <= 1.0 and metrics["ignore_background"] is True
 
 
 def test_rerun_skips_everything(pipeline_run: Path) -> None:

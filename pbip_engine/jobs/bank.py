@@ -66,9 +66,8 @@ class BankStage(Stage):
         fetch.prefetch([t for members in bank.members for t in members])
         write_gallery(ctx.work_dir / "gallery.png", bank, fetch)
         zs = report.get("zero_shot", {})
-        ctx.log(
-            f"[bank] zero-shot macro F1 {zs.get('macro_f1', float('nan')):.3f} per class {zs.get('per_class_f1')}"
-        )
+        per_class = {c: round(v["f1"], 3) for c, v in zs.get("per_class", {}).items()}
+        ctx.log(f"[bank] zero-shot macro F1 {zs.get('macro_f1', float('nan')):.3f}; per class {per_class}")
         return StageResult(
             counts={"prototypes": int(bank.prototypes.shape[0]), "classes": len(bank.class_names)},
             extra={"zero_shot_macro_f1": zs.get("macro_f1")},
