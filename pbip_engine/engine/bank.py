@@ -26,6 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute
 
+from pbip_engine.engine.atomic import atomic_write_text
+
 if TYPE_CHECKING:  # torch only for as_tensor(): keep this module importable without it
     import torch
 
@@ -144,7 +146,7 @@ class Bank:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        _atomic_write_text(d / BANK_JSON, json.dumps(meta, indent=1))
+        atomic_write_text(d / BANK_JSON, json.dumps(meta, indent=1))
 
     @classmethod
     def load(cls, dir: str | Path) -> Bank:
@@ -180,17 +182,6 @@ class Bank:
             )
         except BankError as e:
             raise BankError(f"inconsistent bank in {d}: {e}") from e
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ------------------------------------------------------------------------------------------- inputs

@@ -15,8 +15,6 @@ background happen in ``cams_to_mask``. Background rules (METHODS.md §1.5):
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from pbip_engine.engine.atomic import atomic_save
 
 BACKGROUNDS = ("none", "white", "power", "white+power")
 
@@ -132,19 +132,6 @@ def cams_to_mask(
     return out
 
 
-def _atomic_save(path: Path, save) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_palette_png(
     path: str | Path, mask: np.ndarray, colors: Sequence[Sequence[int]] | None = None
 ) -> Path:
@@ -166,5 +153,5 @@ def write_palette_png(
     img = Image.frombytes("P", (m.shape[1], m.shape[0]), m.tobytes())
     img.putpalette(flat + [0] * (768 - len(flat)))
     p = Path(path)
-    _atomic_save(p, lambda tmp: img.save(tmp, format="PNG"))
+    atomic_save(p, lambda tmp: img.save(tmp, format="PNG"))
     return p

@@ -29,8 +29,6 @@ import functools
 import io
 import json
 import math
-import os
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +38,8 @@ import cv2
 import numpy as np
 import tifffile
 from PIL import Image
+
+from pbip_engine.engine.atomic import atomic_write_bytes
 
 from .geojson import Annotation, clean_polygonal, mask_to_geometries, write_annotations
 from .tiff_writer import write_pyramid
@@ -574,17 +574,6 @@ def _annotations(slide: SynthSlide, rng: np.random.Generator) -> list[Annotation
 
 
 # -------------------------------------------------------------------------------- file utils ---
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _palette_png(labels: np.ndarray, palette: list[tuple[int, int, int]]) -> bytes:
@@ -683,7 +672,7 @@ def _write_cohort(
         )  # fmt: skip
         with tifffile.TiffFile(mask_path) as tf:
             thumb = tf.pages[len(shapes) - 1].asarray()
-        _atomic_bytes(out / "truth" / f"{sid}.thumb.png", _palette_png(thumb, THUMB_PALETTE))
+        atomic_write_bytes(out / "truth" / f"{sid}.thumb.png", _palette_png(thumb, THUMB_PALETTE))
         ann = _annotations(sl, np.random.default_rng([int(seed) & 0xFFFFFFFF, i, 0xA77]))
         write_annotations(out / "annotations" / f"{sid}.geojson", ann, id_seed=f"pbip-synth/{seed}/{sid}")
         total = int(counts[1 : N_CLASSES + 1].sum())
@@ -713,7 +702,7 @@ def _write_cohort(
     w.writerow(["slide", *names])
     for s in slides:
         w.writerow([s["id"], *s["labels"]])
-    _atomic_bytes(out / "labels.csv", buf.getvalue().encode())
+    atomic_write_bytes(out / "labels.csv", buf.getvalue().encode())
     cohort = {
         "format": "pbip-synth-cohort",
         "version": 1,
@@ -725,7 +714,7 @@ def _write_cohort(
         "labels_csv": "labels.csv",
         "slides": slides,
     }
-    _atomic_bytes(out / "cohort.json", (json.dumps(cohort, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(out / "cohort.json", (json.dumps(cohort, indent=1, sort_keys=True) + "\n").encode())
     return cohort
 
 
@@ -811,12 +800,12 @@ def _write_patch_set(
                 name = f"synth{split}_{slide_i:03d}_x{x}_y{y}"
                 if split == "train":
                     fname = name + _label_suffix(present, label_style) + ".png"
-                    _atomic_bytes(dirs["train"] / fname, _rgb_png(rgb))
+                    atomic_write_bytes(dirs["train"] / fname, _rgb_png(rgb))
                     items.append({"file": f"training/{fname}", "labels": present})
                 else:
                     bcss = np.where(lab == 0, 4, lab.astype(np.int16) - 1).astype(np.uint8)
-                    _atomic_bytes(dirs[split] / "img" / f"{name}.png", _rgb_png(rgb))
-                    _atomic_bytes(dirs[split] / "mask" / f"{name}.png", _palette_png(bcss, BCSS_PALETTE))
+                    atomic_write_bytes(dirs[split] / "img" / f"{name}.png", _rgb_png(rgb))
+                    atomic_write_bytes(dirs[split] / "mask" / f"{name}.png", _palette_png(bcss, BCSS_PALETTE))
                     items.append(
                         {
                             "file": f"{split}/img/{name}.png",

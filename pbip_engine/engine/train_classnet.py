@@ -17,9 +17,7 @@ import contextlib
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -29,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .atomic import atomic_save, atomic_write_text, jsonable
 from .cams import cams_to_mask, fuse_cams
 from .metrics import SegmentationMeter
 from .models.classnet import ClassNetConfig, classnet_step, freeze_encoder, unwrap
@@ -256,39 +255,6 @@ def evaluate_cams(
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, (np.floating, np.integer)):
-        return _jsonable(x.item())
-    return x
-
-
 def save_checkpoint(
     path: str | Path,
     model: nn.Module,
@@ -306,11 +272,11 @@ def save_checkpoint(
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": int(epoch),
-        "metrics": _jsonable(metrics),
-        "config": _jsonable(cfg.to_dict()) if cfg is not None else None,
+        "metrics": jsonable(metrics),
+        "config": jsonable(cfg.to_dict()) if cfg is not None else None,
     }
     p = Path(path)
-    _atomic_torch_save(state, p)
+    atomic_save(p, lambda tmp: torch.save(state, tmp))
     return p
 
 
@@ -410,7 +376,7 @@ def fit_local(
     epochs = cfg.epochs if epochs is None else epochs
     optimizer = make_optimizer(model, cfg)
     scaler = make_grad_scaler(cfg, dev)
-    _atomic_text(out / "config.json", json.dumps(_jsonable(cfg.to_dict()), indent=2))
+    atomic_write_text(out / "config.json", json.dumps(jsonable(cfg.to_dict()), indent=2))
 
     start, best = 1, -math.inf
     history: list[dict[str, Any]] = []
@@ -447,8 +413,8 @@ def fit_local(
         for old in sorted(ckpt_dir.glob("epoch_*.pt"))[:-keep_last] if keep_last > 0 else []:
             if old != path:
                 old.unlink(missing_ok=True)
-        history.append(_jsonable(record))
-        _atomic_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
+        history.append(jsonable(record))
+        atomic_write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
         if log_fn:
             msg = f"epoch {epoch}/{epochs}: loss {train_stats.get('total', float('nan')):.4f}"
             if "val" in record:

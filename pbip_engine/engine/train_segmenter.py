@@ -26,13 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pbip_engine.engine.atomic import atomic_save, atomic_write_text, jsonable
 from pbip_engine.engine.metrics import SegmentationMeter
 from pbip_engine.engine.models.classnet import unwrap
 from pbip_engine.engine.models.deeplab import DeepLab, segmenter_from_config
 from pbip_engine.engine.train_classnet import (
-    _atomic_text,
-    _atomic_torch_save,
-    _jsonable,
     autocast,
     latest_checkpoint,
     to_model_input,
@@ -381,17 +379,17 @@ def save_checkpoint(
         raise SegTrainError(f"{path}: model has no .config; build it with build_segmenter()")
     state = {
         "format": CHECKPOINT_FORMAT,
-        "model_config": _jsonable(dict(base.config)),
+        "model_config": jsonable(dict(base.config)),
         "model": base.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": int(epoch),
         "step": int(step),
-        "metrics": _jsonable(dict(metrics)),
-        "config": _jsonable(cfg.to_dict()) if cfg is not None else None,
+        "metrics": jsonable(dict(metrics)),
+        "config": jsonable(cfg.to_dict()) if cfg is not None else None,
     }
     p = Path(path)
-    _atomic_torch_save(state, p)
+    atomic_save(p, lambda tmp: torch.save(state, tmp))
     return p
 
 
@@ -505,10 +503,10 @@ def fit_local(
     epochs = cfg.epochs if epochs is None else epochs
     optimizer = make_optimizer(model, cfg)
     scaler = make_scaler(dev, cfg.amp)
-    _atomic_text(
+    atomic_write_text(
         out / "config.json",
         json.dumps(
-            _jsonable({"train": cfg.to_dict(), "model": getattr(unwrap(model), "config", {})}), indent=2
+            jsonable({"train": cfg.to_dict(), "model": getattr(unwrap(model), "config", {})}), indent=2
         ),
     )
 
@@ -560,8 +558,8 @@ def fit_local(
         for old in sorted(ckpt_dir.glob("epoch_*.pt"))[:-keep_last] if keep_last > 0 else []:
             if old != path:
                 old.unlink(missing_ok=True)
-        history.append(_jsonable(record))
-        _atomic_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+        history.append(jsonable(record))
+        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
         if log_fn:
             msg = f"epoch {epoch}/{epochs}: loss {train_stats['loss']:.4f}"
             if "val" in record:

@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from pbip_engine.engine.atomic import jsonable
 from pbip_engine.jobs.manifest import read_json, write_json_atomic
 from pbip_engine.jobs.resources import actor_pool_options
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
@@ -159,7 +158,7 @@ class SegmentStage(Stage):
                     st = segment_one(slide, seg_dir / "best.pt", card, out, overlap=spec.segment.overlap,
                                      blend=spec.segment.blend, batch_size=spec.segment.batch_size,
                                      resources=spec.resources, output_mpp=spec.segment.output_mpp)  # fmt: skip
-                    rec = {"status": "done", **_jsonable(st)}
+                    rec = {"status": "done", **jsonable(st)}
                 except Exception as e:  # one slide fails alone
                     rec = {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
                     ctx.log(f"[segment] {sid} FAILED: {rec['reason']}")
@@ -209,18 +208,6 @@ def model_card(spec: JobSpec) -> dict[str, Any]:
     }
 
 
-def _jsonable(d: Any) -> Any:
-    if isinstance(d, dict):
-        return {str(k): _jsonable(v) for k, v in d.items()}
-    if isinstance(d, list | tuple):
-        return [_jsonable(v) for v in d]
-    if isinstance(d, np.generic):
-        return d.item()
-    if isinstance(d, Path):
-        return str(d)
-    return d
-
-
 def segment_cli(model_dir: Path, inputs: list[Path], out: Path, mpp: float | None, address: str | None,
                 overlap: float, batch_size: int) -> dict[str, Any]:  # fmt: skip
     """``pbip-engine segment``: a finished run's segmenter on new slides or plain images."""
@@ -241,7 +228,7 @@ def segment_cli(model_dir: Path, inputs: list[Path], out: Path, mpp: float | Non
     results = {}
     for p in inputs:
         try:
-            results[p.stem] = {"status": "done", **_jsonable(segment_one(
+            results[p.stem] = {"status": "done", **jsonable(segment_one(
                 p, seg, card, out, overlap=overlap, blend="gaussian", batch_size=batch_size,
                 resources=res, mpp_override=mpp))}  # fmt: skip
         except Exception as e:
