@@ -48,8 +48,14 @@ def test_launcher_config_passes_rays_schema() -> None:
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     raw = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
-    validate_config(raw)
-    validate_config(prepare_config(raw))  # also after Ray fills in its AWS defaults
+    validate_config(raw)  # raises on a schema violation
+    prepared = prepare_config(raw)
+    validate_config(prepared)  # also after Ray fills in its AWS defaults
+    assert prepared["available_node_types"].keys() == raw["available_node_types"].keys()
+    # and a broken config is really rejected, so the check above can fail
+    broken = {**raw, "max_workers": "many"}
+    with pytest.raises(Exception):  # noqa: B017 - Ray raises jsonschema's ValidationError
+        validate_config(broken)
 
 
 def test_launcher_node_groups_and_commands() -> None:
