@@ -179,11 +179,15 @@ class Canvas:
         if y < 0 or x < 0 or y + h > self.shape[0] or x + w > self.shape[1]:
             raise StitchError(f"region y={y} x={x} {h}x{w} leaves the canvas {self.shape}")
 
-    def _read(self, y: int, x: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-        """(sum w*logits [C,h,w] float32, sum w [h,w] float32) of a region; zeros where nothing landed."""
+    def _chunk_parts(self, y: int, x: int, h: int, w: int):
+        """Existing chunks under a region: (memmap, region-relative slices, chunk-relative slices).
+
+        The region is checked here, eagerly, before the caller allocates anything of its size.
+        """
         self._check_region(y, x, h, w)
-        acc = np.zeros((self.n_classes, h, w), np.float32)
-        wsum = np.zeros((h, w), np.float32)
+        return self._iter_chunk_parts(y, x, h, w)
+
+    def _iter_chunk_parts(self, y: int, x: int, h: int, w: int):
         c = self.chunk
         for cy in range(y // c, (y + h - 1) // c + 1):
             for cx in range(x // c, (x + w - 1) // c + 1):
@@ -192,29 +196,29 @@ class Canvas:
                     continue
                 ry0, ry1 = max(y, cy * c), min(y + h, (cy + 1) * c)
                 rx0, rx1 = max(x, cx * c), min(x + w, (cx + 1) * c)
-                sl = (slice(ry0 - cy * c, ry1 - cy * c), slice(rx0 - cx * c, rx1 - cx * c))
-                acc[:, ry0 - y : ry1 - y, rx0 - x : rx1 - x] = mm[(slice(0, self.n_classes), *sl)]
-                wsum[ry0 - y : ry1 - y, rx0 - x : rx1 - x] = mm[(self.n_classes, *sl)]
+                out = (slice(ry0 - y, ry1 - y), slice(rx0 - x, rx1 - x))
+                yield mm, out, (slice(ry0 - cy * c, ry1 - cy * c), slice(rx0 - cx * c, rx1 - cx * c))
+
+    def _read(self, y: int, x: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sum w*logits [C,h,w] float32, sum w [h,w] float32) of a region; zeros where nothing landed."""
+        parts = self._chunk_parts(y, x, h, w)
+        acc = np.zeros((self.n_classes, h, w), np.float32)
+        wsum = np.zeros((h, w), np.float32)
+        for mm, out, sl in parts:
+            acc[(slice(None), *out)] = mm[(slice(0, self.n_classes), *sl)]
+            wsum[out] = mm[(self.n_classes, *sl)]
         return acc, wsum
 
     def argmax_tile(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         """uint8 ``h x w`` labels: argmax channel where covered (weight > 0), 0 where no tile landed."""
-        self._check_region(y, x, h, w)
-        out = np.zeros((h, w), np.uint8)
-        c = self.chunk
+        parts = self._chunk_parts(y, x, h, w)
+        labels = np.zeros((h, w), np.uint8)
         # Chunk by chunk: temporaries stay O(C x h x chunk) even for a band across a 100k-px-wide slide.
-        for cy in range(y // c, (y + h - 1) // c + 1):
-            for cx in range(x // c, (x + w - 1) // c + 1):
-                mm = self._chunk(cy, cx, create=False)
-                if mm is None:
-                    continue
-                ry0, ry1 = max(y, cy * c), min(y + h, (cy + 1) * c)
-                rx0, rx1 = max(x, cx * c), min(x + w, (cx + 1) * c)
-                sl = (slice(ry0 - cy * c, ry1 - cy * c), slice(rx0 - cx * c, rx1 - cx * c))
-                lab = np.asarray(mm[(slice(0, self.n_classes), *sl)]).argmax(axis=0).astype(np.uint8)
-                lab[np.asarray(mm[(self.n_classes, *sl)]) <= 0] = 0
-                out[ry0 - y : ry1 - y, rx0 - x : rx1 - x] = lab
-        return out
+        for mm, out, sl in parts:
+            lab = np.asarray(mm[(slice(0, self.n_classes), *sl)]).argmax(axis=0).astype(np.uint8)
+            lab[np.asarray(mm[(self.n_classes, *sl)]) <= 0] = 0
+            labels[out] = lab
+        return labels
 
     def mean_tile(self, y: int, x: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
         """(blended logits [C,h,w] float32, coverage weight [h,w]); logits are 0 where uncovered."""

@@ -122,6 +122,28 @@ def make_optimizer(model: nn.Module, cfg: ClassNetConfig) -> torch.optim.AdamW:
 # ------------------------------------------------------------------------------------------------ train
 
 
+def backward_step(
+    loss: torch.Tensor,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    grad_clip: float | None,
+) -> None:
+    """Backward + optional gradient clipping + optimiser step, through the AMP scaler when there is one."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        if grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+
+
 def train_one_epoch(
     model: nn.Module,
     bank_encoder: nn.Module | None,
@@ -150,18 +172,7 @@ def train_one_epoch(
         if not math.isfinite(stats["total"]):
             raise FloatingPointError(f"non-finite loss at step {step}: {stats}")
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+        backward_step(loss, model, optimizer, scaler, cfg.grad_clip)
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v
         steps += 1

@@ -32,6 +32,7 @@ from pbip_engine.engine.models.classnet import unwrap
 from pbip_engine.engine.models.deeplab import DeepLab, segmenter_from_config
 from pbip_engine.engine.train_classnet import (
     autocast,
+    backward_step,
     latest_checkpoint,
     to_model_input,
 )
@@ -264,18 +265,7 @@ def segmenter_step(
     loss = segmentation_loss(logits, mask, cfg.ignore_index)
     if not torch.isfinite(loss):
         raise SegTrainError(f"non-finite loss {loss.item()} (lr {optimizer.param_groups[0]['lr']:.3g})")
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        if cfg.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+    backward_step(loss, model, optimizer, scaler, cfg.grad_clip)
     return {
         "loss": float(loss.detach()),
         "lr": float(optimizer.param_groups[0]["lr"]),
