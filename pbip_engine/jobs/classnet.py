@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+from pbip_engine.jobs.resources import read_options
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
 from pbip_engine.jobs.tile import tile_files
 from pbip_engine.jobs.train import augment, decode_batch, fit_on_ray
@@ -106,7 +107,7 @@ class ClassNetStage(Stage):
         spec = ctx.spec
         files = tile_files(ctx.stage_dir("tile"))
         ctx.ray()
-        ds = ray.data.read_parquet([str(f) for f in files], columns=TRAIN_COLUMNS)
+        ds = ray.data.read_parquet([str(f) for f in files], columns=TRAIN_COLUMNS, **read_options())
         ds = ds.filter(lambda row: bool(row["labelled"]))
         cfg = classnet_config(spec)
         config = {

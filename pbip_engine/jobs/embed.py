@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pbip_engine.jobs.manifest import read_json
-from pbip_engine.jobs.resources import actor_pool_options
+from pbip_engine.jobs.resources import actor_pool_options, read_options
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
 from pbip_engine.jobs.tile import tile_files
 from pbip_engine.schemas.spec import JobSpec
@@ -71,7 +71,7 @@ class EmbedStage(Stage):
         key = f"{tile_hash}__{encoder_key(spec)}"
         out_dir = ctx.work_dir / "embeddings" / key
         ctx.ray()
-        ds = ray.data.read_parquet([str(f) for f in files], columns=EMBED_COLUMNS)
+        ds = ray.data.read_parquet([str(f) for f in files], columns=EMBED_COLUMNS, **read_options())
         ds = ds.map_batches(
             ArrowEmbedder,
             fn_constructor_kwargs={

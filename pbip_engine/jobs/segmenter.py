@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from pbip_engine.jobs.manifest import write_json_atomic
+from pbip_engine.jobs.resources import read_options
 from pbip_engine.jobs.segment import MODEL_CARD, model_card
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
 from pbip_engine.jobs.train import augment, decode_batch, fit_on_ray
@@ -108,7 +109,7 @@ class SegmenterStage(Stage):
         s = spec.segmenter
         samples = ctx.stage_dir("pseudo") / "samples"
         ctx.ray()
-        ds = ray.data.read_parquet(str(samples), columns=SAMPLE_COLUMNS)
+        ds = ray.data.read_parquet(str(samples), columns=SAMPLE_COLUMNS, **read_options())
         n = ds.count()
         config = {
             "train": {
