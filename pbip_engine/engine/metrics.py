@@ -251,7 +251,8 @@ def read_mask(path: str | Path) -> np.ndarray:
     return arr
 
 
-def _index_dir(d: Path) -> dict[str, Path]:
+def index_mask_dir(d: Path) -> dict[str, Path]:
+    """Mask files of a folder by stem (see :func:`mask_stem`); two files with one stem are an error."""
     if not d.is_dir():
         raise MetricsError(f"mask directory not found: {d}")
     out: dict[str, Path] = {}
@@ -282,7 +283,7 @@ def evaluate_dirs(
     (e.g. GlaS truth {0: non-gland, 1: gland} -> ``[2, 1]``). Unpaired names are an error listing them,
     unless ``allow_unmatched`` (then they are listed in the result).
     """
-    preds, truths = _index_dir(Path(pred_dir)), _index_dir(Path(truth_dir))
+    preds, truths = index_mask_dir(Path(pred_dir)), index_mask_dir(Path(truth_dir))
     only_pred = sorted(set(preds) - set(truths))
     only_truth = sorted(set(truths) - set(preds))
     if (only_pred or only_truth) and not allow_unmatched:

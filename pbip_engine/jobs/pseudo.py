@@ -1,12 +1,13 @@
 """``pseudo`` stage: ClassNet CAMs -> per-tile pseudo masks (palettised PNG + Parquet index) on an actor pool.
 
 Masks are restricted to each tile's image-level classes; background follows ``pseudo.background``.
-Where ground truth exists (the synthetic cohort), the pseudo masks are scored against it, and a
+Where ground truth exists (the synthetic cohort; patch datasets that ship masks, e.g. GlaS), the pseudo masks are scored against it, and a
 per-slide mosaic of the masks is written for QA.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import numpy as np
 
 from pbip_engine.jobs.classnet import classnet_config
 from pbip_engine.jobs.manifest import write_json_atomic
-from pbip_engine.jobs.resources import actor_pool_options
+from pbip_engine.jobs.resources import actor_pool_options, read_options
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
 from pbip_engine.jobs.tile import tile_files
 from pbip_engine.jobs.train import decode_batch
@@ -105,17 +106,46 @@ def open_truth(path: Path):
     return zarr.open(store, mode="r")
 
 
-def score_pseudo(index: list[dict[str, Any]], out_dir: Path, truth_dir: Path, n_classes: int) -> dict:
-    """Pseudo masks vs the synthetic truth over all tiles: one confusion matrix, tissue pixels only."""
+def synth_truth(truth_dir: Path) -> Callable[[str], Any]:
+    """Slide id -> lazily read level-0 truth of the synthetic cohort (None where there is none)."""
+
+    def get(sid: str) -> Any:
+        p = truth_dir / f"{sid}.mask.tif"
+        return open_truth(p) if p.exists() else None
+
+    return get
+
+
+def patch_truth(fmt: str, root: str) -> Callable[[str], Any] | None:
+    """Source image -> its mask in our convention, for patch datasets that ship masks (GlaS); else None."""
+    from pbip_engine.engine.data.common import DataError
+    from pbip_engine.engine.patch_tiles import open_patch_dataset
+
+    ds = open_patch_dataset(fmt, root, split="train")
+    if not hasattr(ds, "mask"):
+        return None
+
+    def get(sid: str) -> Any:
+        try:
+            return ds.mask(sid)
+        except DataError:
+            return None
+
+    return get
+
+
+def score_pseudo(
+    index: list[dict[str, Any]], out_dir: Path, truth_for: Callable[[str], Any], n_classes: int
+) -> dict:
+    """Pseudo masks vs truth over all tiles: one confusion matrix, pixels whose truth is a tissue class."""
     from pbip_engine.engine.metrics import SegmentationMeter, read_mask
 
     meter = SegmentationMeter(n_classes, ignore_background=True)
     truths: dict[str, Any] = {}
     for row in index:
         sid = row["slide_id"]
-        p = truth_dir / f"{sid}.mask.tif"
         if sid not in truths:
-            truths[sid] = open_truth(p) if p.exists() else None
+            truths[sid] = truth_for(sid)
         if truths[sid] is None:
             continue
         pred = read_mask(out_dir / row["mask_path"])
@@ -156,7 +186,7 @@ def slide_mosaics(index: list[dict[str, Any]], out_dir: Path, colors, max_px: in
 @register_stage
 class PseudoStage(Stage):
     name = "pseudo"
-    version = 2  # v2: samples/ Parquet (image + mask) for stage 2
+    version = 3  # v2: samples/ Parquet (image + mask) for stage 2; v3: scored against patch masks
     deps = ("tile", "bank", "classnet")
     sections = ("classes", "pseudo")
 
@@ -170,7 +200,9 @@ class PseudoStage(Stage):
 
         spec = ctx.spec
         ctx.ray()
-        ds = ray.data.read_parquet([str(f) for f in tile_files(ctx.stage_dir("tile"))], columns=COLUMNS)
+        ds = ray.data.read_parquet(
+            [str(f) for f in tile_files(ctx.stage_dir("tile"))], columns=COLUMNS, **read_options()
+        )
         ds = ds.filter(lambda row: bool(row["labelled"]))
         model_path = ctx.stage_dir("classnet") / "best.pt"
         ds = ds.map_batches(
@@ -198,11 +230,16 @@ class PseudoStage(Stage):
         )
         pq.write_table(table, ctx.work_dir / "index.parquet")
         extra: dict[str, Any] = {}
+        truth_for = None
         if spec.data.synthetic is not None:
-            scores = score_pseudo(index, ctx.work_dir, ctx.stage_dir("synth") / "truth", len(spec.classes))
+            truth_for = synth_truth(ctx.stage_dir("synth") / "truth")
+        elif spec.data.patches:
+            truth_for = patch_truth(spec.data.patch_format, spec.data.patches)
+        scores = score_pseudo(index, ctx.work_dir, truth_for, len(spec.classes)) if truth_for else {}
+        if scores:
             write_json_atomic(ctx.work_dir / "metrics.json", scores)
             extra["metrics"] = {k: scores.get(k) for k in ("miou", "fwiou", "mdice", "mbiou")}
-            ctx.log(f"[pseudo] pseudo-mask vs truth: {extra['metrics']}")
+            ctx.log(f"[pseudo] pseudo masks vs truth ({scores['n_images']} tiles): {extra['metrics']}")
         if spec.pseudo.heatmaps:
             slide_mosaics(index, ctx.work_dir, spec.class_colors)
         return StageResult(counts={"masks": len(index)}, extra=extra)

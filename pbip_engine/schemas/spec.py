@@ -172,6 +172,19 @@ class SegmentSection(_Section):
     blend: Literal["gaussian", "average"] = "gaussian"
     output_mpp: float | None = Field(None, gt=0, description="mask µm/px; default = the model's tile µm/px")
     batch_size: int = Field(16, ge=1)
+    input_mpp: float | None = Field(
+        None,
+        gt=0,
+        description="µm/px of the inputs, overriding their files (needed by plain PNG/JPEG images such as GlaS)",
+    )
+    whole_image: bool = Field(False, description="segment every pixel (no tissue detection): patch images")
+    truth: str | None = Field(
+        None, description="folder of truth masks named like the inputs (<stem>.png|.tif): score each output"
+    )
+    truth_lut: list[int] | None = Field(
+        None,
+        description="remap raw truth values to ours first, e.g. GlaS [2, 1] (0 non-gland -> 2, 1 gland -> 1)",
+    )
 
 
 class AutoscaleSection(_Section):
@@ -244,6 +257,7 @@ _PATH_KEYS = [
     ("encoder", "checkpoint"),
     ("classnet", "backbone_checkpoint"),
     ("segmenter", "backbone_checkpoint"),
+    ("segment", "truth"),
 ]
 
 
