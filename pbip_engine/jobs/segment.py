@@ -9,8 +9,10 @@ name and renamed. Memory is bounded by the tiles in flight, never by the slide.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,58 @@ SEG_TILE_PX = 512
 MODEL_CARD = "model.json"
 
 
-def segment_one(
-    slide: Path,
+def _by_slide(batches: Iterable[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Split result batches (in plan order) into runs of one slide: batches may straddle two slides."""
+    import numpy as np
+
+    for b in batches:
+        paths = np.asarray(b["slide_path"]).astype(str)
+        cuts = [0, *(np.nonzero(paths[1:] != paths[:-1])[0] + 1).tolist(), len(paths)]
+        for i, j in itertools.pairwise(cuts):
+            yield paths[i], {k: v[i:j] for k, v in b.items()}
+
+
+def _result_stream(plans: list[Any], model_path: Path, batch_size: int, resources: ResourcesSection | None,
+                   overrides: dict[str, float]) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """Every plan's tiles through one reader -> predictor pipeline, results in plan order.
+
+    One pipeline for the cohort: the model is loaded once per actor, not once per slide, and the pool
+    stays warm across slide boundaries.
+    """
+    import numpy as np
+
+    from pbip_engine.engine.segment_slide import SegmentPredictor, TileReader
+
+    tables = [p.tile_table() for p in plans]
+    if resources is None:
+        reader, predictor = TileReader(SEG_TILE_PX, overrides), SegmentPredictor(str(model_path))
+        for t in tables:
+            for i in range(0, len(t["x"]), batch_size):
+                yield predictor(reader({k: v[i : i + batch_size] for k, v in t.items()}))
+        return
+    import ray
+
+    cols = {k: np.concatenate([t[k] for t in tables]) for k in tables[0]}
+    ds = ray.data.from_items([dict(zip(cols, row, strict=True)) for row in zip(*cols.values(), strict=True)])
+    ds.context.execution_options.preserve_order = True  # slides stream out one after the other
+    ds = ds.map_batches(TileReader, fn_constructor_kwargs={"tile_px": SEG_TILE_PX, "mpp_overrides": overrides},
+                        batch_size=batch_size, concurrency=(1, resources.autoscale.max), num_cpus=0.5)  # fmt: skip
+    ds = ds.map_batches(
+        SegmentPredictor,
+        fn_constructor_kwargs={"model": str(model_path)},
+        batch_size=batch_size,
+        batch_format="numpy",
+        **actor_pool_options(resources),
+    )
+    yield from ds.iter_batches(batch_size=batch_size, batch_format="numpy")
+
+
+class _PipelineBroken(RuntimeError):
+    """The shared reader/predictor pipeline failed (not one slide's stitching)."""
+
+
+def segment_slides(
+    slides: list[Path],
     model_path: Path,
     card: dict[str, Any],
     out_dir: Path,
@@ -37,72 +89,116 @@ def segment_one(
     resources: ResourcesSection | None,
     mpp_override: float | None = None,
     output_mpp: float | None = None,
-) -> dict[str, Any]:
-    """One slide; with ``resources`` the tiles flow through Ray Data actors, else through this process."""
-    from pbip_engine.engine.segment_slide import SegmentPredictor, TileReader, plan, stitch_and_write
+    whole_image: bool = False,
+) -> Iterator[tuple[Path, dict[str, Any] | Exception]]:
+    """Segment a cohort; yields ``(slide, stats)`` or ``(slide, exception)`` as each slide is written.
 
-    t0 = time.perf_counter()
-    p = plan(slide, card["mpp"], SEG_TILE_PX, overlap, mpp_override=mpp_override)
-    overrides = {str(slide): mpp_override} if mpp_override else None
-    if resources is None:
-        reader, predictor = TileReader(SEG_TILE_PX, overrides), SegmentPredictor(str(model_path))
-        table = p.tile_table()
-        n = len(table["x"])
+    With ``resources`` the tiles of all slides flow through one Ray Data reader -> predictor actor pool,
+    else through this process. A slide that cannot be planned or stitched fails alone; if the shared
+    pipeline itself breaks (an unreadable tile), the slides not yet written are retried one by one so
+    the failure stays with its slide.
+    """
+    from pbip_engine.engine.segment_slide import plan, stitch_and_write
 
-        def results():
-            for i in range(0, n, batch_size):
-                yield predictor(reader({k: v[i : i + batch_size] for k, v in table.items()}))
-
-        stream = results()
-    else:
-        import ray
-
-        ds = ray.data.from_items(
-            [
-                dict(zip(p.tile_table(), row, strict=True))
-                for row in zip(*p.tile_table().values(), strict=True)
-            ]
+    plans, t0 = [], time.perf_counter()
+    for slide in slides:
+        try:
+            p = plan(
+                slide,
+                card["mpp"],
+                SEG_TILE_PX,
+                overlap,
+                mpp_override=mpp_override,
+                use_tissue=not whole_image,
+            )
+            plans.append((slide, p))
+        except Exception as e:
+            yield slide, e
+    if not plans:
+        return
+    overrides = {str(s): mpp_override for s, _ in plans} if mpp_override else {}
+    pending = list(plans)
+    try:
+        pieces = _by_slide(
+            _result_stream([p for _, p in plans], model_path, batch_size, resources, overrides)
         )
-        ds = ds.map_batches(TileReader, fn_constructor_kwargs={"tile_px": SEG_TILE_PX, "mpp_overrides": overrides},
-                            batch_size=batch_size, concurrency=(1, resources.autoscale.max), num_cpus=0.5)  # fmt: skip
-        ds = ds.map_batches(
-            SegmentPredictor,
-            fn_constructor_kwargs={"model": str(model_path)},
-            batch_size=batch_size,
-            batch_format="numpy",
-            **actor_pool_options(resources),
-        )
-        stream = ds.iter_batches(batch_size=batch_size, batch_format="numpy")
-    stats = stitch_and_write(
-        slide,
-        stream,
-        out_dir,
-        card["class_names"],
-        card["class_colors"],
-        output_mpp or card["mpp"],
-        mpp_override=mpp_override,
-        tissue=p.tissue,
-        blend=blend,
-    )
-    stats["seconds"] = round(time.perf_counter() - t0, 3)
-    stats["tissue_mpix"] = float(p.tissue_mpix)
-    return stats
+        head: list[tuple[str, dict[str, Any]]] = []
+
+        def this_slide(path: str) -> Iterator[dict[str, Any]]:
+            while True:
+                try:
+                    item = head.pop() if head else next(pieces, None)
+                except Exception as e:
+                    raise _PipelineBroken(e) from e
+                if item is None:
+                    return
+                if item[0] != path:
+                    head.append(item)  # the next slide's first run
+                    return
+                yield item[1]
+
+        while pending:
+            slide, p = pending[0]
+            tiles = this_slide(p.slide_path)
+            try:
+                stats = stitch_and_write(slide, tiles, out_dir, card["class_names"], card["class_colors"],
+                                         output_mpp or card["mpp"], mpp_override=mpp_override, tissue=p.tissue,
+                                         blend=blend)  # fmt: skip
+                stats["seconds"] = round(time.perf_counter() - t0, 3)
+                stats["tissue_mpix"] = float(p.tissue_mpix)
+                result: dict[str, Any] | Exception = stats
+            except _PipelineBroken:
+                raise
+            except Exception as e:
+                result = e
+            for _ in tiles:  # a failed slide's remaining tiles
+                pass
+            pending.pop(0)
+            t0 = time.perf_counter()
+            yield slide, result
+    except Exception as e:  # the shared pipeline broke: go on slide by slide
+        cause = e.__cause__ if isinstance(e, _PipelineBroken) and e.__cause__ else e
+        if len(pending) == 1:
+            yield pending[0][0], cause
+            return
+        for slide, _ in pending:
+            yield from segment_slides([slide], model_path, card, out_dir, overlap=overlap, blend=blend,
+                                      batch_size=batch_size, resources=resources, mpp_override=mpp_override,
+                                      output_mpp=output_mpp, whole_image=whole_image)  # fmt: skip
 
 
-def score_slide_mask(mask_path: Path, truth_path: Path, n_classes: int):
-    """A whole-slide mask against a truth pyramid of the same level-0 frame (nearest resampling)."""
+def score_slide_mask(mask_path: Path, truth_path: Path, n_classes: int, truth_lut: list[int] | None = None):
+    """A whole-slide mask against a truth mask (PNG or pyramid) of the same level-0 frame (nearest resampling)."""
     import cv2
-    import tifffile
+    import numpy as np
 
-    from pbip_engine.engine.metrics import SegmentationMeter
+    from pbip_engine.engine.metrics import MetricsError, SegmentationMeter, read_mask
 
-    pred = tifffile.imread(str(mask_path), level=0)
-    truth = tifffile.imread(str(truth_path), level=0)
+    pred = read_mask(mask_path)
+    truth = read_mask(truth_path)
+    if truth_lut is not None:
+        if truth.size and int(truth.max()) >= len(truth_lut):
+            raise MetricsError(
+                f"{truth_path}: value {int(truth.max())} outside segment.truth_lut {truth_lut}"
+            )
+        truth = np.asarray(truth_lut, dtype=np.uint8)[truth]
     if truth.shape != pred.shape:
         truth = cv2.resize(truth, (pred.shape[1], pred.shape[0]), interpolation=cv2.INTER_NEAREST)
     meter = SegmentationMeter(n_classes, ignore_background=True)
     meter.update(pred, truth, name=mask_path.name)
     return meter
+
+
+def truth_files(ctx: StageContext) -> dict[str, Path]:
+    """Slide id -> truth mask: ``segment.truth`` when given, else the synthetic cohort's truth pyramids."""
+    from pbip_engine.engine.metrics import index_mask_dir
+
+    spec = ctx.spec
+    if spec.segment.truth:
+        return index_mask_dir(Path(spec.segment.truth))
+    if spec.data.synthetic is not None:
+        return index_mask_dir(ctx.output / "synth" / "truth")
+    return {}
 
 
 def write_areas_csv(path: Path, rows: dict[str, dict[str, Any]], class_names: list[str]) -> None:
@@ -143,35 +239,44 @@ class SegmentStage(Stage):
         )
         ctx.ray()
         units: dict[str, dict[str, Any]] = {}
-        truth_dir = ctx.output / "synth" / "truth" if spec.data.synthetic is not None else None
+        truths = truth_files(ctx)
         total = SegmentationMeter(len(spec.classes), ignore_background=True)
         out = ctx.work_dir / "masks"
-        with tqdm(total=len(slides), desc="segment slides", unit="slide", disable=not ctx.progress) as bar:
-            for slide in slides:
-                sid = slide_id_of(slide)
-                state = read_json(ctx.work_dir / "state" / f"{sid}.json")
-                if state and state.get("status") == "done":
-                    units[sid] = state
-                    bar.update(1)
-                    continue
-                try:
-                    st = segment_one(slide, seg_dir / "best.pt", card, out, overlap=spec.segment.overlap,
+        todo = []
+        for slide in slides:
+            state = read_json(ctx.work_dir / "state" / f"{slide_id_of(slide)}.json")
+            if state and state.get("status") == "done":  # a re-run skips what is written
+                units[slide_id_of(slide)] = state
+            else:
+                todo.append(slide)
+
+        def score(sid: str, rec: dict[str, Any]) -> None:
+            if sid in truths and rec["status"] == "done":
+                m = score_slide_mask(out / f"{sid}.mask.ome.tif", truths[sid], len(spec.classes),
+                                     spec.segment.truth_lut)  # fmt: skip
+                rec["metrics"] = {k: m.compute().get(k) for k in ("miou", "mdice", "mbiou")}
+                total.merge(m)
+
+        for sid, rec in units.items():
+            score(sid, rec)
+        with tqdm(total=len(slides), initial=len(units), desc="segment slides", unit="slide",
+                  disable=not ctx.progress) as bar:  # fmt: skip
+            results = segment_slides(todo, seg_dir / "best.pt", card, out, overlap=spec.segment.overlap,
                                      blend=spec.segment.blend, batch_size=spec.segment.batch_size,
-                                     resources=spec.resources, output_mpp=spec.segment.output_mpp)  # fmt: skip
-                    rec = {"status": "done", **jsonable(st)}
-                except Exception as e:  # one slide fails alone
-                    rec = {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
+                                     resources=spec.resources, output_mpp=spec.segment.output_mpp,
+                                     mpp_override=spec.segment.input_mpp,
+                                     whole_image=spec.segment.whole_image)  # fmt: skip
+            for slide, result in results:
+                sid = slide_id_of(slide)
+                if isinstance(result, Exception):  # one slide fails alone
+                    rec = {"status": "failed", "reason": f"{type(result).__name__}: {result}"}
                     ctx.log(f"[segment] {sid} FAILED: {rec['reason']}")
-                if (
-                    rec["status"] == "done"
-                    and truth_dir is not None
-                    and (truth_dir / f"{sid}.mask.tif").exists()
-                ):
-                    m = score_slide_mask(
-                        out / f"{sid}.mask.ome.tif", truth_dir / f"{sid}.mask.tif", len(spec.classes)
-                    )
-                    rec["metrics"] = {k: m.compute().get(k) for k in ("miou", "mdice", "mbiou")}
-                    total.merge(m)
+                else:
+                    rec = {"status": "done", **jsonable(result)}
+                    try:
+                        score(sid, rec)
+                    except Exception as e:
+                        rec = {"status": "failed", "reason": f"scoring: {type(e).__name__}: {e}"}
                 write_json_atomic(ctx.work_dir / "state" / f"{sid}.json", rec)
                 units[sid] = rec
                 bar.update(1)
@@ -182,7 +287,7 @@ class SegmentStage(Stage):
             scores = total.compute()
             write_json_atomic(ctx.work_dir / "metrics.json", scores)
             extra["metrics"] = {k: scores.get(k) for k in ("miou", "fwiou", "mdice", "mbiou")}
-            ctx.log(f"[segment] whole-slide masks vs truth (tissue pixels): {extra['metrics']}")
+            ctx.log(f"[segment] masks vs truth ({total.n_images} images): {extra['metrics']}")
         mpix = sum(v.get("tissue_mpix", 0.0) for v in done.values())
         secs = sum(v.get("seconds", 0.0) for v in done.values())
         return StageResult(
@@ -225,13 +330,20 @@ def segment_cli(model_dir: Path, inputs: list[Path], out: Path, mpp: float | Non
         res = ResourcesSection()
         ensure_ray(address, res)
     out.mkdir(parents=True, exist_ok=True)
+    from pbip_engine.engine.segment_slide import IMAGE_EXTENSIONS
+
     results = {}
-    for p in inputs:
-        try:
-            results[p.stem] = {"status": "done", **jsonable(segment_one(
-                p, seg, card, out, overlap=overlap, blend="gaussian", batch_size=batch_size,
-                resources=res, mpp_override=mpp))}  # fmt: skip
-        except Exception as e:
-            results[p.stem] = {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
+    images = [p for p in inputs if p.suffix.lower() in IMAGE_EXTENSIONS]
+    wsis = [p for p in inputs if p not in images]
+    for group, whole in ((wsis, False), (images, True)):  # plain images are all tissue (patches)
+        if not group:
+            continue
+        for p, r in segment_slides(group, seg, card, out, overlap=overlap, blend="gaussian",
+                                   batch_size=batch_size, resources=res, mpp_override=mpp,
+                                   whole_image=whole):  # fmt: skip
+            if isinstance(r, Exception):
+                results[p.stem] = {"status": "failed", "reason": f"{type(r).__name__}: {r}"}
+            else:
+                results[p.stem] = {"status": "done", **jsonable(r)}
     write_json_atomic(out / "segment.json", results)
     return results

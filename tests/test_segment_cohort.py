@@ -1,0 +1,96 @@
+"""jobs.segment.segment_slides: one reader -> predictor pipeline for a whole cohort, slide failures apart.
+
+The model is the fixed colour -> class 1x1 convolution of test_segment_slide (glass 0, red 1, blue 2),
+swapped in where the stage would load the trained segmenter, so expected masks are known exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from test_segment_slide import CLASSES, COLORS, ColorNet, _toy
+from wsi_synth import write_pyramid
+
+import pbip_engine
+import pbip_engine.engine.segment_slide as seg_engine
+from pbip_engine.jobs.segment import _by_slide, segment_slides
+
+CARD = {"mpp": 2.0, "class_names": CLASSES, "class_colors": [list(c) for c in COLORS]}
+
+
+@pytest.fixture(autouse=True)
+def _setup(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(pbip_engine, "CUCIM_AVAILABLE", False)  # torch first: see test_segment_slide
+    real = seg_engine.SegmentPredictor
+    loads = []
+
+    def predictor(model, *a, **kw):  # the stage passes the checkpoint path; count the loads
+        loads.append(model)
+        return real(ColorNet(), device="cpu")
+
+    monkeypatch.setattr(seg_engine, "SegmentPredictor", predictor)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield loads
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], np.ndarray]:
+    d = tmp_path_factory.mktemp("cohort")
+    img, truth = _toy(1024, 1536)
+    paths = [
+        write_pyramid(d / f"{n}.tif", img, mpp=0.5, n_levels=3, tile=64, compression="zlib") for n in "abc"
+    ]
+    (d / "broken.tif").write_bytes(b"not a tiff at all")
+    return [paths[0], d / "broken.tif", paths[1], paths[2]], truth
+
+
+def _kw(batch_size: int = 2) -> dict:
+    return dict(overlap=0.25, blend="gaussian", batch_size=batch_size, resources=None)
+
+
+def test_by_slide_splits_batches_that_straddle_slides():
+    b1 = {"slide_path": np.array(["a", "a", "b"], dtype=object), "x": np.array([0, 1, 2])}
+    b2 = {"slide_path": np.array(["b", "c"], dtype=object), "x": np.array([3, 4])}
+    runs = [(p, r["x"].tolist()) for p, r in _by_slide([b1, b2])]
+    assert runs == [("a", [0, 1]), ("b", [2]), ("b", [3]), ("c", [4])]
+
+
+def test_cohort_loads_the_model_once_and_a_bad_slide_fails_alone(cohort, tmp_path, _setup):
+    slides, truth = cohort
+    results = list(segment_slides(slides, Path("model.pt"), CARD, tmp_path, **_kw()))
+    assert [p.name for p, _ in results] == ["broken.tif", "a.tif", "b.tif", "c.tif"]  # plan failures first
+    status = {p.name: r for p, r in results}
+    assert isinstance(status["broken.tif"], Exception) and "broken.tif" in str(status["broken.tif"])
+    assert len(_setup) == 1  # one predictor for the cohort, not one per slide
+    for name in "abc":
+        assert status[f"{name}.tif"]["n_tiles"] >= 1
+        got = tifffile.imread(tmp_path / f"{name}.mask.ome.tif", level=0)
+        assert (got == truth[::4, ::4]).mean() > 0.97
+
+
+def test_a_tile_read_failure_is_kept_to_its_slide(cohort, tmp_path, monkeypatch, _setup):
+    slides, truth = cohort
+    real_reader = seg_engine.TileReader
+
+    class FlakyReader(real_reader):
+        def __call__(self, batch):
+            if any(str(p).endswith("b.tif") for p in batch["slide_path"]):
+                raise OSError("simulated unreadable tile in b.tif")
+            return super().__call__(batch)
+
+    monkeypatch.setattr(seg_engine, "TileReader", FlakyReader)
+    results = {
+        p.name: r for p, r in segment_slides(slides[2:] + slides[:1], Path("m.pt"), CARD, tmp_path, **_kw())
+    }
+    assert isinstance(results["b.tif"], OSError) and "b.tif" in str(results["b.tif"])
+    for name in ("a", "c"):
+        assert isinstance(results[f"{name}.tif"], dict)
+        got = tifffile.imread(tmp_path / f"{name}.mask.ome.tif", level=0)
+        assert (got == truth[::4, ::4]).mean() > 0.97
+    assert not (tmp_path / "b.mask.ome.tif").exists()
