@@ -19,6 +19,7 @@ import re
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -230,42 +231,54 @@ def _write_tiles(
     n_classes_empty = np.zeros(n_classes, np.uint8)
     cols: dict[str, list[Any]] = {f.name: [] for f in TILES}
     n_tiles = n_labelled = 0
-    # JPEG bytes do not compress; use_compliant_nested_type=False keeps the list item named "item", so
-    # the schema read back equals TILES exactly (Parquet's default renames it "element").
-    with pq.ParquetWriter(tmp, TILES, compression="none", use_compliant_nested_type=False) as writer:
+    # JPEG encoding (~1 ms per 224² tile, as long as a read) runs on a thread that overlaps the next reads:
+    # cv2 releases the GIL. Futures are resolved at each row-group flush, so memory stays bounded.
+    encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jpeg")
+    try:
+        # JPEG bytes do not compress; use_compliant_nested_type=False keeps the list item named "item", so
+        # the schema read back equals TILES exactly (Parquet's default renames it "element").
+        with pq.ParquetWriter(tmp, TILES, compression="none", use_compliant_nested_type=False) as writer:
 
-        def flush() -> None:
-            nonlocal cols
-            if cols["tile_id"]:
-                writer.write_table(pa.Table.from_pydict(cols, schema=TILES))
-                if progress is not None:
-                    progress(len(cols["tile_id"]))
-                cols = {f.name: [] for f in TILES}
+            def flush() -> None:
+                nonlocal cols
+                if cols["tile_id"]:
+                    done = [f.result() for f in cols["image"]]
+                    cols["image"] = [d[0] for d in done]
+                    cols["white_fraction"] = [d[1] for d in done]
+                    writer.write_table(pa.Table.from_pydict(cols, schema=TILES))
+                    if progress is not None:
+                        progress(len(cols["tile_id"]))
+                    cols = {f.name: [] for f in TILES}
 
-        for t, rgb in iter_tiles(slide, tiles, tile_px, max_run_px=max_run_px):
-            if labeler is not None:
-                labelled, labels = labeler.label(t.x, t.y, t.size0)
-            else:
-                labelled, labels = False, n_classes_empty
-            cols["tile_id"].append(tile_key(slide_id, t.x, t.y))
-            cols["slide_id"].append(slide_id)
-            cols["x"].append(t.x)
-            cols["y"].append(t.y)
-            cols["size0"].append(t.size0)
-            cols["tile_px"].append(tile_px)
-            cols["mpp"].append(tile_mpp)
-            cols["level"].append(t.level)
-            cols["tissue_fraction"].append(t.tissue_fraction)
-            cols["white_fraction"].append(white_fraction(rgb))
-            cols["labelled"].append(labelled)
-            cols["labels"].append(labels.tolist())
-            cols["image"].append(encode_jpeg(rgb, quality))
-            n_tiles += 1
-            n_labelled += int(labelled)
-            if len(cols["tile_id"]) >= ROW_GROUP_TILES:
-                flush()
-        flush()
+            for t, rgb in iter_tiles(slide, tiles, tile_px, max_run_px=max_run_px):
+                if labeler is not None:
+                    labelled, labels = labeler.label(t.x, t.y, t.size0)
+                else:
+                    labelled, labels = False, n_classes_empty
+                cols["tile_id"].append(tile_key(slide_id, t.x, t.y))
+                cols["slide_id"].append(slide_id)
+                cols["x"].append(t.x)
+                cols["y"].append(t.y)
+                cols["size0"].append(t.size0)
+                cols["tile_px"].append(tile_px)
+                cols["mpp"].append(tile_mpp)
+                cols["level"].append(t.level)
+                cols["tissue_fraction"].append(t.tissue_fraction)
+                cols["labelled"].append(labelled)
+                cols["labels"].append(labels.tolist())
+                cols["image"].append(encoder.submit(_encode_tile, rgb, quality))
+                n_tiles += 1
+                n_labelled += int(labelled)
+                if len(cols["tile_id"]) >= ROW_GROUP_TILES:
+                    flush()
+            flush()
+    finally:
+        encoder.shutdown(wait=True, cancel_futures=True)
     return n_tiles, n_labelled
+
+
+def _encode_tile(rgb: np.ndarray, quality: int) -> tuple[bytes, float]:
+    return encode_jpeg(rgb, quality), white_fraction(rgb)
 
 
 def _write_tissue_geojson(path: Path, tis: TissueResult, slide_id: str) -> None:
