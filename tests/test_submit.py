@@ -95,10 +95,15 @@ def test_local_output_to_remote_cluster_is_refused(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 5  # refused before any connection attempt
 
 
-def test_uri_output_is_accepted_for_remote_cluster(tmp_path: Path) -> None:
+def test_uri_output_is_refused_with_the_mount_recipe(tmp_path: Path) -> None:
+    # The driver writes the run directory as files from every node: a bucket must be mounted, and
+    # refusing here beats a job that fails on the cluster after its upload.
     spec = write_spec(tmp_path, output="s3://bucket/runs/demo")
-    loaded, warnings = sm.check_spec_for_cluster(spec, "http://10.1.2.3:8265")
-    assert loaded.run.is_uri and warnings == []
+    with pytest.raises(sm.SubmitError, match=r"s3://bucket/runs/demo.*mount"):
+        sm.check_spec_for_cluster(spec, "http://10.1.2.3:8265")
+    shared = write_spec(tmp_path, output="/mnt/bucket/runs/demo")
+    loaded, warnings = sm.check_spec_for_cluster(shared, "http://10.1.2.3:8265", allow_local_output=True)
+    assert loaded.run.output == "/mnt/bucket/runs/demo" and warnings == []
 
 
 def test_tunnel_to_remote_cluster_gets_remote_checks(tmp_path: Path) -> None:

@@ -255,7 +255,8 @@ def check_spec_for_cluster(
 ) -> tuple[JobSpec, list[str]]:
     """Validate the spec locally and decide whether it can run on the cluster at ``address``.
 
-    Returns the spec and warnings. A local output path with a remote cluster is refused unless
+    Returns the spec and warnings. A URI output is refused (the run directory is written as files from
+    every node: mount the bucket). A local output path with a remote cluster is refused unless
     ``allow_local_output``; inputs missing here are errors for a local cluster and warnings for a
     remote one (they may exist only on the cluster's shared storage). ``remote=True`` says that a
     localhost address is a tunnel or port-forward to a remote cluster.
@@ -264,14 +265,21 @@ def check_spec_for_cluster(
     check_output(spec)
     local = is_local_address(address) if remote is None else not remote
     warnings: list[str] = []
-    if not local and not spec.run.is_uri and not allow_local_output:
+    if spec.run.is_uri:
+        raise SubmitError(
+            f"{spec_path}: run.output {spec.run.output!r} is a URI. Every stage's workers write into the run "
+            "directory as files, so it must be a filesystem path that every node sees: mount the bucket at "
+            "the same path on every node (mountpoint-s3, gcsfuse, s3fs; or NFS/EFS/Filestore) and give that "
+            "path with --allow-local-output. pyarrow.fs URIs as run.output are not supported yet."
+        )
+    if not local and not allow_local_output:
         host = urlparse(normalize_address(address)).hostname
         raise SubmitError(
             f"{spec_path}: run.output is a local path ({spec.run.output}) but the cluster at {host} is "
             "remote. Stages write checkpoints and outputs from the cluster's nodes and resume from them, "
-            "so run.output must be shared storage: a pyarrow.fs URI (s3://bucket/run, gs://...) or a "
-            "shared filesystem mounted at the same path on every node — in that case pass "
-            "--allow-local-output."
+            "so run.output must be shared storage: a filesystem mounted at the same path on every node "
+            "(NFS/EFS/Filestore, or a bucket such as s3://... mounted with mountpoint-s3/gcsfuse) — then "
+            "pass --allow-local-output."
         )
     try:
         check_inputs(spec)
