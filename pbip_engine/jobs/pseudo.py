@@ -16,7 +16,7 @@ import numpy as np
 
 from pbip_engine.jobs.classnet import classnet_config
 from pbip_engine.jobs.manifest import write_json_atomic
-from pbip_engine.jobs.resources import actor_pool_options, read_options
+from pbip_engine.jobs.resources import actor_pool_options, read_options, write_options
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
 from pbip_engine.jobs.tile import tile_files
 from pbip_engine.jobs.train import decode_batch
@@ -219,7 +219,7 @@ class PseudoStage(Stage):
             batch_format="numpy",
             **actor_pool_options(spec.resources),
         )
-        ds.write_parquet(str(ctx.work_dir / "samples"))
+        ds.write_parquet(str(ctx.work_dir / "samples"), **write_options())
         cols = ["tile_id", "slide_id", "x", "y", "size0", "mask_path", "labels"]
         index = (
             pads.dataset(str(ctx.work_dir / "samples"), format="parquet").to_table(columns=cols).to_pylist()

@@ -6,7 +6,7 @@ from typing import Any
 
 from pbip_engine.schemas.spec import ResourcesSection
 
-READ_CPUS = 0.25  # Parquet reads are light
+READ_CPUS = 0.25  # Parquet reads and writes are light; also each actor/worker's headroom (fit_cpus)
 
 
 def read_options() -> dict[str, Any]:
@@ -14,21 +14,20 @@ def read_options() -> dict[str, Any]:
     return {"num_cpus": READ_CPUS}
 
 
+def write_options() -> dict[str, Any]:
+    """``Dataset.write_parquet`` options: fractional-CPU write tasks."""
+    return {"ray_remote_args": {"num_cpus": READ_CPUS}}
+
+
 def fit_cpus(cpus: float) -> float:
-    """Per-actor/worker CPUs, lowered to leave one CPU of the largest live node to Ray Data's own tasks.
+    """The CPUs an actor/worker reserves: a quarter CPU less than asked, so reads and writes always fit.
 
-    Ray 2.60's Parquet reader lists files in a task that needs a whole CPU; ``cpus_per_worker: 2`` on a
-    2-core machine would hold every CPU while that task waits for one: a silent deadlock. Requests larger
-    than any live node are left alone (the autoscaler may bring bigger nodes), as are 1-CPU nodes.
+    Actors and Train workers that reserve every CPU of their nodes (``cpus_per_worker: 2`` on 2 cores,
+    two 1-CPU Train workers on 2 cores, one 1-CPU actor per 1-CPU node) leave the Ray Data tasks that feed
+    them waiting forever: a silent deadlock. Each keeps ``READ_CPUS`` free instead; torch still computes
+    on ``cpus_per_worker`` threads (:func:`compute_threads`). Requests under half a CPU stay as they are.
     """
-    import ray
-
-    if not ray.is_initialized():
-        return cpus
-    biggest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
-    if biggest >= 2 and biggest - 1 < cpus <= biggest:
-        return biggest - 1
-    return cpus
+    return cpus - READ_CPUS if cpus >= 2 * READ_CPUS else cpus
 
 
 def compute_threads(res: ResourcesSection) -> int:
@@ -44,7 +43,7 @@ def actor_pool_options(res: ResourcesSection) -> dict[str, Any]:
         "concurrency": (max(lo, 1), hi) if hi > max(lo, 1) else hi,
         "num_cpus": cpus,
     }
-    if cpus < res.cpus_per_worker:  # fewer CPUs reserved than asked for: still compute on all of them
+    if cpus < res.cpus_per_worker:  # a little less reserved than asked for: still compute on all of them
         opts["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(compute_threads(res))}}
     if res.gpus_per_worker:
         opts["num_gpus"] = res.gpus_per_worker
