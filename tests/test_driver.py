@@ -95,6 +95,18 @@ def test_stage_that_raises_leaves_no_output_and_a_failed_manifest(
     assert json.loads((out / "run.json").read_text())["stages"]["synth"]["status"] == "failed"
 
 
+def test_exit_code_counts_only_this_runs_stages(spec_path: Path) -> None:
+    spec = load_spec(spec_path)
+    out = Path(spec.run.output)
+    assert run_pipeline(spec, only=["synth"], log=lambda s: None, progress=False).exit_code == 0
+    run = json.loads((out / "run.json").read_text())
+    run["stages"]["tile"] = {"status": "failed", "error": "an earlier, interrupted run"}
+    (out / "run.json").write_text(json.dumps(run))
+    again = run_pipeline(spec, only=["synth"], log=lambda s: None, progress=False)
+    assert again.exit_code == 0 and again.failed == []
+    assert again.stages["tile"]["status"] == "failed"  # still reported in run.json, not counted
+
+
 def test_cli_run_exit_codes(spec_path: Path) -> None:
     runner = CliRunner()
     r = runner.invoke(main, ["run", str(spec_path), "--stages", "synth"])

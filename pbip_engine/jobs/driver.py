@@ -25,15 +25,16 @@ from pbip_engine.schemas.spec import JobSpec, SpecError, check_inputs
 @dataclass
 class RunSummary:
     output: Path
-    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # earlier runs' stages included
+    selected: set[str] = field(default_factory=set)  # this invocation's stages: they set the exit code
 
     @property
     def failed(self) -> list[str]:
-        return [k for k, v in self.stages.items() if v["status"] == "failed"]
+        return [k for k, v in self.stages.items() if v["status"] == "failed" and k in self.selected]
 
     @property
     def partial(self) -> list[str]:
-        return [k for k, v in self.stages.items() if v["status"] == "partial"]
+        return [k for k, v in self.stages.items() if v["status"] == "partial" and k in self.selected]
 
     @property
     def exit_code(self) -> int:
@@ -102,6 +103,7 @@ def run_pipeline(
         hashes[stage.name] = h
         if stage not in stages:
             continue
+        summary.selected.add(stage.name)
         final = out / stage.name
         manifest = read_json(final / MANIFEST)
         up_to_date = manifest and manifest.get("input_hash") == h and manifest.get("status") == "done"
