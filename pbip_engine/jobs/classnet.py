@@ -34,6 +34,7 @@ def classnet_config(spec: JobSpec):
         theta1=c.theta1,
         theta2=c.theta2,
         use_sim=c.use_sim,
+        sim_size=c.sim_size,
         lr=c.lr,
         weight_decay=c.weight_decay,
         epochs=c.epochs,

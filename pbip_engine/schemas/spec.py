@@ -137,6 +137,12 @@ class ClassNetSection(_Section):
     theta1: float = 1.0
     theta2: float = 0.5
     use_sim: bool = True
+    sim_size: int | None = Field(
+        None,
+        ge=32,
+        description="edge of the FG/BG images fed to the bank encoder; default its input size (224). "
+        "CNN encoders accept the tile size: with small tiles that makes L_SIM several times cheaper",
+    )
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.003, ge=0)
     epochs: int = Field(10, ge=1)
