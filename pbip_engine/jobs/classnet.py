@@ -109,7 +109,7 @@ class ClassNetStage(Stage):
         files = tile_files(ctx.stage_dir("tile"))
         ctx.ray()
         ds = ray.data.read_parquet([str(f) for f in files], columns=TRAIN_COLUMNS, **read_options())
-        ds = ds.filter(lambda row: bool(row["labelled"]))
+        ds = ds.filter(lambda row: bool(row["labelled"]), **read_options())  # fuses into the read
         cfg = classnet_config(spec)
         config = {
             "cfg": asdict(cfg),

@@ -203,7 +203,7 @@ class PseudoStage(Stage):
         ds = ray.data.read_parquet(
             [str(f) for f in tile_files(ctx.stage_dir("tile"))], columns=COLUMNS, **read_options()
         )
-        ds = ds.filter(lambda row: bool(row["labelled"]))
+        ds = ds.filter(lambda row: bool(row["labelled"]), **read_options())  # fuses into the read
         model_path = ctx.stage_dir("classnet") / "best.pt"
         ds = ds.map_batches(
             PseudoPredictor,
