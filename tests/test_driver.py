@@ -114,3 +114,15 @@ def test_cli_run_exit_codes(spec_path: Path) -> None:
     assert "synth" in r.output and "run.json" in r.output
     bad = runner.invoke(main, ["run", str(spec_path), "--stages", "nope"])
     assert bad.exit_code != 0 and "unknown stage" in bad.output
+
+
+def test_temp_files_of_interrupted_writes_are_dropped(tmp_path: Path) -> None:
+    from pbip_engine.jobs.driver import _drop_temp_files
+
+    (tmp_path / "tiles").mkdir()
+    keep = [tmp_path / "tiles" / "a.parquet", tmp_path / "manifest.json", tmp_path / ".hidden-config"]
+    stale = [tmp_path / "tiles" / ".a.x1y2.tmp.parquet", tmp_path / ".state.json.tmp"]
+    for p in keep + stale:
+        p.write_text("x")
+    assert sorted(_drop_temp_files(tmp_path)) == sorted(stale)
+    assert all(p.exists() for p in keep) and not any(p.exists() for p in stale)

@@ -56,7 +56,9 @@ class BankStage(Stage):
 
         spec = ctx.spec
         edir = embeddings_dir(ctx.stage_dir("embed"))
-        table = pads.dataset(str(edir), format="parquet").to_table()
+        # Ray Data writes rows in the order batches finish: sort, so the holdout split and k-means start
+        # (both row-order dependent) give the same bank for the same embeddings.
+        table = pads.dataset(str(edir), format="parquet").to_table().sort_by("tile_id")
         encoder = table["encoder"][0].as_py() if table.num_rows else spec.encoder.name
         params = BankParams(**spec.bank.model_dump())
         bank, report = build_bank(table, spec.class_names, encoder, params, log=ctx.log)

@@ -58,6 +58,16 @@ def select_stages(spec: JobSpec, only: Sequence[str] | None) -> list[Stage]:
     return [s for s in stages if s.name in only]
 
 
+def _drop_temp_files(work: Path) -> list[Path]:
+    """Delete what atomic writes that never finished left behind: a worker killed mid-write (a retried
+    task) leaves its hidden ``.<name>.<random>.tmp[.<ext>]`` file, which readers that glob a finished
+    folder (``tiles/*.parquet``) would take for output."""
+    stale = [p for p in work.rglob(".*") if ".tmp" in p.name and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def _swap_into_place(work: Path, final: Path) -> None:
     old = final.with_name(f".{final.name}.old-{int(time.time() * 1000)}")
     if final.exists():
@@ -166,6 +176,9 @@ def run_pipeline(
             **result.extra,
         )
         write_json_atomic(work / MANIFEST, m)
+        stale = _drop_temp_files(work)
+        if stale:
+            log(f"[{stage.name}] removed {len(stale)} temp file(s) of interrupted writes")
         _swap_into_place(work, final)
         write_json_atomic(out / "manifests" / f"{stage.name}.json", m)
         summary.stages[stage.name] = {

@@ -191,4 +191,4 @@ class TileStage(Stage):
 
 def tile_files(stage_dir: Path) -> list[Path]:
     """The per-slide Parquet files of a finished tile stage (failed slides have none)."""
-    return sorted((stage_dir / "tiles").glob("*.parquet"))
+    return sorted(p for p in (stage_dir / "tiles").glob("*.parquet") if not p.name.startswith("."))
