@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pbip_engine.jobs.resources import failure_config, scaling_config
+from pbip_engine.jobs.resources import compute_threads, failure_config, scaling_config
 from pbip_engine.schemas.spec import ResourcesSection
 
 CKPT_FILE = "checkpoint.pt"
@@ -59,22 +59,29 @@ def worker_loop(config: dict[str, Any]) -> None:
 
     import pbip_engine  # noqa: F401  (first import in the worker: cuCIM before torch)
 
+    if config.get("threads"):
+        torch.set_num_threads(int(config["threads"]))  # Ray sets OMP_NUM_THREADS to the reserved CPUs
     setup: Callable[[dict[str, Any], torch.device], dict[str, Any]] = config["setup"]
     device = ray.train.torch.get_device()
     state = setup(config, device)  # model (prepared for DDP), optimizer, epoch_fn, save_fn, load_fn
     start_epoch, history = 0, []
     ckpt = ray.train.get_checkpoint()
+    ctx = ray.train.get_context()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             meta = state["load_fn"](Path(d) / CKPT_FILE)
             start_epoch = int(meta["epoch"]) + 1
             history = json.loads((Path(d) / HISTORY_FILE).read_text())
-    ctx = ray.train.get_context()
+        if ctx.get_world_rank() == 0:
+            print(f"resumed from the checkpoint of epoch {start_epoch - 1}: training epochs {start_epoch}+")
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, config["epochs"]):
         metrics = state["epoch_fn"](shard, epoch)
         metrics["epoch"] = epoch
         metrics["world_size"] = ctx.get_world_size()
+        # The first epoch of the attempt that ran this one: 0 on a fresh start, k + 1 after resuming
+        # from epoch k's checkpoint (a restarted worker group, or a re-run after a crash).
+        metrics["start_epoch"] = start_epoch
         history.append(metrics)
         if ctx.get_world_rank() == 0:
             with tempfile.TemporaryDirectory() as d:
@@ -111,7 +118,7 @@ def fit_on_ray(
     )
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={**config, "setup": setup},
+        train_loop_config={**config, "setup": setup, "threads": compute_threads(resources)},
         scaling_config=scaling_config(resources),
         run_config=run_config,
         datasets=datasets,
