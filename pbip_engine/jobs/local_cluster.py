@@ -73,8 +73,12 @@ class RayNode:
         Read from the process titles (``ray::<name>``) in /proc: no reporting delay, unlike the
         state API, so even sub-second tasks can be caught in flight.
         """
+        return bool(self.pids_running(title))
+
+    def pids_running(self, title: str) -> list[int]:
+        """Pids of this node's processes whose title starts with ``ray::<title>``."""
         want = f"ray::{title}"
-        return any((args := _cmdline(pid)) and args[0].startswith(want) for pid in self.session_pids())
+        return [pid for pid in self.session_pids() if (args := _cmdline(pid)) and args[0].startswith(want)]
 
     def node_id(self) -> str | None:
         """The Ray node id, read from this node's raylet command line (``--node_id=``)."""
@@ -464,6 +468,10 @@ class LocalCluster:
     def busy_workers(self, title: str) -> list[RayNode]:
         """Live worker nodes executing ``title`` right now (see :meth:`RayNode.running`)."""
         return [w for w in self.workers if not w.killed and w.running(title)]
+
+    def pids_running(self, title: str) -> list[int]:
+        """Pids of the live worker nodes' processes executing ``title`` (a Ray task or actor) right now."""
+        return [pid for w in self.workers if not w.killed for pid in w.pids_running(title)]
 
     def running_tasks(
         self, name_contains: str = "", states: tuple[str, ...] = ASSIGNED_STATES
