@@ -291,6 +291,46 @@ def save_checkpoint(
     return p
 
 
+def read_checkpoint(
+    path: str | Path,
+    fmt: str,
+    *,
+    map_location: str | torch.device = "cpu",
+    error: type[Exception] = CheckpointError,
+    what: str = "checkpoint",
+) -> dict[str, Any]:
+    """A ``weights_only`` checkpoint dict of format ``fmt``; every failure names the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{what} not found: {p}")
+    try:
+        state = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise error(f"could not read checkpoint {p}: {type(e).__name__}: {e}") from e
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        raise error(f"{p} is not a {fmt} checkpoint")
+    return state
+
+
+def load_weights(
+    p: Path, model: nn.Module, sd: Any, *, error: type[Exception] = CheckpointError, hint: str = ""
+) -> None:
+    """Strict load into the unwrapped model; the first shape mismatch or key difference is named."""
+    net = unwrap(model)
+    own = net.state_dict()
+    bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if bad:
+        k = bad[0]
+        raise error(
+            f"{p}: tensor {k!r} has shape {tuple(sd[k].shape)}, the model expects {tuple(own[k].shape)}{hint}"
+        )
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        raise error(f"{p}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    net.load_state_dict(sd)
+
+
 def load_checkpoint(
     path: str | Path,
     model: nn.Module,
@@ -305,29 +345,8 @@ def load_checkpoint(
     ``CheckpointError`` naming the file and the first offending tensors.
     """
     p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint not found: {p}")
-    try:
-        state = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"could not read checkpoint {p}: {type(e).__name__}: {e}") from e
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{p} is not a {CHECKPOINT_FORMAT} checkpoint")
-    net = unwrap(model)
-    own = net.state_dict()
-    sd = state["model"]
-    bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if bad:
-        k = bad[0]
-        raise CheckpointError(
-            f"{p}: tensor {k!r} has shape {tuple(sd[k].shape)}, the model expects {tuple(own[k].shape)} "
-            "(different bank/backbone/classes?)"
-        )
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    if missing or unexpected:
-        raise CheckpointError(f"{p}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
-    net.load_state_dict(sd)
+    state = read_checkpoint(p, CHECKPOINT_FORMAT, map_location=map_location)
+    load_weights(p, model, state["model"], hint=" (different bank/backbone/classes?)")
     if optimizer is not None and state.get("optimizer") is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler") is not None:

@@ -34,6 +34,8 @@ from pbip_engine.engine.train_classnet import (
     autocast,
     backward_step,
     latest_checkpoint,
+    load_weights,
+    read_checkpoint,
     to_model_input,
 )
 
@@ -385,31 +387,13 @@ def save_checkpoint(
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """The dict :func:`save_checkpoint` wrote (``weights_only`` load); errors name the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise SegTrainError(f"segmenter checkpoint not found: {p}")
-    try:
-        state = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise SegTrainError(f"could not read checkpoint {p}: {type(e).__name__}: {e}") from e
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise SegTrainError(f"{p} is not a {CHECKPOINT_FORMAT} checkpoint")
-    return state
+    return read_checkpoint(
+        path, CHECKPOINT_FORMAT, map_location=map_location, error=SegTrainError, what="segmenter checkpoint"
+    )
 
 
 def _load_weights(p: Path, model: nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
-    own = unwrap(model).state_dict()
-    bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if bad:
-        k = bad[0]
-        raise SegTrainError(
-            f"{p}: tensor {k!r} has shape {tuple(sd[k].shape)}, the model expects {tuple(own[k].shape)}"
-        )
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    if missing or unexpected:
-        raise SegTrainError(f"{p}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
-    unwrap(model).load_state_dict(sd)
+    load_weights(p, model, sd, error=SegTrainError)
 
 
 def load_segmenter(path: str | Path, device: str | torch.device = "cpu") -> DeepLab:
