@@ -543,12 +543,17 @@ class SynthSlide:
 
 
 # ------------------------------------------------------------------------------- annotations ---
-def _annotations(slide: SynthSlide, rng: np.random.Generator) -> list[Annotation]:
-    """Coarse QuPath annotations: a random 50-70 % of each class's regions, eroded and simplified.
+def _annotations(slide: SynthSlide, rng: np.random.Generator) -> tuple[list[Annotation], list[list[float]]]:
+    """QuPath annotations as a pathologist draws them, and the dense areas (cx, cy, r) among them.
 
-    Regions come from the low-resolution label field (the same functions as the truth). When
-    none of the chosen regions survives the erosion, the other regions are tried, then a lighter
-    erosion, so every class present on the slide is annotated when it has any sizeable region.
+    Two kinds, both from the low-resolution label field (the same functions as the truth):
+
+    * rough outlines: a random 50-70 % of each class's regions, eroded and simplified. When none of the
+      chosen regions survives the erosion, the other regions are tried, then a lighter erosion, so every
+      class present on the slide is annotated when it has any sizeable region;
+    * dense areas (:func:`_dense_areas`): 3-4 elliptic areas where classes meet, annotated class by class
+      along the true boundaries. Eroded outlines never reach across a class boundary, so without these
+      every labelled tile would carry one label and the CAMs would have nothing to localise.
     """
     _, cls_low, _ = slide.lowres()
     s, S = slide.lowres_step, slide.size
@@ -556,7 +561,8 @@ def _annotations(slide: SynthSlide, rng: np.random.Generator) -> list[Annotation
     tol = S * 0.004
     min_area = (0.02 * S) ** 2
     out: list[Annotation] = []
-    for c, geom in mask_to_geometries(cls_low, range(1, N_CLASSES + 1), scale=s).items():
+    geoms = mask_to_geometries(cls_low, range(1, N_CLASSES + 1), scale=s)
+    for c, geom in geoms.items():
         regions = sorted(getattr(geom, "geoms", [geom]), key=lambda p: -p.area)
         frac = rng.uniform(0.5, 0.7)
         chosen = [i for i in range(len(regions)) if rng.random() < frac]
@@ -570,7 +576,58 @@ def _annotations(slide: SynthSlide, rng: np.random.Generator) -> list[Annotation
                 break
         name, color = SYNTH_CLASSES[c - 1]
         out.extend(Annotation(name=name, color=color, geometry=p) for p in polys)
-    return out
+    dense, areas = _dense_areas(slide, rng, cls_low, geoms)
+    return out + dense, areas
+
+
+def _dense_areas(
+    slide: SynthSlide, rng: np.random.Generator, cls_low: np.ndarray, geoms: dict
+) -> tuple[list[Annotation], list[list[float]]]:
+    """Every class inside 3-4 areas centred where two or more classes meet (junctions of three first).
+
+    Inside an area the outlines follow the truth (lightly simplified), as BCSS-style region annotation
+    does, so a tile there is labelled with every class it holds. Slivers thinner than a few low-res
+    pixels are dropped: they are where the low-res field and the full-resolution truth disagree.
+    """
+    import shapely
+    from shapely import affinity
+    from shapely.geometry import Point
+
+    s, S = slide.lowres_step, slide.size
+    r_low = max(1, round(0.04 * S / s))
+    kernel = np.ones((2 * r_low + 1, 2 * r_low + 1), np.uint8)
+    n_near = sum(
+        (cv2.dilate((cls_low == c).astype(np.uint8), kernel) > 0).astype(np.int32)
+        for c in range(1, N_CLASSES + 1)
+    )
+    ys, xs = np.nonzero((n_near >= 2) & (cls_low > 0))
+    if len(ys) == 0:
+        return [], []
+    order = np.lexsort((rng.random(len(ys)), -n_near[ys, xs]))
+    n_areas, radius = int(rng.integers(3, 5)), S * rng.uniform(0.12, 0.16)
+    centres: list[tuple[float, float]] = []
+    for j in order:
+        cx, cy = (xs[j] + 0.5) * s, (ys[j] + 0.5) * s
+        if all(math.hypot(cx - x, cy - y) >= 2 * radius for x, y in centres):
+            centres.append((cx, cy))
+            if len(centres) == n_areas:
+                break
+    out: list[Annotation] = []
+    areas: list[list[float]] = []
+    for cx, cy in centres:
+        squash = rng.uniform(0.8, 1.25)
+        area = affinity.rotate(
+            affinity.scale(Point(cx, cy).buffer(radius, quad_segs=16), squash, 1 / squash),
+            rng.uniform(0, 180),
+        )
+        areas.append([round(float(cx), 1), round(float(cy), 1), round(radius * max(squash, 1 / squash), 1)])
+        for c, geom in geoms.items():
+            piece = clean_polygonal(shapely.intersection(geom, area).simplify(S * 0.0015))
+            name, color = SYNTH_CLASSES[c - 1]
+            for p in getattr(piece, "geoms", [piece]):
+                if p.area >= (0.03 * S) ** 2 and not p.buffer(-2 * s).is_empty:
+                    out.append(Annotation(name=name, color=color, geometry=p))
+    return out, areas
 
 
 # -------------------------------------------------------------------------------- file utils ---
@@ -673,7 +730,7 @@ def _write_cohort(
         with tifffile.TiffFile(mask_path) as tf:
             thumb = tf.pages[len(shapes) - 1].asarray()
         atomic_write_bytes(out / "truth" / f"{sid}.thumb.png", _palette_png(thumb, THUMB_PALETTE))
-        ann = _annotations(sl, np.random.default_rng([int(seed) & 0xFFFFFFFF, i, 0xA77]))
+        ann, dense = _annotations(sl, np.random.default_rng([int(seed) & 0xFFFFFFFF, i, 0xA77]))
         write_annotations(out / "annotations" / f"{sid}.geojson", ann, id_seed=f"pbip-synth/{seed}/{sid}")
         total = int(counts[1 : N_CLASSES + 1].sum())
         slides.append(
@@ -690,6 +747,7 @@ def _write_cohort(
                 "tissue_fraction": round(total / float(size * size), 6),
                 "n_annotations": len(ann),
                 "annotated_classes": sorted({a.name for a in ann}),
+                "dense_areas": dense,  # [cx, cy, r]: areas annotated class by class (r bounds the ellipse)
             }
         )
         if progress is not None:
