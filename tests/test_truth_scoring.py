@@ -56,8 +56,22 @@ def test_pseudo_masks_scored_against_patch_dataset_masks(tmp_path):
     _png(out / "masks/train_1/0_0.png", np.ones((4, 4)))
     _png(out / "masks/train_1/4_4.png", np.ones((4, 4)))
     index = [
-        {"slide_id": "train_1", "x": 0, "y": 0, "size0": 4, "mask_path": "masks/train_1/0_0.png"},
-        {"slide_id": "train_1", "x": 4, "y": 4, "size0": 4, "mask_path": "masks/train_1/4_4.png"},
+        {
+            "slide_id": "train_1",
+            "x": 0,
+            "y": 0,
+            "size0": 4,
+            "mask_path": "masks/train_1/0_0.png",
+            "labels": [1, 0],
+        },
+        {
+            "slide_id": "train_1",
+            "x": 4,
+            "y": 4,
+            "size0": 4,
+            "mask_path": "masks/train_1/4_4.png",
+            "labels": [1, 1],
+        },
         {"slide_id": "elsewhere", "x": 0, "y": 0, "size0": 4, "mask_path": "masks/train_1/0_0.png"},
     ]
     truth_for = patch_truth("glas", str(root))
@@ -66,3 +80,6 @@ def test_pseudo_masks_scored_against_patch_dataset_masks(tmp_path):
     # tile 2 covers x 4..7: columns 4,5 gland (8 px), 6,7 non-gland (8 px), all predicted gland
     assert res["n_images"] == 2
     assert res["iou"] == pytest.approx([24 / 32, 0.0])
+    # the multi-label breakdown holds tile 2 alone: 8 gland px right, 8 non-gland px called gland
+    assert res["multi_label"]["n_images"] == 1
+    assert res["multi_label"]["iou"] == pytest.approx([8 / 16, 0.0])

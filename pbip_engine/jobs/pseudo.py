@@ -137,10 +137,16 @@ def patch_truth(fmt: str, root: str) -> Callable[[str], Any] | None:
 def score_pseudo(
     index: list[dict[str, Any]], out_dir: Path, truth_for: Callable[[str], Any], n_classes: int
 ) -> dict:
-    """Pseudo masks vs truth over all tiles: one confusion matrix, pixels whose truth is a tissue class."""
+    """Pseudo masks vs truth over all tiles: one confusion matrix, pixels whose truth is a tissue class.
+
+    ``multi_label`` repeats the scores over tiles labelled with two or more classes: on a single-label
+    tile the mask is that class plus the background rule whatever the CAMs say, so only these tiles
+    show how well the model localises (the L_CLS vs + L_SIM ablation reads this figure).
+    """
     from pbip_engine.engine.metrics import SegmentationMeter, read_mask
 
     meter = SegmentationMeter(n_classes, ignore_background=True)
+    multi = SegmentationMeter(n_classes, ignore_background=True)
     truths: dict[str, Any] = {}
     for row in index:
         sid = row["slide_id"]
@@ -149,10 +155,16 @@ def score_pseudo(
         if truths[sid] is None:
             continue
         pred = read_mask(out_dir / row["mask_path"])
-        meter.update(
-            pred, truth_region(truths[sid], row["x"], row["y"], row["size0"], pred.shape[0]), name=sid
-        )
-    return meter.compute() if meter.n_images else {}
+        truth = truth_region(truths[sid], row["x"], row["y"], row["size0"], pred.shape[0])
+        meter.update(pred, truth, name=sid)
+        if sum(row.get("labels") or ()) > 1:
+            multi.update(pred, truth, name=sid)
+    if not meter.n_images:
+        return {}
+    out = meter.compute()
+    if multi.n_images:
+        out["multi_label"] = multi.compute()
+    return out
 
 
 def slide_mosaics(index: list[dict[str, Any]], out_dir: Path, colors, max_px: int = 1024) -> int:
@@ -240,6 +252,10 @@ class PseudoStage(Stage):
             write_json_atomic(ctx.work_dir / "metrics.json", scores)
             extra["metrics"] = {k: scores.get(k) for k in ("miou", "fwiou", "mdice", "mbiou")}
             ctx.log(f"[pseudo] pseudo masks vs truth ({scores['n_images']} tiles): {extra['metrics']}")
+            if "multi_label" in scores:
+                m = scores["multi_label"]
+                extra["metrics_multi_label"] = {k: m.get(k) for k in ("miou", "mdice", "mbiou", "n_images")}
+                ctx.log(f"[pseudo] on multi-label tiles only: {extra['metrics_multi_label']}")
         if spec.pseudo.heatmaps:
             slide_mosaics(index, ctx.work_dir, spec.class_colors)
         return StageResult(counts={"masks": len(index)}, extra=extra)
