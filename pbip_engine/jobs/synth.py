@@ -9,6 +9,7 @@ from pbip_engine.schemas.spec import JobSpec
 @register_stage
 class SynthStage(Stage):
     name = "synth"
+    version = 2  # v2: dense annotation areas (multi-label tiles)
     sections = ("data",)
 
     def enabled(self, spec: JobSpec) -> bool:
