@@ -252,6 +252,12 @@ def demo(out: str, address: str | None, slides: int | None, size: int | None) ->
                 f"{label} vs synthetic truth (tissue pixels): mIoU {m['miou']:.3f}  mDice {m['mdice']:.3f}  "
                 f"bIoU {m.get('mbiou', float('nan')):.3f}"
             )
+            if "multi_label" in m:
+                mm = m["multi_label"]
+                click.echo(
+                    f"  on the {mm['n_images']} multi-label tiles (where the CAMs decide): mIoU {mm['miou']:.3f}  "
+                    f"mDice {mm['mdice']:.3f}  bIoU {mm.get('mbiou', float('nan')):.3f}"
+                )
     if (out / "segment" / "masks").is_dir():
         click.echo(f"QuPath-ready masks, GeoJSON and overlays: {out / 'segment' / 'masks'}")
     sys.exit(code)

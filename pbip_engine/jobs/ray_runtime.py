@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import time
+from collections.abc import Callable
+from typing import Any
 
 from pbip_engine.schemas.spec import ResourcesSection
+
+IDLE_BACKOFF_S = 0.01
+"""Pause of a Ray Data scheduling-loop step that finds no task running (see :func:`patch_idle_spin`)."""
 
 
 def configure_ray_data() -> None:
@@ -17,6 +24,54 @@ def configure_ray_data() -> None:
     from ray.data import DataContext
 
     DataContext.get_current().use_datasource_v2 = False
+    patch_idle_spin()
+
+
+def patch_idle_spin() -> bool:
+    """Stop Ray Data's scheduling loop from spinning while it waits on a slow consumer.
+
+    Ray 2.60's ``StreamingExecutor`` blocks in ``ray.wait`` (0.1 s) only while some task is running.
+    When every read is done or held back by backpressure (a Ray Train worker consuming batches; the
+    ``SplitCoordinator`` of ``streaming_split``), the loop repeats at once: half a core on the
+    2-core machine for a whole training run, measured in BENCHMARKS.md. A 10 ms pause on such a step
+    matches the 10 ms poll of Ray's own output queue, so no block waits longer than before.
+    ``PBIP_RAY_IDLE_BACKOFF=0`` turns this off. Returns whether the patch is (now) in place.
+    """
+    if os.environ.get("PBIP_RAY_IDLE_BACKOFF", "1") == "0":
+        return False
+    try:
+        from ray.data._internal.execution.streaming_executor import StreamingExecutor
+    except ImportError:  # pragma: no cover - Ray moved it: run unpatched
+        return False
+    if getattr(StreamingExecutor, "_pbip_idle_backoff", False):
+        return True
+    StreamingExecutor._scheduling_loop_step = with_idle_backoff(StreamingExecutor._scheduling_loop_step)
+    StreamingExecutor._pbip_idle_backoff = True
+    return True
+
+
+def with_idle_backoff(step: Callable[[Any, Any], bool]) -> Callable[[Any, Any], bool]:
+    """``step`` followed by a short sleep when the loop goes on and no operator has a task running."""
+
+    @functools.wraps(step)
+    def scheduling_loop_step(self: Any, topology: Any) -> bool:
+        go = step(self, topology)
+        if go and not any(op.num_active_tasks() for op in topology):
+            time.sleep(IDLE_BACKOFF_S)
+        return go
+
+    return scheduling_loop_step
+
+
+def worker_setup() -> None:
+    """Every Ray worker process (``worker_process_setup_hook``): the engine's import order, then the patch.
+
+    Importing ``pbip_engine`` first loads cuCIM before torch (see ``pbip_engine.__init__``); the
+    ``SplitCoordinator`` actors that Ray Train starts run Ray Data's executor, hence the patch there.
+    """
+    import pbip_engine  # noqa: F401
+
+    patch_idle_spin()
 
 
 def ensure_ray(address: str | None, resources: ResourcesSection) -> None:
@@ -28,7 +83,10 @@ def ensure_ray(address: str | None, resources: ResourcesSection) -> None:
         return
     # Workers must import pbip_engine before torch (see pbip_engine.__init__): make that the
     # first import of every worker process.
-    env = {"env_vars": {"PBIP_ENGINE_WORKER": "1"}}
+    env = {
+        "env_vars": {"PBIP_ENGINE_WORKER": "1"},
+        "worker_process_setup_hook": "pbip_engine.jobs.ray_runtime.worker_setup",
+    }
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
