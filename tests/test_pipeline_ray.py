@@ -146,3 +146,24 @@ def test_rerun_skips_everything(pipeline_run: Path) -> None:
     logs: list[str] = []
     s = run_pipeline(spec, only=STAGES, log=logs.append, progress=False)
     assert all(v.get("skipped") for v in s.stages.values()), s.stages
+
+
+def test_rerun_after_failed_pseudo_counts_each_tile_once(pipeline_run: Path) -> None:
+    """A failed attempt's work folder (same inputs) is kept for resume; its samples must not be appended to."""
+    import shutil
+
+    import pyarrow.dataset as pads
+
+    final = pipeline_run / "pseudo"
+    n = pq.read_table(final / "index.parquet").num_rows
+    work = pipeline_run / ".work" / "pseudo"
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(final, work)  # what the failed attempt left: samples/ and masks/ already written
+    manifest = json.loads((final / "manifest.json").read_text())
+    manifest["status"] = "failed"
+    (final / "manifest.json").write_text(json.dumps(manifest))
+    s = run_pipeline(load_spec(pipeline_run.parent / "spec.yaml"), only=["pseudo"], log=print, progress=False)
+    assert s.exit_code == 0 and not s.stages["pseudo"].get("skipped"), s.stages
+    assert pq.read_table(final / "index.parquet").num_rows == n
+    assert pads.dataset(str(final / "samples"), format="parquet").count_rows() == n
+    assert json.loads((final / "metrics.json").read_text())["n_images"] == n

@@ -7,6 +7,7 @@ per-slide mosaic of the masks is written for QA.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -157,7 +158,7 @@ def score_pseudo(
         pred = read_mask(out_dir / row["mask_path"])
         truth = truth_region(truths[sid], row["x"], row["y"], row["size0"], pred.shape[0])
         meter.update(pred, truth, name=sid)
-        if sum(row.get("labels") or ()) > 1:
+        if np.asarray(row.get("labels", ())).sum() > 1:  # a list, or an ndarray from Ray's tensor columns
             multi.update(pred, truth, name=sid)
     if not meter.n_images:
         return {}
@@ -211,6 +212,9 @@ class PseudoStage(Stage):
         from pbip_engine.schemas.datasets import PSEUDO_INDEX
 
         spec = ctx.spec
+        # A failed attempt with the same inputs leaves its work folder for resume, but write_parquet
+        # appends: its samples would be counted (and trained on) twice. Masks are rewritten in place.
+        shutil.rmtree(ctx.work_dir / "samples", ignore_errors=True)
         ctx.ray()
         ds = ray.data.read_parquet(
             [str(f) for f in tile_files(ctx.stage_dir("tile"))], columns=COLUMNS, **read_options()
