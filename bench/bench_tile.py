@@ -2,6 +2,7 @@
 
     python bench/bench_tile.py --slides 4 --size 6144            # synthetic cohort
     python bench/bench_tile.py --real ../shared/data/wsi          # + the real slides (TCGA needs an mpp)
+    python bench/bench_tile.py --slides 8 --size 16384 --cohort /tmp/big   # ~17k tiles, cohort kept
 
 The plain loop opens each slide with the same backend, plans the same tiles (tissue detection is
 done outside the timer) and calls ``read_region`` once per tile: the floor any tiler pays. The stage
@@ -91,19 +92,33 @@ def stage(slides: list[tuple[str, float | None]], backend: str, cpus: int, out: 
     return n / wall, n
 
 
+def _matches(meta: Path, slides: int, size: int) -> bool:
+    import json
+
+    m = json.loads(meta.read_text())
+    return len(m["slides"]) == slides and m["size"] == size and m["seed"] == 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slides", type=int, default=4)
     ap.add_argument("--size", type=int, default=6144)
     ap.add_argument("--real", type=Path, default=None, help="folder with the real slides")
     ap.add_argument("--backends", default="cucim,tiffslide")
+    ap.add_argument("--cohort", type=Path, default=None,
+                    help="keep the synthetic cohort here and reuse it when it matches --slides/--size")  # fmt: skip
     args = ap.parse_args()
     from pbip_engine.engine.synth import write_cohort
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_cohort(tmp / "synth", args.slides, args.size, seed=0)
-        cohorts = {"synthetic": [(str(p), None) for p in sorted((tmp / "synth" / "slides").glob("*.tif"))]}
+        synth = args.cohort or tmp / "synth"
+        meta = synth / "cohort.json"
+        if not (meta.is_file() and _matches(meta, args.slides, args.size)):
+            t0 = time.perf_counter()
+            write_cohort(synth, args.slides, args.size, seed=0)
+            print(f"synthetic cohort: {args.slides} x {args.size}² in {time.perf_counter() - t0:.0f} s")
+        cohorts = {"synthetic": [(str(p), None) for p in sorted((synth / "slides").glob("*.tif"))]}
         if args.real:
             real = [
                 (str(p), 0.25 if p.name.startswith("tcga") else None) for p in sorted(args.real.glob("*.svs"))

@@ -1,4 +1,4 @@
-"""ray_runtime: every Ray worker gets the engine's setup hook, and Ray Data's idle loop backs off."""
+"""ray_runtime: every Ray worker gets the engine's setup hook; Ray Data's loop steps take >= 10 ms."""
 
 from __future__ import annotations
 
@@ -7,23 +7,17 @@ import pytest
 from pbip_engine.jobs import ray_runtime as rr
 
 
-class _Op:
-    def __init__(self, active: int) -> None:
-        self.active = active
-
-    def num_active_tasks(self) -> int:
-        return self.active
-
-
 @pytest.mark.parametrize(
-    ("go", "active", "sleeps"), [(True, [0, 0], 1), (True, [0, 2], 0), (False, [0, 0], 0)]
+    ("go", "takes", "sleeps"), [(True, 0.0, True), (True, 0.05, False), (False, 0.0, False)]
 )
-def test_loop_step_sleeps_only_when_it_goes_on_with_nothing_running(monkeypatch, go, active, sleeps):
+def test_loop_step_waits_out_the_rest_of_its_period(monkeypatch, go, takes, sleeps):
+    clock = iter([100.0, 100.0 + takes])
     slept: list[float] = []
+    monkeypatch.setattr(rr.time, "perf_counter", lambda: next(clock))
     monkeypatch.setattr(rr.time, "sleep", slept.append)
-    step = rr.with_idle_backoff(lambda self, topology: go)
-    assert step(None, {_Op(a): None for a in active}) is go
-    assert slept == [rr.IDLE_BACKOFF_S] * sleeps
+    step = rr.with_min_period(lambda self, topology: go)
+    assert step(None, {}) is go
+    assert slept == ([pytest.approx(rr.MIN_STEP_S)] if sleeps else [])
 
 
 def test_switch_off(monkeypatch):

@@ -10,8 +10,8 @@ from typing import Any
 
 from pbip_engine.schemas.spec import ResourcesSection
 
-IDLE_BACKOFF_S = 0.01
-"""Pause of a Ray Data scheduling-loop step that finds no task running (see :func:`patch_idle_spin`)."""
+MIN_STEP_S = 0.01
+"""Shortest period of a Ray Data scheduling-loop step (see :func:`patch_idle_spin`)."""
 
 
 def configure_ray_data() -> None:
@@ -30,11 +30,12 @@ def configure_ray_data() -> None:
 def patch_idle_spin() -> bool:
     """Stop Ray Data's scheduling loop from spinning while it waits on a slow consumer.
 
-    Ray 2.60's ``StreamingExecutor`` blocks in ``ray.wait`` (0.1 s) only while some task is running.
-    When every read is done or held back by backpressure (a Ray Train worker consuming batches; the
-    ``SplitCoordinator`` of ``streaming_split``), the loop repeats at once: half a core on the
-    2-core machine for a whole training run, measured in BENCHMARKS.md. A 10 ms pause on such a step
-    matches the 10 ms poll of Ray's own output queue, so no block waits longer than before.
+    Ray 2.60's ``StreamingExecutor`` loop blocks in ``ray.wait`` (up to 0.1 s) for its running tasks,
+    but a backpressured read task counts as running with its next output already ready, so the wait
+    returns at once, nothing can be taken, and the loop repeats: about half a core for a whole ClassNet
+    epoch in the ``SplitCoordinator`` that feeds a Ray Train worker (figures in BENCHMARKS.md). Giving
+    each step at least 10 ms matches the 10 ms poll of Ray's own output queue, so no block reaches its
+    consumer later than before, and a step that waited or worked longer is not delayed at all.
     ``PBIP_RAY_IDLE_BACKOFF=0`` turns this off. Returns whether the patch is (now) in place.
     """
     if os.environ.get("PBIP_RAY_IDLE_BACKOFF", "1") == "0":
@@ -45,19 +46,21 @@ def patch_idle_spin() -> bool:
         return False
     if getattr(StreamingExecutor, "_pbip_idle_backoff", False):
         return True
-    StreamingExecutor._scheduling_loop_step = with_idle_backoff(StreamingExecutor._scheduling_loop_step)
+    StreamingExecutor._scheduling_loop_step = with_min_period(StreamingExecutor._scheduling_loop_step)
     StreamingExecutor._pbip_idle_backoff = True
     return True
 
 
-def with_idle_backoff(step: Callable[[Any, Any], bool]) -> Callable[[Any, Any], bool]:
-    """``step`` followed by a short sleep when the loop goes on and no operator has a task running."""
+def with_min_period(step: Callable[[Any, Any], bool]) -> Callable[[Any, Any], bool]:
+    """``step``, then a sleep for what is left of :data:`MIN_STEP_S` when the loop goes on."""
 
     @functools.wraps(step)
     def scheduling_loop_step(self: Any, topology: Any) -> bool:
+        t0 = time.perf_counter()
         go = step(self, topology)
-        if go and not any(op.num_active_tasks() for op in topology):
-            time.sleep(IDLE_BACKOFF_S)
+        rest = MIN_STEP_S - (time.perf_counter() - t0)
+        if go and rest > 0:
+            time.sleep(rest)
         return go
 
     return scheduling_loop_step
