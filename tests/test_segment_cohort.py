@@ -94,3 +94,14 @@ def test_a_tile_read_failure_is_kept_to_its_slide(cohort, tmp_path, monkeypatch,
         got = tifffile.imread(tmp_path / f"{name}.mask.ome.tif", level=0)
         assert (got == truth[::4, ::4]).mean() > 0.97
     assert not (tmp_path / "b.mask.ome.tif").exists()
+
+
+def test_whole_image_segments_every_pixel_without_tissue_detection(tmp_path, _setup):
+    """Patch images (GlaS) are all tissue: no detection at planning or at stitching, no pixel forced to 0."""
+    pale = np.full((512, 768, 3), 235, np.uint8)  # pale enough that tissue detection finds nothing
+    path = write_pyramid(tmp_path / "pale.tif", pale, mpp=0.5, n_levels=2, tile=64, compression="zlib")
+    ((_, fails),) = segment_slides([path], Path("m.pt"), CARD, tmp_path / "a", **_kw())
+    assert isinstance(fails, Exception) and "tissue" in str(fails)  # a slide: no tissue is an error
+    ((_, stats),) = segment_slides([path], Path("m.pt"), CARD, tmp_path / "b", whole_image=True, **_kw())
+    assert isinstance(stats, dict), stats
+    assert stats["n_tiles"] >= 1 and tifffile.imread(tmp_path / "b" / "pale.mask.ome.tif", level=0).size > 0
