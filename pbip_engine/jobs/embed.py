@@ -8,12 +8,11 @@ re-uses the same tiles.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 from pbip_engine.jobs.manifest import read_json
-from pbip_engine.jobs.resources import actor_pool_options, read_options, write_options
+from pbip_engine.jobs.resources import actor_pool_options, read_options, write_parquet_fresh
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
 from pbip_engine.jobs.tile import tile_files
 from pbip_engine.schemas.spec import JobSpec
@@ -71,8 +70,6 @@ class EmbedStage(Stage):
         tile_hash = (read_json(ctx.stage_dir("tile") / "manifest.json") or {}).get("input_hash", "")
         key = f"{tile_hash}__{encoder_key(spec)}"
         out_dir = ctx.work_dir / "embeddings" / key
-        # write_parquet appends: files an interrupted attempt left here would be counted twice.
-        shutil.rmtree(out_dir, ignore_errors=True)
         ctx.ray()
         ds = ray.data.read_parquet([str(f) for f in files], columns=EMBED_COLUMNS, **read_options())
         ds = ds.map_batches(
@@ -87,7 +84,7 @@ class EmbedStage(Stage):
             batch_format="numpy",
             **actor_pool_options(spec.resources),
         )
-        ds.write_parquet(str(out_dir), **write_options())
+        write_parquet_fresh(ds, out_dir)
         n = _count_rows(out_dir)
         return StageResult(counts={"tiles": n, "slides": len(files)}, extra={"embeddings_key": key})
 

@@ -7,7 +7,6 @@ per-slide mosaic of the masks is written for QA.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 
 from pbip_engine.jobs.classnet import classnet_config
 from pbip_engine.jobs.manifest import write_json_atomic
-from pbip_engine.jobs.resources import actor_pool_options, read_options, write_options
+from pbip_engine.jobs.resources import actor_pool_options, read_options, write_parquet_fresh
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
 from pbip_engine.jobs.tile import tile_files
 from pbip_engine.jobs.train import decode_batch
@@ -212,9 +211,6 @@ class PseudoStage(Stage):
         from pbip_engine.schemas.datasets import PSEUDO_INDEX
 
         spec = ctx.spec
-        # A failed attempt with the same inputs leaves its work folder for resume, but write_parquet
-        # appends: its samples would be counted (and trained on) twice. Masks are rewritten in place.
-        shutil.rmtree(ctx.work_dir / "samples", ignore_errors=True)
         ctx.ray()
         ds = ray.data.read_parquet(
             [str(f) for f in tile_files(ctx.stage_dir("tile"))], columns=COLUMNS, **read_options()
@@ -235,7 +231,7 @@ class PseudoStage(Stage):
             batch_format="numpy",
             **actor_pool_options(spec.resources),
         )
-        ds.write_parquet(str(ctx.work_dir / "samples"), **write_options())
+        write_parquet_fresh(ds, ctx.work_dir / "samples")  # masks/ PNGs are rewritten in place
         cols = ["tile_id", "slide_id", "x", "y", "size0", "mask_path", "labels"]
         index = (
             pads.dataset(str(ctx.work_dir / "samples"), format="parquet").to_table(columns=cols).to_pylist()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 from pbip_engine.schemas.spec import ResourcesSection
@@ -17,6 +19,16 @@ def read_options() -> dict[str, Any]:
 def write_options() -> dict[str, Any]:
     """``Dataset.write_parquet`` options: fractional-CPU write tasks."""
     return {"ray_remote_args": {"num_cpus": READ_CPUS}}
+
+
+def write_parquet_fresh(ds: Any, path: str | Path) -> None:
+    """``ds.write_parquet(path)`` into an emptied folder.
+
+    ``write_parquet`` adds files beside those already there, and the driver keeps a failed attempt's work
+    folder (same inputs) for resume: what that attempt wrote would be read, counted and trained on twice.
+    """
+    shutil.rmtree(path, ignore_errors=True)
+    ds.write_parquet(str(path), **write_options())
 
 
 def fit_cpus(cpus: float) -> float:
