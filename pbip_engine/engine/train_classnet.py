@@ -19,7 +19,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -331,6 +331,24 @@ def load_weights(
     net.load_state_dict(sd)
 
 
+def restore_training_state(
+    p: Path,
+    state: Mapping[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    *,
+    error: type[Exception] = CheckpointError,
+    hint: str = "",
+) -> None:
+    """Weights (strict, see :func:`load_weights`), then the optimiser and scaler where both sides have one."""
+    load_weights(p, model, state["model"], error=error, hint=hint)
+    if optimizer is not None and state.get("optimizer") is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler") is not None:
+        scaler.load_state_dict(state["scaler"])
+
+
 def load_checkpoint(
     path: str | Path,
     model: nn.Module,
@@ -346,11 +364,7 @@ def load_checkpoint(
     """
     p = Path(path)
     state = read_checkpoint(p, CHECKPOINT_FORMAT, map_location=map_location)
-    load_weights(p, model, state["model"], hint=" (different bank/backbone/classes?)")
-    if optimizer is not None and state.get("optimizer") is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    if scaler is not None and state.get("scaler") is not None:
-        scaler.load_state_dict(state["scaler"])
+    restore_training_state(p, state, model, optimizer, scaler, hint=" (different bank/backbone/classes?)")
     return {"epoch": state["epoch"], "metrics": state.get("metrics") or {}, "config": state.get("config")}
 
 

@@ -36,6 +36,7 @@ from pbip_engine.engine.train_classnet import (
     latest_checkpoint,
     load_weights,
     read_checkpoint,
+    restore_training_state,
     to_model_input,
 )
 
@@ -415,11 +416,7 @@ def resume_from(
     """Restore weights (+ optimiser/scaler) in place; returns ``{"epoch", "step", "metrics", "config"}``."""
     p = Path(path)
     state = load_checkpoint(p, map_location)
-    _load_weights(p, model, state["model"])
-    if optimizer is not None and state.get("optimizer") is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    if scaler is not None and state.get("scaler") is not None:
-        scaler.load_state_dict(state["scaler"])
+    restore_training_state(p, state, model, optimizer, scaler, error=SegTrainError)
     return {k: state.get(k) for k in ("epoch", "step", "metrics", "config")}
 
 
