@@ -25,6 +25,20 @@ def test_switch_off(monkeypatch):
     assert rr.patch_idle_spin() is False
 
 
+@pytest.mark.parametrize("data", [True, False])
+def test_ray_data_is_configured_only_for_stages_that_use_it(monkeypatch, data):
+    """The tile stage runs plain tasks: it should not pay the driver ~1 s to import Ray Data."""
+    import ray
+
+    from pbip_engine.schemas.spec import ResourcesSection
+
+    calls: list[bool] = []
+    monkeypatch.setattr(rr, "configure_ray_data", lambda: calls.append(True))
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    rr.ensure_ray(None, ResourcesSection(local_cpus=1), data=data)
+    assert calls == ([True] if data else [])
+
+
 def test_worker_processes_run_the_setup_hook():
     """Tasks and actors with their own runtime_env (the actor pools' OMP threads) get the hook too."""
     import ray

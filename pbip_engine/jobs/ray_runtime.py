@@ -23,7 +23,10 @@ def configure_ray_data() -> None:
     """
     from ray.data import DataContext
 
-    DataContext.get_current().use_datasource_v2 = False
+    ctx = DataContext.get_current()
+    ctx.use_datasource_v2 = False
+    ctx.enable_progress_bars = True
+    ctx.print_on_execution_start = False
     patch_idle_spin()
 
 
@@ -77,11 +80,15 @@ def worker_setup() -> None:
     patch_idle_spin()
 
 
-def ensure_ray(address: str | None, resources: ResourcesSection) -> None:
-    """Connect to ``address`` (a running cluster), or start an embedded local Ray."""
+def ensure_ray(address: str | None, resources: ResourcesSection, *, data: bool = True) -> None:
+    """Connect to ``address`` (a running cluster), or start an embedded local Ray.
+
+    ``data=False`` for stages that only run tasks: importing Ray Data costs the driver ~1 s.
+    """
     import ray
 
-    configure_ray_data()
+    if data:
+        configure_ray_data()
     if ray.is_initialized():
         return
     # Workers must import pbip_engine before torch (see pbip_engine.__init__): make that the
@@ -101,14 +108,6 @@ def ensure_ray(address: str | None, resources: ResourcesSection) -> None:
         configure_logging=True,
         logging_level="WARNING",
     )
-    try:
-        from ray.data import DataContext
-
-        ctx = DataContext.get_current()
-        ctx.enable_progress_bars = True
-        ctx.print_on_execution_start = False
-    except Exception:  # pragma: no cover - older Ray
-        pass
 
 
 def shutdown_ray() -> None:

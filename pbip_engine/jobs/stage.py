@@ -47,11 +47,11 @@ class StageContext:
             raise RuntimeError(f"stage {name!r} has no finished output at {d}; run it first")
         return d
 
-    def ray(self) -> None:
-        """Start (or connect to) Ray only when a stage needs it."""
+    def ray(self, *, data: bool = True) -> None:
+        """Start (or connect to) Ray only when a stage needs it; ``data=False`` when it needs no Ray Data."""
         from pbip_engine.jobs.ray_runtime import ensure_ray
 
-        ensure_ray(self.address, self.spec.resources)
+        ensure_ray(self.address, self.spec.resources, data=data)
 
 
 class Stage:
