@@ -112,6 +112,36 @@ def test_labelled_synthetic_slide(tmp_path: Path) -> None:
     assert not outside["labelled"] and outside["labels"] == [0, 0]
 
 
+@pytest.mark.parametrize("threads", [0, 2])
+def test_encoding_inline_or_on_threads_writes_the_same_dataset(tmp_path: Path, threads: int) -> None:
+    """A one-CPU worker encodes inline; a bigger one overlaps reads with encoder threads: same bytes."""
+    img = he_like(1024, 1536, [(400, 512, 380), (1150, 512, 330)])
+    slide = write_pyramid(tmp_path / "enc.tif", img, mpp=0.5, n_levels=3)
+    grid = TileGridParams(mpp=0.5, tile_px=128, min_tissue=0.5)
+    ref = run(slide, tmp_path / "ref", grid=grid, encode_threads=1)
+    res = run(slide, tmp_path / "out", grid=grid, encode_threads=threads)
+    assert res.status == ref.status == "done" and res.n_tiles == ref.n_tiles > 20
+    a = pq.read_table(output_paths(tmp_path / "ref", "s1")["tiles"])
+    b = pq.read_table(output_paths(tmp_path / "out", "s1")["tiles"])
+    assert a.equals(b)
+    with pytest.raises(ValueError, match="encode_threads"):
+        run(slide, tmp_path / "bad", encode_threads=-1)
+
+
+@pytest.mark.parametrize(("cpus", "threads"), [(0.5, 0), (1, 0), (2, 1), (4, 3)])
+def test_tile_tasks_use_the_cpus_ray_gives_them(tmp_path: Path, cpus: float, threads: int) -> None:
+    from pbip_engine.jobs.tile import tile_params
+    from pbip_engine.schemas.spec import parse_spec
+
+    raw = {
+        "run": {"name": "t", "output": "out"},
+        "data": {"synthetic": {"slides": 1}},
+        "classes": [{"name": "a", "color": [1, 2, 3]}],
+        "resources": {"cpus_per_worker": cpus},
+    }
+    assert tile_params(parse_spec(raw, tmp_path))["encode_threads"] == threads
+
+
 def test_slide_labels_apply_to_every_tile(wsi_dir: Path, tmp_path: Path) -> None:
     res = run(wsi_dir / "CMU-1-Small-Region.pyramid.tif", tmp_path, slide_labels=[0, 1])
     assert res.status == "done" and res.n_labelled == res.n_tiles

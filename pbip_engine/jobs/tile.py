@@ -61,6 +61,8 @@ def tile_params(spec: JobSpec) -> dict[str, Any]:
         "jpeg_quality": t.jpeg_quality,
         "backends": tuple(t.backends),
         "class_names": spec.class_names,
+        # A task holds cpus_per_worker CPUs: the reading thread plus this many encoders fill them.
+        "encode_threads": max(0, int(spec.resources.cpus_per_worker) - 1),
     }
 
 
@@ -151,7 +153,10 @@ class TileStage(Stage):
             ctx.log(f"[tile] {len(units)} slide(s) already done, {len(todo)} to go")
 
         if todo:
-            ctx.ray()
+            # Largest file first (a proxy for tile count), so no worker starts a big slide near the end
+            # while the others sit idle.
+            todo.sort(key=lambda u: -_file_size(u[0]))
+            ctx.ray(data=False)
             task = ray.remote(_tile_one).options(
                 num_cpus=spec.resources.cpus_per_worker,
                 max_retries=spec.resources.max_failures,
@@ -187,6 +192,13 @@ class TileStage(Stage):
             "labelled_tiles": sum(u.get("n_labelled", 0) for u in done),
         }
         return StageResult(counts=counts, units=units)
+
+
+def _file_size(path: str) -> int:
+    try:
+        return Path(path).stat().st_size
+    except OSError:  # missing: it fails fast wherever it runs
+        return 0
 
 
 def tile_files(stage_dir: Path) -> list[Path]:
