@@ -14,6 +14,7 @@ from pbip_engine.engine.slides import Slide, open_slide
 from pbip_engine.engine.tiling import (
     TileGridParams,
     TileSpec,
+    iter_tile_blocks,
     iter_tile_runs,
     iter_tiles,
     plan_tiles,
@@ -114,16 +115,43 @@ def test_runs_group_adjacent_tiles_only() -> None:
     assert runs == [[0, 100], [200], [400, 500], [0]]
 
 
+def test_blocks_group_adjacent_rows_and_fall_back_to_runs_when_sparse() -> None:
+    def grid(cells: list[tuple[int, int]]) -> list[TileSpec]:
+        return [TileSpec(100 * c, 100 * r, 100, 0, 100, 1.0) for r, c in sorted(cells)]
+
+    full = grid([(r, c) for r in range(5) for c in range(3)])
+    blocks = [[(t.y // 100, t.x // 100) for t in b] for b in iter_tile_blocks(full, 1.0, 1000, max_rows=4)]
+    assert blocks == [[(r, c) for r in range(4) for c in range(3)], [(4, 0), (4, 1), (4, 2)]]
+    # Two column groups apart, then the width cap: separate rectangles, left to right.
+    two = grid([(r, c) for r in range(2) for c in (0, 1, 2, 5, 6)])
+    xs = [sorted({t.x for t in b}) for b in iter_tile_blocks(two, 1.0, 250, max_rows=4)]
+    assert xs == [[0, 100], [200], [500, 600]]
+    # A row gap starts a new band; a diagonal (1 of 4 cells filled) is read as single-tile runs.
+    gap = grid([(0, 0), (0, 1), (2, 0), (2, 1)])
+    assert [len(b) for b in iter_tile_blocks(gap, 1.0, 1000)] == [2, 2]
+    diag = grid([(0, 0), (1, 1), (2, 2), (3, 3)])
+    assert [len(b) for b in iter_tile_blocks(diag, 1.0, 1000)] == [1, 1, 1, 1]
+    # max_rows=1 is the row runs, in plan order.
+    assert list(iter_tile_blocks(full, 1.0, 1000, max_rows=1)) == list(iter_tile_runs(full, 1.0, 1000))
+    assert sorted((t.y, t.x) for b in iter_tile_blocks(full, 1.0, 1000) for t in b) == [
+        (t.y, t.x) for t in full
+    ]
+
+
+@pytest.mark.parametrize("rows", [1, 4])
 @pytest.mark.parametrize(("mpp", "overlap"), [(0.5, 0.0), (1.0, 0.0), (1.3, 0.5)])
-def test_batched_reads_match_single_reads(tmp_path: Path, mpp: float, overlap: float) -> None:
+def test_batched_reads_match_single_reads(tmp_path: Path, mpp: float, overlap: float, rows: int) -> None:
     img = he_like(1024, 1536, [(700, 500, 420)])
     p = write_pyramid(tmp_path / "s.tif", img, mpp=0.5, n_levels=3, tile=64)
     with open_slide(p) as s:
         tis = detect_tissue(s, TissueParams(target_mpp=4.0))
         tiles = plan_tiles(s, tis, TileGridParams(mpp=mpp, tile_px=64, overlap=overlap))
         assert len(tiles) > 10
-        batched = list(iter_tiles(s, tiles, 64, max_run_px=512))
-        assert [t for t, _ in batched] == tiles
+        batched = list(iter_tiles(s, tiles, 64, max_run_px=512, max_rows=rows))
+        if rows == 1:
+            assert [t for t, _ in batched] == tiles  # row runs keep the plan's order
+        else:
+            assert sorted((t.y, t.x) for t, _ in batched) == [(t.y, t.x) for t in tiles]
         for t, im in batched:
             single = read_tile(s, t, 64)
             assert im.shape == single.shape == (64, 64, 3)

@@ -31,7 +31,13 @@ import pyarrow.parquet as pq
 
 from pbip_engine.engine.slides import DEFAULT_BACKENDS, SlideError, open_slide
 from pbip_engine.engine.tile_labels import LabelError, TileLabeler
-from pbip_engine.engine.tiling import DEFAULT_MAX_RUN_PX, TileGridParams, iter_tiles, plan_tiles
+from pbip_engine.engine.tiling import (
+    DEFAULT_BLOCK_ROWS,
+    DEFAULT_MAX_RUN_PX,
+    TileGridParams,
+    iter_tiles,
+    plan_tiles,
+)
 from pbip_engine.engine.tissue import (
     TissueParams,
     TissueResult,
@@ -112,7 +118,7 @@ def tile_slide(
 
     ``progress`` is called with the number of tiles written since the previous call. ``roi`` is a
     GeoJSON of level-0 polygons (e.g. the edited ``qc/<id>.tissue.geojson``) used instead of detection.
-    ``max_run_px`` caps the width of one batched row read (0 = tile by tile). ``encode_threads`` threads
+    ``max_run_px`` caps the width of one batched read (0 = tile by tile). ``encode_threads`` threads
     JPEG-encode while the next row is read; 0 encodes inline, which is right for a worker that holds one CPU: the
     thread would take a core that Ray gave to another worker.
     """
@@ -260,7 +266,10 @@ def _write_tiles(
                         progress(len(cols["tile_id"]))
                     cols = {f.name: [] for f in TILES}
 
-            for t, rgb in iter_tiles(slide, tiles, tile_px, max_run_px=max_run_px):
+            # Rows are keyed by tile_id, so the block order of multi-row reads is fine here.
+            for t, rgb in iter_tiles(
+                slide, tiles, tile_px, max_run_px=max_run_px, max_rows=DEFAULT_BLOCK_ROWS
+            ):
                 if labeler is not None:
                     labelled, labels = labeler.label(t.x, t.y, t.size0)
                 else:

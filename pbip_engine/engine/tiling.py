@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 # Widest region (pixels at the read level) fetched in one read when several tiles of a row are batched.
 DEFAULT_MAX_RUN_PX = 4096
+# Tile rows read together by the tile stage: a 224-px row cuts 256-px source tiles ~1.9 times on average,
+# a 4-row block ~1.1 times; on the synthetic slides, reading cost per tile drops by ~30 %.
+DEFAULT_BLOCK_ROWS = 4
 
 
 @dataclass
@@ -167,28 +170,108 @@ def iter_tile_runs(
         yield run
 
 
+def iter_tile_blocks(
+    tiles: Iterable[TileSpec],
+    level_downsample: float,
+    max_run_px: int = DEFAULT_MAX_RUN_PX,
+    max_rows: int = DEFAULT_BLOCK_ROWS,
+    min_fill: float = 0.5,
+) -> Iterator[list[TileSpec]]:
+    """Group tiles into rectangles of ≤ ``max_rows`` adjacent rows and ≤ ``max_run_px`` level pixels.
+
+    One read per rectangle decodes each source tile about once, where a row run cuts the source tiles of
+    the rows above and below too. The read covers the rectangle's bounding box, so its empty cells
+    are decoded for nothing: a rectangle less than ``min_fill`` full is read as row runs instead.
+    Order: bands of rows top to bottom, rectangles left to right, row-major inside each. ``max_rows=1``
+    gives :func:`iter_tile_runs` (plan order).
+    """
+    if max_rows <= 1 or max_run_px <= 0:
+        yield from iter_tile_runs(tiles, level_downsample, max_run_px)
+        return
+    for band in _bands(tiles, max_rows):
+        yield from _band_blocks(band, level_downsample, max_run_px, min_fill)
+
+
+def _rows(tiles: Iterable[TileSpec]) -> Iterator[list[TileSpec]]:
+    row: list[TileSpec] = []
+    for t in tiles:
+        if row and (t.y != row[0].y or t.level != row[0].level or t.size0 != row[0].size0):
+            yield row
+            row = []
+        row.append(t)
+    if row:
+        yield row
+
+
+def _bands(tiles: Iterable[TileSpec], max_rows: int) -> Iterator[list[list[TileSpec]]]:
+    """Runs of ≤ ``max_rows`` rows, each starting at most one tile below the previous one."""
+    band: list[list[TileSpec]] = []
+    for row in _rows(tiles):
+        if band:
+            prev, t = band[-1][0], row[0]
+            adjacent = prev.y < t.y <= prev.y + prev.size0 and (t.level, t.size0) == (prev.level, prev.size0)
+            if not adjacent or len(band) == max_rows:
+                yield band
+                band = []
+        band.append(row)
+    if band:
+        yield band
+
+
+def _band_blocks(
+    band: list[list[TileSpec]], lds: float, max_run_px: int, min_fill: float
+) -> Iterator[list[TileSpec]]:
+    size0 = band[0][0].size0
+    segment_of: dict[int, int] = {}
+    widths: list[int] = []  # distinct columns per segment
+    start = prev = None
+    for x in sorted({t.x for row in band for t in row}):
+        if start is None or x > prev + size0 or math.ceil((x + size0 - start) / lds) > max_run_px:
+            start = x
+            widths.append(0)
+        segment_of[x] = len(widths) - 1
+        widths[-1] += 1
+        prev = x
+    blocks: list[list[TileSpec]] = [[] for _ in widths]
+    for row in band:
+        for t in row:
+            blocks[segment_of[t.x]].append(t)
+    for block, n_cols in zip(blocks, widths, strict=True):
+        if len(band) == 1 or len(block) >= min_fill * n_cols * len(band):
+            yield block
+        else:
+            yield from iter_tile_runs(block, lds, max_run_px)
+
+
 def iter_tiles(
-    slide: Slide, tiles: list[TileSpec], tile_px: int, max_run_px: int = DEFAULT_MAX_RUN_PX
+    slide: Slide,
+    tiles: list[TileSpec],
+    tile_px: int,
+    max_run_px: int = DEFAULT_MAX_RUN_PX,
+    max_rows: int = 1,
 ) -> Iterator[tuple[TileSpec, np.ndarray]]:
-    """(tile, RGB pixels) for every tile in order, reading adjacent tiles of a row in one region.
+    """(tile, RGB pixels) for every tile, reading neighbours in one region (:func:`iter_tile_blocks`).
 
     One wide read replaces many small ones: fewer calls, each source tile decoded once even when
-    neighbours share it. ``max_run_px=0`` reads tile by tile. Pixels equal :func:`read_tile`'s at level 0
-    and agree to ≤ 1 level pixel of offset on coarser levels (coordinate rounding).
+    neighbours share it. ``max_run_px=0`` reads tile by tile. ``max_rows=1`` (row runs) keeps the plan's
+    order, which positional consumers need; more rows change it to block order. Pixels equal
+    :func:`read_tile`'s at level 0 and agree to ≤ 1 level pixel of offset on coarser levels (rounding).
     """
-    for run in iter_tile_runs(tiles, _level_ds(slide, tiles), max_run_px):
-        if len(run) == 1:
-            yield run[0], read_tile(slide, run[0], tile_px)
+    for block in iter_tile_blocks(tiles, _level_ds(slide, tiles), max_run_px, max_rows):
+        if len(block) == 1:
+            yield block[0], read_tile(slide, block[0], tile_px)
             continue
-        first, last = run[0], run[-1]
+        first = block[0]
         lds = slide.level_downsamples[first.level]
-        # Column of each tile inside the run at the read level, from the same floor() the backends use.
-        base = math.floor(first.x / lds)
-        offsets = [math.floor(t.x / lds) - base for t in run]
-        width = offsets[-1] + last.read_size
-        region = slide.read_region((first.x, first.y), first.level, (width, first.read_size))
-        for t, off in zip(run, offsets, strict=True):
-            yield t, _resize(region[:, off : off + t.read_size], tile_px)
+        x0, y0 = min(t.x for t in block), min(t.y for t in block)
+        # Offsets of each tile inside the region at the read level, from the same floor() the backends use.
+        bx, by = math.floor(x0 / lds), math.floor(y0 / lds)
+        offsets = [(math.floor(t.x / lds) - bx, math.floor(t.y / lds) - by) for t in block]
+        width = max(ox for ox, _ in offsets) + first.read_size
+        height = max(oy for _, oy in offsets) + first.read_size
+        region = slide.read_region((x0, y0), first.level, (width, height))
+        for t, (ox, oy) in zip(block, offsets, strict=True):
+            yield t, _resize(region[oy : oy + t.read_size, ox : ox + t.read_size], tile_px)
 
 
 def _level_ds(slide: Slide, tiles: list[TileSpec]) -> float:
