@@ -143,6 +143,34 @@ def test_tile_tasks_use_the_cpus_ray_gives_them(tmp_path: Path, cpus: float, thr
     assert tile_params(parse_spec(raw, tmp_path))["encode_threads"] == threads
 
 
+def test_one_level_slide_is_decoded_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tissue pass and tiles share the only level: it is read whole once, and the tiles do not change."""
+    import pbip_engine.engine.tile_slide as ts
+    from pbip_engine.engine.slides import Slide
+
+    img = he_like(1024, 1536, [(700, 500, 420)])
+    slide = write_pyramid(tmp_path / "one.tif", img, mpp=0.5, n_levels=1, tile=128)
+    reads: list[tuple[int, int]] = []
+    orig = Slide.read_region
+
+    def counting(self, location, level, size):  # type: ignore[no-untyped-def]
+        if self._held is None:
+            reads.append(tuple(size))
+        return orig(self, location, level, size)
+
+    monkeypatch.setattr(Slide, "read_region", counting)
+    held = run(slide, tmp_path / "held")
+    assert held.status == "done" and held.n_tiles > 5
+    assert reads == [(1536, 1024)]  # one read of the whole level, nothing from the file after it
+    reads.clear()
+    monkeypatch.setattr(ts, "HOLD_MAX_PIXELS", 0)
+    direct = run(slide, tmp_path / "direct")
+    assert direct.n_tiles == held.n_tiles and len(reads) > 1
+    a = pq.read_table(output_paths(tmp_path / "held", "s1")["tiles"])
+    b = pq.read_table(output_paths(tmp_path / "direct", "s1")["tiles"])
+    assert a.equals(b)
+
+
 def test_slide_labels_apply_to_every_tile(wsi_dir: Path, tmp_path: Path) -> None:
     res = run(wsi_dir / "CMU-1-Small-Region.pyramid.tif", tmp_path, slide_labels=[0, 1])
     assert res.status == "done" and res.n_labelled == res.n_tiles

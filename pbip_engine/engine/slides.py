@@ -197,6 +197,7 @@ class Slide:
     mpp: float | None
     mpp_source: str
     _reader: _Backend | None = field(default=None, repr=False, compare=False)
+    _held: tuple[int, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     # -- geometry ----------------------------------------------------------------------------------
     @property
@@ -232,6 +233,12 @@ class Slide:
         w, h = (int(v) for v in size)
         if w <= 0 or h <= 0:
             raise ValueError(f"{self.path}: region size must be positive, got {size}")
+        if self._held is not None and self._held[0] == level:
+            ds = self.level_downsamples[level]
+            lx, ly = math.floor(x / ds), math.floor(y / ds)  # the backends' own mapping
+            lw, lh = self.level_dimensions[level]
+            if lx >= 0 and ly >= 0 and lx + w <= lw and ly + h <= lh:
+                return self._held[1][ly : ly + h, lx : lx + w].copy()
         try:
             arr = self._reader.read((x, y), level, (w, h))
         except Exception as e:
@@ -242,6 +249,15 @@ class Slide:
                 f"{type(e).__name__}: {e}",
             ) from e
         return _to_rgb(arr, self.path, (w, h))
+
+    def hold_level(self, level: int) -> None:
+        """Decode ``level`` whole, once; reads inside it are then served from memory.
+
+        For small slides whose tissue pass and tiles read the same level (a one-level biopsy scan): the
+        pass decodes every source tile anyway, and the tiles would decode them again.
+        """
+        w, h = self.level_dimensions[level]
+        self._held = (level, self.read_region((0, 0), level, (w, h)))
 
     def read_scaled(self, downsample: float) -> np.ndarray:
         """The whole slide at ``downsample`` (level-0 px per output px), read strip by strip.
@@ -280,6 +296,7 @@ class Slide:
 
     # -- lifetime ----------------------------------------------------------------------------------
     def close(self) -> None:
+        self._held = None
         if self._reader is not None:
             try:
                 self._reader.close()

@@ -42,6 +42,7 @@ from pbip_engine.engine.tissue import (
     TissueParams,
     TissueResult,
     detect_tissue,
+    detection_downsample,
     tissue_from_geometry,
     tissue_qc_png,
 )
@@ -49,6 +50,7 @@ from pbip_engine.schemas.datasets import TILES, tile_key
 
 WHITE_GREY = 220  # a pixel is "white" when its grey level (ITU-R 601 luma) is > this
 ROW_GROUP_TILES = 512
+HOLD_MAX_PIXELS = 1 << 25  # 33.5 MP, 100 MB of RGB: hold a level shared by tissue pass and tiles up to this
 TISSUE_CLASS = "Tissue"
 TISSUE_COLOR = (0, 200, 0)
 _UNSAFE_ID = re.compile(r"[/\\\x00]|^\.|^$")  # path separators, NUL, hidden/relative names
@@ -151,6 +153,8 @@ def tile_slide(
     try:
         with open_slide(path, mpp_override=mpp_override, backends=backends) as slide:
             state.update(backend=slide.backend, mpp=slide.mpp, mpp_source=slide.mpp_source)
+            if roi is None:
+                _hold_shared_level(slide, grid, tissue)
             tis = _tissue(slide, tissue, roi)
             tiles = plan_tiles(slide, tis, grid)
             if not tiles:
@@ -209,6 +213,18 @@ def _labeler(
             )
         return TileLabeler.from_slide_labels(slide_labels)
     return None
+
+
+def _hold_shared_level(slide: Any, grid: TileGridParams, tissue: TissueParams) -> None:
+    """Decode once what tissue detection and the tiles would both decode: a small level they share."""
+    if slide.mpp is None:
+        return  # detection fails with its own message
+    tile_level = slide.best_level_for_downsample(grid.mpp / slide.mpp)
+    if slide.best_level_for_downsample(detection_downsample(slide, tissue.target_mpp)) != tile_level:
+        return
+    w, h = slide.level_dimensions[tile_level]
+    if w * h <= HOLD_MAX_PIXELS:
+        slide.hold_level(tile_level)
 
 
 def _tissue(slide: Any, params: TissueParams, roi: Path | None) -> TissueResult:
