@@ -154,6 +154,7 @@ def main() -> None:
     ap.add_argument("--slides", type=int, default=4)
     ap.add_argument("--size", type=int, default=6144)
     ap.add_argument("--real", type=Path, default=None, help="folder with the real slides")
+    ap.add_argument("--no-synthetic", action="store_true", help="only the real slides")
     ap.add_argument("--real-copies", type=int, default=16, help="times each real slide enters the cohort")
     ap.add_argument("--backends", default="cucim,tiffslide")
     ap.add_argument("--repeat", type=int, default=1, help="interleaved repetitions; medians are printed")
@@ -166,11 +167,13 @@ def main() -> None:
         tmp = Path(tmp)
         synth = args.cohort or tmp / "synth"
         meta = synth / "cohort.json"
-        if not (meta.is_file() and _matches(meta, args.slides, args.size)):
-            t0 = time.perf_counter()
-            write_cohort(synth, args.slides, args.size, seed=0)
-            print(f"synthetic cohort: {args.slides} x {args.size}² in {time.perf_counter() - t0:.0f} s")
-        cohorts = {"synthetic": [(str(p), None) for p in sorted((synth / "slides").glob("*.tif"))]}
+        cohorts: dict[str, list[tuple[str, float | None]]] = {}
+        if not args.no_synthetic:
+            if not (meta.is_file() and _matches(meta, args.slides, args.size)):
+                t0 = time.perf_counter()
+                write_cohort(synth, args.slides, args.size, seed=0)
+                print(f"synthetic cohort: {args.slides} x {args.size}² in {time.perf_counter() - t0:.0f} s")
+            cohorts["synthetic"] = [(str(p), None) for p in sorted((synth / "slides").glob("*.tif"))]
         if args.real:
             cohorts["real"] = _real_cohort(args.real, args.real_copies, tmp / "real")
         print(f"tile {TILE_PX}px at {TILE_MPP} µm/px; cores={mp.cpu_count()}; repeat={args.repeat} (medians)")
