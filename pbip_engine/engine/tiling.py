@@ -154,19 +154,15 @@ def iter_tile_runs(
     tiles: Iterable[TileSpec], level_downsample: float, max_run_px: int = DEFAULT_MAX_RUN_PX
 ) -> Iterator[list[TileSpec]]:
     """Group tiles into runs on one row whose union is one read of ≤ ``max_run_px`` level pixels."""
-    run: list[TileSpec] = []
-    for t in tiles:
-        if run:
-            first, last = run[0], run[-1]
-            width = math.ceil((t.x + t.size0 - first.x) / level_downsample)
-            same_row = t.y == first.y and t.level == first.level and t.size0 == first.size0
-            contiguous = last.x < t.x <= last.x + last.size0
-            if same_row and contiguous and width <= max_run_px:
+    for row in _rows(tiles):
+        run = [row[0]]
+        for t in row[1:]:
+            width = math.ceil((t.x + t.size0 - run[0].x) / level_downsample)
+            if run[-1].x < t.x <= run[-1].x + run[-1].size0 and width <= max_run_px:
                 run.append(t)
                 continue
             yield run
-        run = [t]
-    if run:
+            run = [t]
         yield run
 
 
@@ -193,6 +189,7 @@ def iter_tile_blocks(
 
 
 def _rows(tiles: Iterable[TileSpec]) -> Iterator[list[TileSpec]]:
+    """Consecutive tiles on one row (same y, level and size)."""
     row: list[TileSpec] = []
     for t in tiles:
         if row and (t.y != row[0].y or t.level != row[0].level or t.size0 != row[0].size0):

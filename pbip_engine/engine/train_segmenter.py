@@ -393,15 +393,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     )
 
 
-def _load_weights(p: Path, model: nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
-    load_weights(p, model, sd, error=SegTrainError)
-
-
 def load_segmenter(path: str | Path, device: str | torch.device = "cpu") -> DeepLab:
     """Rebuild the checkpoint's segmenter from its stored config and load its weights (eval mode)."""
     state = load_checkpoint(path)
     model = segmenter_from_config(state["model_config"])
-    _load_weights(Path(path), model, state["model"])
+    load_weights(Path(path), model, state["model"], error=SegTrainError)
     return model.to(device).eval()
 
 
