@@ -37,6 +37,7 @@ from pbip_engine.engine.tiling import (
     TileGridParams,
     iter_tiles,
     plan_tiles,
+    read_level_for,
 )
 from pbip_engine.engine.tissue import (
     TissueParams,
@@ -219,7 +220,7 @@ def _hold_shared_level(slide: Any, grid: TileGridParams, tissue: TissueParams) -
     """Decode once what tissue detection and the tiles would both decode: a small level they share."""
     if slide.mpp is None:
         return  # detection fails with its own message
-    tile_level = slide.best_level_for_downsample(grid.mpp / slide.mpp)
+    tile_level, _ = read_level_for(slide, grid.mpp, warn=False)  # plan_tiles warns, once
     if slide.best_level_for_downsample(detection_downsample(slide, tissue.target_mpp)) != tile_level:
         return
     w, h = slide.level_dimensions[tile_level]

@@ -61,12 +61,12 @@ class TileSpec:
     tissue_fraction: float
 
 
-def read_level_for(slide: Slide, mpp: float) -> tuple[int, float]:
+def read_level_for(slide: Slide, mpp: float, *, warn: bool = True) -> tuple[int, float]:
     """(level, target downsample) for tiles at ``mpp``; warns when the slide forces upsampling."""
     if slide.mpp is None:
         raise SlideError(slide.path, "no_mpp", "tiling needs the slide's µm/px")
     ds = mpp / slide.mpp
-    if ds < 1.0 - 1e-3:
+    if warn and ds < 1.0 - 1e-3:
         log.warning(
             "%s: tiles at %.3f µm/px are finer than the slide's level 0 (%.3f µm/px): upsampling %.2fx",
             slide.path,
