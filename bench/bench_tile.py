@@ -78,8 +78,6 @@ def plain_loop(slides: list[tuple[str, float | None]], backend: str, procs: int)
 
 
 def _warm_worker() -> None:
-    import time
-
     import pbip_engine.engine.tile_slide
     import pbip_engine.jobs.tile  # noqa: F401
 
