@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from pbip_engine.engine.bank import BankParams, build_bank
+from pbip_engine.engine.prototypes.bank import BankParams, build_bank
 
 
 def main() -> None:

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 import pbip_engine  # noqa: F401  (cuCIM before torch)
-from pbip_engine.engine.encoders.efficientnet import build_efficientnet_lite0
-from pbip_engine.engine.models import ClassNetConfig, build_classnet, classnet_step, freeze_encoder
-from pbip_engine.engine.train_classnet import autocast, make_optimizer
+from pbip_engine.engine.embed.encoders.efficientnet import build_efficientnet_lite0
+from pbip_engine.engine.training.stage1 import autocast, make_optimizer
+from pbip_engine.methods.pbip.classnet import ClassNetConfig, build_classnet, classnet_step, freeze_encoder
 
 
 def _time(fn, warmup: int, iters: int) -> list[tuple[float, float]]:

@@ -21,7 +21,7 @@ import pyarrow as pa
 import torch
 
 import pbip_engine  # noqa: F401  (cuCIM before torch)
-from pbip_engine.engine.embedder import Embedder, embed_table
+from pbip_engine.engine.embed.embedder import Embedder, embed_table
 from pbip_engine.schemas.datasets import TILES, tile_key
 
 ALIASES = {"vit_b16": ("timm:vit_base_patch16_224", {"random_init": True})}

@@ -48,7 +48,7 @@ COLORS = [(230, 120, 170), (90, 60, 170)]
 
 def write_pattern_slide(path: Path, size: int, mpp: float, seed: int = 0) -> Path:
     """``size`` x ``size`` RGB JPEG pyramid: glass + 7 discs (left half pink, right half purple) + grain."""
-    from pbip_engine.engine.tiff_writer import write_pyramid
+    from pbip_engine.engine.outputs.tiff_writer import write_pyramid
 
     rng = np.random.default_rng(seed)
     discs = [
@@ -107,13 +107,13 @@ def worker(args: argparse.Namespace) -> None:
 
     import torch
 
-    from pbip_engine.engine.segment_slide import SegmentPredictor, segment_local
+    from pbip_engine.engine.inference.segment_slide import SegmentPredictor, segment_local
 
     torch.set_num_threads(max(1, args.threads))
     if args.model == "tiny":
         model = tiny_model()
     else:
-        from pbip_engine.engine.models.deeplab import build_segmenter
+        from pbip_engine.engine.nn.deeplab import build_segmenter
 
         model = build_segmenter(args.model, len(CLASSES) + 1, pretrained=False)
     pred = SegmentPredictor(model, device=args.device, amp=True, micro_batch=args.micro_batch)

@@ -27,9 +27,9 @@ TILE_MPP, TILE_PX = 0.5, 224
 
 
 def _plan(path: str, backend: str, mpp_override: float | None):
-    from pbip_engine.engine.slides import open_slide
-    from pbip_engine.engine.tiling import TileGridParams, plan_tiles
-    from pbip_engine.engine.tissue import TissueParams, detect_tissue
+    from pbip_engine.engine.wsi.slides import open_slide
+    from pbip_engine.engine.wsi.tiling import TileGridParams, plan_tiles
+    from pbip_engine.engine.wsi.tissue import TissueParams, detect_tissue
 
     slide = open_slide(path, mpp_override=mpp_override, backends=(backend,))
     tiles = plan_tiles(
@@ -46,7 +46,7 @@ def _plain_one(args: tuple[str, str, float | None, list]) -> tuple[int, float, f
     """Open the slide and read its planned tiles; (n, start, end) on the system-wide monotonic clock."""
     import cv2
 
-    from pbip_engine.engine.slides import open_slide
+    from pbip_engine.engine.wsi.slides import open_slide
 
     path, backend, mpp, tiles = args
     t0 = time.monotonic()
@@ -78,7 +78,7 @@ def plain_loop(slides: list[tuple[str, float | None]], backend: str, procs: int)
 
 
 def _warm_worker() -> None:
-    import pbip_engine.engine.tile_slide
+    import pbip_engine.engine.ingest.tile_slide
     import pbip_engine.jobs.tile  # noqa: F401
 
     time.sleep(0.5)  # hold the CPU so that each warm-up lands on its own worker

@@ -158,7 +158,7 @@ segmenter_cmd = _stage_command("segmenter", "Train the stage-2 DeepLab on the ps
 def segment(model_dir: str, slides: str | None, images: str | None, mpp: float | None, out: str,
             address: str | None, overlap: float, batch_size: int) -> None:  # fmt: skip
     """Segment new slides or images with a trained run: OME-TIFF masks, GeoJSON, overlays."""
-    from pbip_engine.jobs.segment import segment_cli
+    from pbip_engine.jobs.infer import segment_cli
     from pbip_engine.schemas.spec import expand_slides
 
     if bool(slides) == bool(images):

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pbip_engine.engine.bank import (
+from pbip_engine.engine.prototypes.bank import (
     Bank,
     BankError,
     BankParams,
@@ -18,7 +18,7 @@ from pbip_engine.engine.bank import (
     l2n,
     zero_shot_report,
 )
-from pbip_engine.engine.gallery import gallery_shape, write_gallery
+from pbip_engine.engine.prototypes.gallery import gallery_shape, write_gallery
 from pbip_engine.schemas.datasets import embeddings_schema
 
 CLASSES = ["TUM", "STR", "LYM", "NEC"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pbip_engine.engine.cams import CamError, cams_to_mask, fuse_cams, white_mask, write_palette_png
+from pbip_engine.engine.pseudo.cams import CamError, cams_to_mask, fuse_cams, white_mask, write_palette_png
 
 
 def test_fuse_cams_minmax_and_weights():

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pbip_engine.engine.data import (
+from pbip_engine.engine.ingest.datasets import (
     BCSSWSSSDataset,
     DataError,
     FolderCSVDataset,

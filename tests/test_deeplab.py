@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from pbip_engine.engine.models.deeplab import SegmenterError, build_segmenter, segmenter_from_config
-from pbip_engine.engine.train_segmenter import (
+from pbip_engine.engine.nn.deeplab import SegmenterError, build_segmenter, segmenter_from_config
+from pbip_engine.engine.training.stage2 import (
     SegTrainConfig,
     SegTrainError,
     batch_to_tensors,

@@ -10,8 +10,8 @@ import timm
 import torch
 
 import pbip_engine  # noqa: F401  (cuCIM before torch)
-from pbip_engine.engine.embedder import Embedder, EmbedError, embed_table
-from pbip_engine.engine.encoders import Encoder, EncoderInfo, register_encoder
+from pbip_engine.engine.embed.embedder import Embedder, EmbedError, embed_table
+from pbip_engine.engine.embed.encoders import Encoder, EncoderInfo, register_encoder
 from pbip_engine.schemas.datasets import TILES, embeddings_schema, tile_key
 
 

@@ -10,7 +10,7 @@ import timm
 import torch
 
 import pbip_engine  # noqa: F401  (cuCIM before torch)
-from pbip_engine.engine.encoders import (
+from pbip_engine.engine.embed.encoders import (
     Encoder,
     EncoderError,
     EncoderInfo,
@@ -21,8 +21,8 @@ from pbip_engine.engine.encoders import (
     load_state_dict_checked,
     register_encoder,
 )
-from pbip_engine.engine.encoders.efficientnet import imagenet_weights_file
-from pbip_engine.engine.encoders.medclip import hf_swin_to_timm, timm_swin_to_hf
+from pbip_engine.engine.embed.encoders.efficientnet import imagenet_weights_file
+from pbip_engine.engine.embed.encoders.medclip import hf_swin_to_timm, timm_swin_to_hf
 
 IMNET_CATS = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 IMNET_COFFEE = {504, 967, 968}  # coffee mug, espresso, cup

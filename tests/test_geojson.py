@@ -10,7 +10,7 @@ import pytest
 import shapely
 from shapely.geometry import MultiPolygon, Polygon, box
 
-from pbip_engine.engine.geojson import (
+from pbip_engine.engine.annotations.geojson import (
     Annotation,
     GeoJSONError,
     mask_to_geometries,

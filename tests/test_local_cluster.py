@@ -272,7 +272,7 @@ def test_driver_killed_mid_pipeline_then_rerun_resumes(
     finished tile stage, redoes embed, runs bank, and ends with the undisturbed run's outputs."""
     import numpy as np
 
-    from pbip_engine.engine.bank import Bank
+    from pbip_engine.engine.prototypes.bank import Bank
 
     cluster, tmp = full_cluster, cohort["tmp"]
     stages = ("--stages", "tile,embed,bank")

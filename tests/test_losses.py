@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import pbip_engine  # noqa: F401
-from pbip_engine.engine import losses as L
+from pbip_engine.methods.pbip import losses as L
 
 
 def test_classification_loss_is_weighted_sum_of_bce():

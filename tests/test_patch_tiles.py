@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from pbip_engine.engine.data.common import decode_rgb
-from pbip_engine.engine.patch_tiles import open_patch_dataset, write_patch_tiles
+from pbip_engine.engine.ingest.datasets.common import decode_rgb
+from pbip_engine.engine.ingest.patch_tiles import open_patch_dataset, write_patch_tiles
 from pbip_engine.schemas.datasets import TILES
 
 

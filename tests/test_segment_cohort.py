@@ -16,8 +16,8 @@ from test_segment_slide import CLASSES, COLORS, ColorNet, _toy
 from wsi_synth import write_pyramid
 
 import pbip_engine
-import pbip_engine.engine.segment_slide as seg_engine
-from pbip_engine.jobs.segment import _by_slide, segment_slides
+import pbip_engine.engine.inference.segment_slide as seg_engine
+from pbip_engine.jobs.infer import _by_slide, segment_slides
 
 CARD = {"mpp": 2.0, "class_names": CLASSES, "class_colors": [list(c) for c in COLORS]}
 

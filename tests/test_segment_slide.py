@@ -21,7 +21,7 @@ from torch import nn
 from wsi_synth import write_pyramid as write_slide
 
 import pbip_engine
-from pbip_engine.engine.segment_slide import (
+from pbip_engine.engine.inference.segment_slide import (
     SegmentError,
     SegmentPredictor,
     TileReader,
@@ -33,7 +33,7 @@ from pbip_engine.engine.segment_slide import (
     stitch_and_write,
     tile_to_output,
 )
-from pbip_engine.engine.tiff_writer import read_label_classes
+from pbip_engine.engine.outputs.tiff_writer import read_label_classes
 
 CLASSES = ["Tumor", "Stroma"]
 COLORS = [(200, 0, 0), (0, 0, 200)]
@@ -265,7 +265,7 @@ def test_plain_png_smaller_than_a_tile(tmp_path):
 @pytest.mark.slow
 def test_tiny_model_overfit_then_segment(tmp_path):
     """Train a tiny CNN with the stage-2 training code on a toy image, then segment a new toy slide."""
-    from pbip_engine.engine.train_segmenter import SegTrainConfig, fit_local, iter_minibatches
+    from pbip_engine.engine.training.stage2 import SegTrainConfig, fit_local, iter_minibatches
 
     rng = np.random.default_rng(0)
 

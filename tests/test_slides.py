@@ -11,7 +11,7 @@ import pytest
 from wsi_synth import he_like, write_pyramid
 
 import pbip_engine
-from pbip_engine.engine.slides import (
+from pbip_engine.engine.wsi.slides import (
     Slide,
     SlideError,
     lookup_by_slide,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pbip_engine.engine.stitch import Canvas, StitchError, blend_window
+from pbip_engine.engine.inference.stitch import Canvas, StitchError, blend_window
 
 
 def _label_image(h: int, w: int, n_classes: int, seed: int = 0) -> np.ndarray:

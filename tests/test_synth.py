@@ -17,7 +17,8 @@ import tiffslide
 from PIL import Image
 
 import pbip_engine
-from pbip_engine.engine.geojson import read_annotations
+from pbip_engine.engine.annotations.geojson import read_annotations
+from pbip_engine.engine.outputs.tiff_writer import read_label_classes
 from pbip_engine.engine.synth import (
     BCSS_PALETTE,
     SYNTH_CLASSES,
@@ -26,7 +27,6 @@ from pbip_engine.engine.synth import (
     write_cohort,
     write_patch_set,
 )
-from pbip_engine.engine.tiff_writer import read_label_classes
 
 NAMES = [n for n, _ in SYNTH_CLASSES]
 SIZE = 768
@@ -166,8 +166,8 @@ def test_annotations_valid_cover_all_classes_and_agree_with_truth(cohort):
 
 def test_dense_areas_give_correct_multi_label_tiles():
     """Tiles inside the dense areas carry every class they hold: the CAMs have something to localise."""
+    from pbip_engine.engine.annotations.tile_labels import TileLabeler
     from pbip_engine.engine.synth import _annotations
-    from pbip_engine.engine.tile_labels import TileLabeler
 
     size, t = 2048, 128
     n_multi = n_dense = 0
@@ -274,7 +274,7 @@ def test_bounded_memory_16k(tmp_path):
         f"""
         import resource, numpy as np, pbip_engine
         from pbip_engine.engine.synth import SynthSlide, _single_thread_blas
-        from pbip_engine.engine.tiff_writer import write_pyramid
+        from pbip_engine.engine.outputs.tiff_writer import write_pyramid
         S = 16384
         with _single_thread_blas():
             sl = SynthSlide(seed=0, index=0, size=S, required=(1, 2, 3, 4))

@@ -10,7 +10,7 @@ import tifffile
 import tiffslide
 
 import pbip_engine
-from pbip_engine.engine.tiff_writer import (
+from pbip_engine.engine.outputs.tiff_writer import (
     OME_NS_COLORS,
     OME_NS_NAMES,
     TiffWriterError,

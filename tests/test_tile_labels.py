@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import shapely
 
-from pbip_engine.engine.geojson import Annotation, write_annotations
-from pbip_engine.engine.tile_labels import LabelError, TileLabeler, read_slide_label_csv
+from pbip_engine.engine.annotations.geojson import Annotation, write_annotations
+from pbip_engine.engine.annotations.tile_labels import LabelError, TileLabeler, read_slide_label_csv
 
 CLASSES = ["Tumor", "Stroma", "Necrosis"]
 

@@ -14,10 +14,10 @@ import tifffile
 from wsi_synth import he_like, write_pyramid
 
 import pbip_engine  # noqa: F401  (before anything that imports torch)
-from pbip_engine.engine.geojson import Annotation, read_annotations, write_annotations
-from pbip_engine.engine.tile_slide import output_paths, tile_slide, white_fraction
-from pbip_engine.engine.tiling import TileGridParams
-from pbip_engine.engine.tissue import TissueParams
+from pbip_engine.engine.annotations.geojson import Annotation, read_annotations, write_annotations
+from pbip_engine.engine.ingest.tile_slide import output_paths, tile_slide, white_fraction
+from pbip_engine.engine.wsi.tiling import TileGridParams
+from pbip_engine.engine.wsi.tissue import TissueParams
 from pbip_engine.schemas.datasets import TILES, tile_key
 
 CLASSES = ["Tumor", "Stroma"]
@@ -145,8 +145,8 @@ def test_tile_tasks_use_the_cpus_ray_gives_them(tmp_path: Path, cpus: float, thr
 
 def test_one_level_slide_is_decoded_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tissue pass and tiles share the only level: it is read whole once, and the tiles do not change."""
-    import pbip_engine.engine.tile_slide as ts
-    from pbip_engine.engine.slides import Slide
+    import pbip_engine.engine.ingest.tile_slide as ts
+    from pbip_engine.engine.wsi.slides import Slide
 
     img = he_like(1024, 1536, [(700, 500, 420)])
     slide = write_pyramid(tmp_path / "one.tif", img, mpp=0.5, n_levels=1, tile=128)

@@ -10,8 +10,8 @@ import pytest
 from wsi_synth import he_like, write_pyramid
 
 import pbip_engine  # noqa: F401  (before anything that imports torch)
-from pbip_engine.engine.slides import Slide, open_slide
-from pbip_engine.engine.tiling import (
+from pbip_engine.engine.wsi.slides import Slide, open_slide
+from pbip_engine.engine.wsi.tiling import (
     TileGridParams,
     TileSpec,
     iter_tile_blocks,
@@ -21,7 +21,7 @@ from pbip_engine.engine.tiling import (
     read_tile,
     tissue_fractions,
 )
-from pbip_engine.engine.tissue import TissueParams, TissueResult, detect_tissue
+from pbip_engine.engine.wsi.tissue import TissueParams, TissueResult, detect_tissue
 
 
 def fake_slide(w: int, h: int, mpp: float, downsamples: tuple[float, ...] = (1, 2, 4, 8)) -> Slide:
@@ -173,7 +173,7 @@ def test_real_slide_grid(wsi_dir: Path) -> None:
 
 
 def test_read_scaled_in_strips_matches_one_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pbip_engine.engine import slides
+    from pbip_engine.engine.wsi import slides
 
     p = write_pyramid(tmp_path / "s.tif", he_like(1024, 1536, [(700, 500, 420)]), mpp=0.5, n_levels=3)
     with open_slide(p) as s:

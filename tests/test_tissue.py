@@ -11,8 +11,8 @@ import shapely
 from wsi_synth import he_like, write_pyramid
 
 import pbip_engine  # noqa: F401  (before anything that imports torch)
-from pbip_engine.engine.slides import SlideError, open_slide
-from pbip_engine.engine.tissue import (
+from pbip_engine.engine.wsi.slides import SlideError, open_slide
+from pbip_engine.engine.wsi.tissue import (
     QC_CONTOUR_RGB,
     TissueParams,
     detect_tissue,

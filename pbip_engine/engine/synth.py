@@ -39,10 +39,14 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from pbip_engine.engine.atomic import atomic_write_bytes
-
-from .geojson import Annotation, clean_polygonal, mask_to_geometries, write_annotations
-from .tiff_writer import write_pyramid
+from pbip_engine.engine.annotations.geojson import (
+    Annotation,
+    clean_polygonal,
+    mask_to_geometries,
+    write_annotations,
+)
+from pbip_engine.engine.io.atomic import atomic_write_bytes
+from pbip_engine.engine.outputs.tiff_writer import write_pyramid
 
 __all__ = [
     "BCSS_PALETTE",

@@ -51,8 +51,8 @@ class BankStage(Stage):
     def run(self, ctx: StageContext) -> StageResult:
         import pyarrow.dataset as pads
 
-        from pbip_engine.engine.bank import BankParams, build_bank
-        from pbip_engine.engine.gallery import write_gallery
+        from pbip_engine.engine.prototypes.bank import BankParams, build_bank
+        from pbip_engine.engine.prototypes.gallery import write_gallery
 
         spec = ctx.spec
         edir = embeddings_dir(ctx.stage_dir("embed"))

@@ -24,7 +24,7 @@ class ArrowEmbedder:
     """Ray Data callable: the engine's Embedder, returning Arrow with the dataset's exact schema."""
 
     def __init__(self, **kwargs: Any) -> None:
-        from pbip_engine.engine.embedder import Embedder
+        from pbip_engine.engine.embed.embedder import Embedder
 
         self.embedder = Embedder(**kwargs)
         self.dtype = kwargs.get("dtype", "float16")
@@ -49,7 +49,7 @@ class ArrowEmbedder:
 
 
 def encoder_key(spec: JobSpec) -> str:
-    from pbip_engine.engine.encoders import encoder_id
+    from pbip_engine.engine.embed.encoders import encoder_id
 
     return encoder_id(spec.encoder.name, spec.encoder.checkpoint)
 

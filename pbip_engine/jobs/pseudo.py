@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from pbip_engine.jobs.classnet import classnet_config
 from pbip_engine.jobs.manifest import write_json_atomic
+from pbip_engine.jobs.ray_train import decode_batch
 from pbip_engine.jobs.resources import actor_pool_options, read_options, write_parquet_fresh
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
 from pbip_engine.jobs.tile import tile_files
-from pbip_engine.jobs.train import decode_batch
+from pbip_engine.jobs.train_stage1 import classnet_config
 
 COLUMNS = ["tile_id", "slide_id", "x", "y", "size0", "image", "labels", "labelled"]
 
@@ -29,8 +29,8 @@ def mask_relpath(slide_id: str, x: int, y: int) -> str:
 
 
 def load_classnet(model_path: str, bank_dir: str, cfg_dict: dict[str, Any], device: str = "cpu"):
-    from pbip_engine.engine.models.classnet import ClassNetConfig, build_classnet, load_prototypes_from_bank
-    from pbip_engine.engine.train_classnet import load_checkpoint
+    from pbip_engine.engine.training.stage1 import load_checkpoint
+    from pbip_engine.methods.pbip.classnet import ClassNetConfig, build_classnet, load_prototypes_from_bank
 
     cfg = ClassNetConfig.from_dict(cfg_dict)
     cfg.pretrained = False  # the checkpoint carries every weight
@@ -55,8 +55,8 @@ class PseudoPredictor:
         self.colors = [(255, 255, 255), *colors]
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from pbip_engine.engine.cams import write_palette_png
-        from pbip_engine.engine.train_classnet import predict_masks
+        from pbip_engine.engine.pseudo.cams import write_palette_png
+        from pbip_engine.engine.training.stage1 import predict_masks
 
         b = decode_batch(batch)
         masks, _ = predict_masks(
@@ -118,8 +118,8 @@ def synth_truth(truth_dir: Path) -> Callable[[str], Any]:
 
 def patch_truth(fmt: str, root: str) -> Callable[[str], Any] | None:
     """Source image -> its mask in our convention, for patch datasets that ship masks (GlaS); else None."""
-    from pbip_engine.engine.data.common import DataError
-    from pbip_engine.engine.patch_tiles import open_patch_dataset
+    from pbip_engine.engine.ingest.datasets.common import DataError
+    from pbip_engine.engine.ingest.patch_tiles import open_patch_dataset
 
     ds = open_patch_dataset(fmt, root, split="train")
     if not hasattr(ds, "mask"):

@@ -109,13 +109,13 @@ def get_stage(name: str) -> Stage:
 def _load_builtin_stages() -> None:
     # Importing the modules registers their stages; all_stages() orders them by their deps.
     import pbip_engine.jobs.bank
-    import pbip_engine.jobs.classnet
     import pbip_engine.jobs.embed
+    import pbip_engine.jobs.infer
     import pbip_engine.jobs.pseudo
-    import pbip_engine.jobs.segment
-    import pbip_engine.jobs.segmenter
     import pbip_engine.jobs.synth
-    import pbip_engine.jobs.tile  # noqa: F401
+    import pbip_engine.jobs.tile
+    import pbip_engine.jobs.train_stage1
+    import pbip_engine.jobs.train_stage2  # noqa: F401
 
 
 def stage_names(stages: Iterable[Stage]) -> list[str]:

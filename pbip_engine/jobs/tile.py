@@ -50,8 +50,8 @@ def find_annotation(folder: Path | None, slide_id: str) -> Path | None:
 
 
 def tile_params(spec: JobSpec) -> dict[str, Any]:
-    from pbip_engine.engine.tiling import TileGridParams
-    from pbip_engine.engine.tissue import TissueParams
+    from pbip_engine.engine.wsi.tiling import TileGridParams
+    from pbip_engine.engine.wsi.tissue import TissueParams
 
     t = spec.tiling
     return {
@@ -67,7 +67,7 @@ def tile_params(spec: JobSpec) -> dict[str, Any]:
 
 
 def _tile_one(path: str, slide_id: str, out_dir: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    from pbip_engine.engine.tile_slide import tile_slide
+    from pbip_engine.engine.ingest.tile_slide import tile_slide
 
     t0 = time.perf_counter()
     try:
@@ -96,7 +96,7 @@ class TileStage(Stage):
         """A patch dataset (GlaS, BCSS-WSSS, ...) becomes the same tiles dataset as slides."""
         from tqdm.auto import tqdm
 
-        from pbip_engine.engine.patch_tiles import open_patch_dataset, write_patch_tiles
+        from pbip_engine.engine.ingest.patch_tiles import open_patch_dataset, write_patch_tiles
 
         d = ctx.spec.data
         assert d.patches is not None and d.patch_format is not None
@@ -115,8 +115,8 @@ class TileStage(Stage):
         import ray
         from tqdm.auto import tqdm
 
-        from pbip_engine.engine.slides import read_mpp_overrides
-        from pbip_engine.engine.tile_labels import read_slide_label_csv
+        from pbip_engine.engine.annotations.tile_labels import read_slide_label_csv
+        from pbip_engine.engine.wsi.slides import read_mpp_overrides
 
         spec = ctx.spec
         slides = cohort_slides(ctx)

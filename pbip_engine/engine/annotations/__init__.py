@@ -1,0 +1,1 @@
+"""QuPath annotations in and out: GeoJSON reading/writing and image-level tile labels from outlines."""

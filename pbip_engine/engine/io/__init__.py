@@ -1,0 +1,1 @@
+"""File-system primitives every stage shares: atomic writes and JSON-safe values."""

@@ -1,0 +1,1 @@
+"""Networks shared by methods: multi-scale backbones (timm, MiT) and the stage-2 segmentation heads."""

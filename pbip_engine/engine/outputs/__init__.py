@@ -1,0 +1,1 @@
+"""Writers of what users open: pyramidal (OME-)TIFF masks and QC overlays."""

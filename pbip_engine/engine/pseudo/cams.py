@@ -1,0 +1,157 @@
+"""From per-level CAMs to pseudo masks (0 = background, k = class k) and palettised PNGs.
+
+Fusion follows the reference inference path: upsample each level bilinearly, ReLU, min-max each class map
+of each image to [0, 1], weighted sum with weights normalised to sum 1 (so the fused map stays in [0, 1],
+which the ``power`` background rule assumes). Restricting to the image-level classes and choosing the
+background happen in ``cams_to_mask``. Background rules (METHODS.md §1.5):
+
+* ``none``   PBIP: argmax over the present classes only; background is never predicted (except on images
+             with no positive label, which become all background).
+* ``white``  WSSS-Tissue/TPRO white prior: grey > ``white_threshold`` with components smaller than
+             ``min_size`` px removed (4-connectivity, like skimage's ``remove_small_objects``) -> 0.
+* ``power``  TPRO/LPD: a background score (1 - max_c M_c)^gamma competes in the argmax.
+* ``white+power``  both (TPRO's LUAD setting).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pbip_engine.engine.io.atomic import atomic_save
+
+BACKGROUNDS = ("none", "white", "power", "white+power")
+
+DEFAULT_PALETTE: list[tuple[int, int, int]] = [
+    (255, 255, 255),  # 0 background
+    (255, 0, 0),
+    (0, 255, 0),
+    (0, 0, 255),
+    (153, 0, 255),
+    (255, 165, 0),
+    (0, 255, 255),
+    (255, 0, 255),
+    (128, 128, 0),
+]
+
+
+class CamError(ValueError):
+    """Bad CAM/mask inputs (shapes, options)."""
+
+
+def fuse_cams(
+    cams_per_level: Sequence[torch.Tensor], size: tuple[int, int], weights: Sequence[float] | None = None
+) -> torch.Tensor:
+    """[B,N,h_i,w_i] per level -> [B,N,H,W] in [0, 1]: upsample, ReLU, per-map min-max, weighted mean."""
+    if not cams_per_level:
+        raise CamError("no CAM levels given")
+    if weights is None:
+        weights = [1.0] * len(cams_per_level)
+    if len(weights) != len(cams_per_level) or sum(weights) <= 0 or min(weights) < 0:
+        raise CamError(
+            f"weights {list(weights)} must be >= 0, not all 0, one per level ({len(cams_per_level)})"
+        )
+    total = float(sum(weights))
+    fused = None
+    for w, cam in zip(weights, cams_per_level, strict=True):
+        if w == 0:
+            continue
+        up = F.interpolate(cam.detach().float(), size=size, mode="bilinear", align_corners=False).clamp_min(0)
+        flat = up.flatten(2)
+        lo = flat.min(-1).values[..., None, None]
+        hi = flat.max(-1).values[..., None, None]
+        norm = (up - lo) / (hi - lo).clamp_min(1e-6)
+        fused = norm * (w / total) if fused is None else fused + norm * (w / total)
+    return fused  # type: ignore[return-value]
+
+
+def white_mask(rgb: np.ndarray, threshold: int = 200, min_size: int = 50) -> np.ndarray:
+    """Boolean [H,W] of white (grey > threshold) regions of at least ``min_size`` px (4-connected)."""
+    if rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise CamError(f"white prior needs an H,W,3 RGB image, got shape {rgb.shape}")
+    grey = cv2.cvtColor(np.ascontiguousarray(rgb, dtype=np.uint8), cv2.COLOR_RGB2GRAY)
+    white = (grey > threshold).astype(np.uint8)
+    if min_size <= 1 or not white.any():
+        return white.astype(bool)
+    _n, lab, stats, _ = cv2.connectedComponentsWithStats(white, connectivity=4)
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_size
+    keep[0] = False
+    return keep[lab]
+
+
+def cams_to_mask(
+    fused: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray | None,
+    background: str = "none",
+    rgb: np.ndarray | None = None,
+    *,
+    white_threshold: int = 200,
+    min_size: int = 50,
+    power: float = 10.0,
+) -> np.ndarray:
+    """[B,N,H,W] fused CAMs (+ [B,N] image labels) -> uint8 [B,H,W] with 0 = background, k = class k.
+
+    Absent classes (label 0) can never win; ties go to the lowest present class. ``rgb`` (uint8
+    [B,H,W,3]) is needed by the white rules.
+    """
+    if background not in BACKGROUNDS:
+        raise CamError(f"background must be one of {BACKGROUNDS}, got {background!r}")
+    f = torch.as_tensor(fused).detach().float().cpu()
+    if f.ndim != 4:
+        raise CamError(f"fused CAMs must be [B,N,H,W], got shape {tuple(f.shape)}")
+    b, n = f.shape[:2]
+    present = (
+        torch.ones(b, n, dtype=torch.bool) if labels is None else torch.as_tensor(labels).cpu().float() > 0.5
+    )
+    if present.shape != (b, n):
+        raise CamError(f"labels must be [{b}, {n}], got shape {tuple(present.shape)}")
+    scores = f * present[:, :, None, None]
+    masked = scores.masked_fill(~present[:, :, None, None], -1.0)
+    mask = masked.argmax(1) + 1
+    if "power" in background:
+        bg = (1.0 - scores.amax(1)).clamp(0, 1) ** power
+        mask = torch.where(bg > masked.amax(1), torch.zeros_like(mask), mask)
+    mask[~present.any(1)] = 0
+    out = mask.numpy().astype(np.uint8)
+    if "white" in background:
+        if rgb is None:
+            raise CamError(f"background={background!r} needs the RGB images (rgb=...)")
+        rgb = np.asarray(rgb)
+        if rgb.ndim == 3:
+            rgb = rgb[None]
+        if rgb.shape[:3] != out.shape:
+            raise CamError(f"rgb shape {rgb.shape} does not match the masks {out.shape}")
+        for i in range(b):
+            out[i][white_mask(rgb[i], white_threshold, min_size)] = 0
+    return out
+
+
+def write_palette_png(
+    path: str | Path, mask: np.ndarray, colors: Sequence[Sequence[int]] | None = None
+) -> Path:
+    """Write a uint8 [H,W] index mask as a palettised PNG (index k -> colors[k]), atomically."""
+    m = np.asarray(mask)
+    if m.ndim != 2:
+        raise CamError(f"{path}: mask must be 2-D, got shape {m.shape}")
+    if m.dtype != np.uint8:
+        if m.size and (m.min() < 0 or m.max() > 255):
+            raise CamError(f"{path}: mask values must fit in uint8")
+        m = m.astype(np.uint8)
+    colors = list(colors) if colors is not None else DEFAULT_PALETTE
+    if len(colors) > 256:
+        raise CamError(f"{path}: a PNG palette holds at most 256 colours, got {len(colors)}")
+    if m.size and int(m.max()) >= len(colors):
+        raise CamError(f"{path}: mask value {int(m.max())} has no colour (palette of {len(colors)})")
+    flat = [int(c) for rgb in colors for c in rgb[:3]]
+    m = np.ascontiguousarray(m)
+    img = Image.frombytes("P", (m.shape[1], m.shape[0]), m.tobytes())
+    img.putpalette(flat + [0] * (768 - len(flat)))
+    p = Path(path)
+    atomic_save(p, lambda tmp: img.save(tmp, format="PNG"))
+    return p

@@ -1,0 +1,1 @@
+"""Training machinery shared by every method: input conversion, AMP, optimisation, checkpoints, loops."""

@@ -1,0 +1,1 @@
+"""Segmentation methods as plugins: one folder per method and a registry (see registry)."""
