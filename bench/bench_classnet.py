@@ -19,8 +19,10 @@ import torch.nn.functional as F
 
 import pbip_engine  # noqa: F401  (cuCIM before torch)
 from pbip_engine.engine.embed.encoders.efficientnet import build_efficientnet_lite0
-from pbip_engine.engine.training.stage1 import autocast, make_optimizer
+from pbip_engine.engine.training.amp import autocast
+from pbip_engine.engine.training.loop import LoopConfig, make_optimizer
 from pbip_engine.methods.pbip.classnet import ClassNetConfig, build_classnet, classnet_step, freeze_encoder
+from pbip_engine.methods.pbip.task import PbipTask
 
 
 def _time(fn, warmup: int, iters: int) -> list[tuple[float, float]]:
@@ -64,7 +66,7 @@ def main() -> None:
     encoder = freeze_encoder(build_efficientnet_lite0().to(dev))
     protos = F.normalize(torch.randn(args.classes * args.k, encoder.info.dim), dim=1)
     model = build_classnet(cfg, protos, [args.k] * args.classes, args.classes).to(dev).train()
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(PbipTask(model, cfg), LoopConfig(lr=cfg.lr, weight_decay=cfg.weight_decay))
 
     x = torch.randn(args.batch, 3, args.size, args.size, device=dev)
     labels = torch.zeros(args.batch, args.classes, device=dev)

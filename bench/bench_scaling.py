@@ -75,7 +75,7 @@ def base_spec(args: argparse.Namespace, output: Path) -> dict[str, Any]:
     raw = yaml.safe_load(DEMO.read_text())
     raw["run"].update(name="bench-scaling", output=str(output))
     raw["data"]["synthetic"].update(slides=args.slides, size=args.size)
-    raw["classnet"]["epochs"] = args.epochs
+    raw["stage1"]["epochs"] = args.epochs
     raw["segmenter"]["epochs"] = args.segmenter_epochs
     raw["resources"] = {
         "workers": 1,

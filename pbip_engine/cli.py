@@ -134,7 +134,7 @@ bank_cmd = _stage_command("bank", "Build the prototype bank of SPEC (cosine K-me
 
 
 train_classnet_cmd = _stage_command(
-    "classnet", "Train ClassNet (PBIP stage 1) on Ray Train.", "train-classnet"
+    "classnet", "Train the method's stage-1 network (PBIP: ClassNet) on Ray Train.", "train-classnet"
 )
 pseudo_cmd = _stage_command("pseudo", "Write ClassNet pseudo masks for the labelled tiles.")
 segmenter_cmd = _stage_command("segmenter", "Train the stage-2 DeepLab on the pseudo masks.")
@@ -223,12 +223,21 @@ def evaluate(
     "--slides", default=None, type=click.IntRange(1), help="override the number of synthetic slides"
 )
 @click.option("--size", default=None, type=click.IntRange(512), help="override the synthetic slide size (px)")
-def demo(out: str, address: str | None, slides: int | None, size: int | None) -> None:
+@click.option(
+    "--method", default=None, help="run the demo with another registered method (see `pbip-engine methods`)"
+)
+def demo(out: str, address: str | None, slides: int | None, size: int | None, method: str | None) -> None:
     """Synthesise a small cohort and run the whole pipeline on it, locally."""
     import yaml
 
+    from pbip_engine.methods import METHODS
+
     raw = yaml.safe_load(DEMO_SPEC.read_text())
     raw["run"]["output"] = str(Path(out).resolve())
+    if method is not None and method != raw["method"]["name"]:
+        if method not in METHODS:
+            raise click.ClickException(f"--method: unknown method {method!r}; methods are {sorted(METHODS)}")
+        raw["method"] = {"name": method}  # that method's defaults; the demo's keys belong to its own method
     if slides is not None:
         raw["data"]["synthetic"]["slides"] = slides
     if size is not None:
@@ -261,6 +270,17 @@ def demo(out: str, address: str | None, slides: int | None, size: int | None) ->
     if (out / "segment" / "masks").is_dir():
         click.echo(f"QuPath-ready masks, GeoJSON and overlays: {out / 'segment' / 'masks'}")
     sys.exit(code)
+
+
+@main.command()
+def methods() -> None:
+    """List the registered segmentation methods and their spec keys (``method:`` section)."""
+    from pbip_engine.methods import METHODS
+
+    for name, m in sorted(METHODS.items()):
+        keys = [k for k in m.config_model.model_fields if k != "name"]
+        bank = "uses the prototype bank" if m.needs_bank else "no bank"
+        click.echo(f"{name}: {m.summary} ({bank})\n  keys: {', '.join(keys)}")
 
 
 def _register_cluster_commands() -> None:

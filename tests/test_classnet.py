@@ -15,16 +15,10 @@ import pbip_engine  # noqa: F401  (loads cuCIM before torch)
 from pbip_engine.engine.embed.encoders.base import EncoderInfo
 from pbip_engine.engine.nn.backbones import BackboneError, create_backbone
 from pbip_engine.engine.nn.mit import FeatureInfo
-from pbip_engine.engine.training.stage1 import (
-    CheckpointError,
-    evaluate_cams,
-    fit_local,
-    load_checkpoint,
-    make_optimizer,
-    save_checkpoint,
-    to_model_input,
-    train_one_epoch,
-)
+from pbip_engine.engine.training.checkpoint import CheckpointError, read_checkpoint, restore_training_state
+from pbip_engine.engine.training.inputs import to_model_input
+from pbip_engine.engine.training.loop import LocalStore, LoopConfig, Trainer, fit_local, make_optimizer
+from pbip_engine.methods.pbip.cams import evaluate_cams
 from pbip_engine.methods.pbip.classnet import (
     VARIANTS,
     ClassNetConfig,
@@ -32,6 +26,7 @@ from pbip_engine.methods.pbip.classnet import (
     classnet_step,
     freeze_encoder,
 )
+from pbip_engine.methods.pbip.task import PbipTask
 
 D = 16  # prototype / bank-encoder dim
 
@@ -199,15 +194,24 @@ def test_variants_run(variant):
     assert math.isfinite(loss.item()) and stats["l_fgs"] > 0
 
 
+def loop_cfg(cfg, **kw):
+    return LoopConfig(**{"epochs": cfg.epochs, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "amp": False,
+                         "augment": False, **kw})  # fmt: skip
+
+
+def tiny_trainer(tmp_path, cfg_kw=None, **loop_kw):
+    model, cfg = tiny_model(tiny_cfg(**(cfg_kw or {})))
+    task = PbipTask(model, cfg, TinyEncoder())
+    return Trainer(task, loop_cfg(cfg, **loop_kw), LocalStore(tmp_path)), model, cfg
+
+
 @pytest.mark.slow
-def test_loss_decreases_on_toy_task():
-    model, cfg = tiny_model(tiny_cfg(lr=3e-3))
-    enc = freeze_encoder(TinyEncoder())
-    opt = make_optimizer(model, cfg)
+def test_loss_decreases_on_toy_task(tmp_path):
+    trainer, model, cfg = tiny_trainer(tmp_path, {"lr": 3e-3})
     batches = [toy_batch(6, seed=s) for s in range(20)]
-    first = train_one_epoch(model, enc, batches[:3], opt, cfg, "cpu")
-    train_one_epoch(model, enc, batches[3:17], opt, cfg, "cpu")
-    last = train_one_epoch(model, enc, batches[17:], opt, cfg, "cpu")
+    first = trainer.train_epoch(batches[:3], 1, 0, None)
+    trainer.train_epoch(batches[3:17], 2, 3, None)
+    last = trainer.train_epoch(batches[17:], 3, 17, None)
     assert last["l_cls"] < 0.5 * first["l_cls"], (first, last)
     assert first["steps"] == 3 and first["images"] == 18 and first["images_per_s"] > 0
     val = evaluate_cams(model, [toy_batch(6, seed=99)], cfg, "cpu", 2, ignore_background=True)
@@ -217,12 +221,14 @@ def test_loss_decreases_on_toy_task():
 
 def test_optimizer_groups():
     model, cfg = tiny_model()
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(PbipTask(model, cfg, TinyEncoder()), loop_cfg(cfg))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == cfg.weight_decay and no_decay["weight_decay"] == 0.0
     ids = {id(p) for p in no_decay["params"]}
     assert id(model.logit_scale) in ids and id(model.projectors[0].fc1.bias) in ids
     assert id(model.projectors[0].fc1.weight) not in ids
+    frozen = {id(p) for p in PbipTask(model, cfg, TinyEncoder()).bank_encoder.parameters()}
+    assert not frozen & {id(p) for g in opt.param_groups for p in g["params"]}  # the encoder never trains
 
 
 def test_to_model_input_normalises():
@@ -234,39 +240,62 @@ def test_to_model_input_normalises():
 
 
 def test_checkpoint_roundtrip_and_mismatch(tmp_path):
-    model, cfg = tiny_model()
-    opt = make_optimizer(model, cfg)
-    train_one_epoch(model, freeze_encoder(TinyEncoder()), [toy_batch(2)], opt, cfg, "cpu")
-    path = save_checkpoint(tmp_path / "c.pt", model, opt, 3, {"miou": 0.5}, cfg=cfg)
+    trainer, model, cfg = tiny_trainer(tmp_path)
+    trainer.train_epoch([toy_batch(2)], 1, 0, None)
+    path = tmp_path / "c.pt"
+    trainer._writer(3, 7, {"miou": 0.5})(path)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     other, _ = tiny_model(seed=1)
-    opt2 = make_optimizer(other, cfg)
-    info = load_checkpoint(path, other, opt2)
-    assert info["epoch"] == 3 and info["metrics"]["miou"] == 0.5 and info["config"]["levels"] == [1, 2, 3]
+    opt2 = make_optimizer(PbipTask(other, cfg), loop_cfg(cfg))
+    state = read_checkpoint(path, "stage1:pbip")
+    restore_training_state(path, state, other, opt2)
+    assert state["epoch"] == 3 and state["step"] == 7 and state["metrics"]["miou"] == 0.5
+    assert state["model_config"]["levels"] == [1, 2, 3]
     for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert opt2.state_dict()["state"]  # AdamW moments restored
     wrong, _ = tiny_model(k=(3, 2))
     with pytest.raises(CheckpointError, match="prototypes"):
-        load_checkpoint(path, wrong)
+        restore_training_state(path, state, wrong)
+    with pytest.raises(CheckpointError, match="segmenter"):
+        read_checkpoint(path, "segmenter")
 
 
 def test_fit_local_resume_and_best(tmp_path):
+    """Stage 1 through the one loop: stop after epoch 1, restart, the history continues at epoch 2."""
     model, cfg = tiny_model(tiny_cfg(epochs=2))
-    enc = TinyEncoder()
     train = lambda epoch: [toy_batch(4, seed=epoch)]  # noqa: E731
     val = [toy_batch(4, seed=123)]
-    r1 = fit_local(model, enc, train, cfg, tmp_path, val_data=val, epochs=1, log_fn=None)
-    assert r1["epochs_run"] == 1 and (tmp_path / "best.pt").is_file()
+    r1 = fit_local(PbipTask(model, cfg, TinyEncoder()), train, loop_cfg(cfg, epochs=1), tmp_path,
+                   val_data=val, log_fn=None)  # fmt: skip
+    assert r1["epochs_run"] == 1 and (tmp_path / "best.pt").is_file() and (tmp_path / "last.pt").is_file()
     model2, _ = tiny_model(cfg, seed=5)
-    r2 = fit_local(model2, enc, train, cfg, tmp_path, val_data=val, log_fn=None)
+    r2 = fit_local(
+        PbipTask(model2, cfg, TinyEncoder()), train, loop_cfg(cfg), tmp_path, val_data=val, log_fn=None
+    )
     assert r2["epochs_run"] == 1  # resumed at epoch 2 of 2
     lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in lines] == [1, 2]
-    assert {"miou", "fwiou", "mdice", "mbiou"} <= set(lines[1]["val"])
+    assert [r["epoch"] for r in lines] == [1, 2] and [r["start_epoch"] for r in lines] == [1, 2]
+    assert {"miou", "fwiou", "mdice", "mbiou", "score"} <= set(lines[1]["val"])
+    assert (
+        lines[1]["val_score"] == lines[1]["val"]["miou"]
+    )  # masks in the val batches: CAM mIoU picks best.pt
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch_0001.pt", "epoch_0002.pt"]
-    r3 = fit_local(model2, enc, train, cfg, tmp_path, val_data=val, log_fn=None)
+    best = read_checkpoint(tmp_path / "best.pt", "stage1:pbip")
+    assert best["metrics"]["val_score"] == max(r["val_score"] for r in lines)
+    r3 = fit_local(
+        PbipTask(model2, cfg, TinyEncoder()), train, loop_cfg(cfg), tmp_path, val_data=val, log_fn=None
+    )
     assert r3["epochs_run"] == 0
+
+
+def test_labels_only_validation_scores_the_negative_loss(tmp_path):
+    model, cfg = tiny_model(tiny_cfg(epochs=1))
+    val = [{k: v for k, v in toy_batch(4, seed=7).items() if k != "mask"}]
+    res = fit_local(PbipTask(model, cfg, TinyEncoder()), [toy_batch(4)], loop_cfg(cfg), tmp_path, val_data=val,
+                    log_fn=None)  # fmt: skip
+    row = res["history"][0]
+    assert row["val_score"] == pytest.approx(-row["val"]["loss"]) and row["val"]["loss"] > 0
 
 
 def test_ddp_wrapped_step(tmp_path):

@@ -11,18 +11,23 @@ import torch
 from torch import nn
 
 from pbip_engine.engine.nn.deeplab import SegmenterError, build_segmenter, segmenter_from_config
-from pbip_engine.engine.training.stage2 import (
-    SegTrainConfig,
+from pbip_engine.engine.training.augment import augment_batch
+from pbip_engine.engine.training.loop import (
+    LocalStore,
+    LoopConfig,
+    Trainer,
+    fit_local,
+    make_optimizer,
+    set_poly_lr,
+)
+from pbip_engine.engine.training.segmentation import (
+    SegmentationTask,
     SegTrainError,
     batch_to_tensors,
     evaluate,
-    fit_local,
     iter_minibatches,
     load_segmenter,
-    make_optimizer,
     segmentation_loss,
-    segmenter_step,
-    set_poly_lr,
 )
 
 
@@ -129,18 +134,19 @@ def test_loss_ignores_255_and_survives_all_ignored():
     assert zero.item() == 0.0 and logits.grad is not None and (logits.grad == 0).all()
 
 
-def test_batches_are_normalised_checked_and_flipped_together():
-    img = np.zeros((2, 4, 6, 3), np.uint8)
+def test_batches_are_normalised_checked_and_augmented_together():
+    img = np.zeros((8, 6, 6, 3), np.uint8)
     img[..., 0] = np.arange(6, dtype=np.uint8)[None, None, :] * 40  # red encodes the column
-    mask = np.broadcast_to(np.arange(6, dtype=np.uint8)[None, None, :] % 3, (2, 4, 6)).copy()
+    img[..., 1] = np.arange(6, dtype=np.uint8)[None, :, None] * 40  # green encodes the row
+    mask = (np.arange(6, dtype=np.uint8)[None, :, None] * 6 + np.arange(6, dtype=np.uint8)[None, None, :]) % 3
+    mask = np.broadcast_to(mask, (8, 6, 6)).copy()
     x, m = batch_to_tensors({"image": img, "mask": mask}, "cpu", mean=(0, 0, 0), std=(1, 1, 1))
-    assert x.shape == (2, 3, 4, 6) and m.dtype == torch.long
+    assert x.shape == (8, 3, 6, 6) and m.dtype == torch.long
     torch.testing.assert_close(x[0, 0, 0], torch.arange(6) * 40 / 255.0)
-    g = torch.Generator().manual_seed(3)
-    xf, mf = batch_to_tensors((img, mask), "cpu", mean=(0, 0, 0), std=(1, 1, 1), hflip=True, generator=g)
-    col = (xf[:, 0] * 255 / 40).round().long()  # recovered column index per pixel
-    assert torch.equal(col % 3, mf)  # image and mask flipped together
-    assert (mf[:, :, 0] == 2).any()  # at least one sample was flipped (column 5 -> 0)
+    aug = augment_batch({"image": img, "mask": mask}, np.random.default_rng(3))
+    row, col = aug["image"][..., 1].astype(int) // 40, aug["image"][..., 0].astype(int) // 40
+    assert np.array_equal((row * 6 + col) % 3, aug["mask"])  # image and mask moved together, per pixel
+    assert len({aug["image"][i].tobytes() for i in range(8)}) > 1  # samples drew different transforms
     with pytest.raises(SegTrainError, match=r"\[5, 6, 7\]"):
         batch_to_tensors({"image": img, "mask": mask + 5}, "cpu", mean=(0, 0, 0), std=(1, 1, 1), n_classes=3)
     with pytest.raises(SegTrainError, match="mask shape"):
@@ -149,14 +155,13 @@ def test_batches_are_normalised_checked_and_flipped_together():
 
 def test_poly_lr_and_head_multiplier():
     m = build_segmenter("deeplabv2", 3, pretrained=False)
-    opt = make_optimizer(m, SegTrainConfig(lr=0.01, head_lr_mult=10))
+    opt = make_optimizer(SegmentationTask(m, head_lr_mult=10), LoopConfig(lr=0.01, optimizer="sgd"))
     assert [g["name"] for g in opt.param_groups] == ["backbone", "head"]
     assert opt.param_groups[1]["lr"] == pytest.approx(0.1)
     assert set(map(id, opt.param_groups[1]["params"])) == set(map(id, m.aspp.parameters()))
     assert set_poly_lr(opt, 50, 100, 0.9) == pytest.approx(0.01 * 0.5**0.9)
     assert opt.param_groups[1]["lr"] == pytest.approx(0.1 * 0.5**0.9)
-    assert set_poly_lr(opt, 100, 100) == 0.0 and set_poly_lr(opt, 3, None) == pytest.approx(0.01)
-    assert make_optimizer(m, SegTrainConfig()).param_groups[0]["lr"] == pytest.approx(2.5e-4)  # v2 paper
+    assert set_poly_lr(opt, 100, 100, 0.9) == 0.0 and set_poly_lr(opt, 3, None, 0.9) == pytest.approx(0.01)
 
 
 def _toy_batches(n: int = 16, size: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -173,46 +178,48 @@ def _toy_batches(n: int = 16, size: int = 16, seed: int = 0) -> tuple[np.ndarray
     return imgs, masks
 
 
-def test_step_learns_and_evaluate_scores():
+def test_step_learns_and_evaluate_scores(tmp_path):
     torch.manual_seed(0)
     imgs, masks = _toy_batches(n=8)
-    model = Tiny()
-    cfg = SegTrainConfig(optimizer="adamw", lr=0.05, weight_decay=0.0, amp=False)
-    opt = make_optimizer(model, cfg)
-    first = segmenter_step(model, {"image": imgs, "mask": masks}, opt, cfg)["loss"]
-    for _ in range(40):
-        last = segmenter_step(model, {"image": imgs, "mask": masks}, opt, cfg)["loss"]
-    assert last < 0.2 * first
-    metrics = evaluate(model, iter_minibatches(imgs, masks, 8, shuffle=False))
+    cfg = LoopConfig(optimizer="adamw", lr=0.05, weight_decay=0.0, amp=False, augment=False)
+    trainer = Trainer(SegmentationTask(Tiny()), cfg, LocalStore(tmp_path))
+    first = trainer.train_epoch([{"image": imgs, "mask": masks}], 1, 0, None)["loss"]
+    last = trainer.train_epoch([{"image": imgs, "mask": masks}] * 40, 2, 1, None)
+    assert last["loss"] < 0.3 * first and last["steps"] == 40
+    metrics = evaluate(trainer.task.model, iter_minibatches(imgs, masks, 8, shuffle=False))
     assert metrics["miou"] > 0.9 and metrics["n_ignored_pixels"] == int((masks == 255).sum())
 
 
 @pytest.mark.slow
 def test_deeplab_fit_local_checkpoints_resume_and_reload(tmp_path):
+    """Stage 2 through the one loop: 2 epochs, a restart that continues at epoch 3, reload from best.pt."""
     torch.manual_seed(0)
     imgs, masks = _toy_batches(n=4, size=16)
     model = build_segmenter("deeplabv2", 3, pretrained=False, output_stride=16)
-    cfg = SegTrainConfig(epochs=2, amp=False)  # lr: DeepLab-v2's published 2.5e-4
+    cfg = LoopConfig(epochs=2, lr=2.5e-4, optimizer="sgd", weight_decay=5e-4, schedule="poly", amp=False)
     train = lambda e: iter_minibatches(imgs, masks, 2, seed=e)  # noqa: E731
     val = lambda e: iter_minibatches(imgs, masks, 4, shuffle=False)  # noqa: E731
-    res = fit_local(model, train, cfg, tmp_path, val_data=val, log_fn=None)
+    res = fit_local(SegmentationTask(model), train, cfg, tmp_path, val_data=val, log_fn=None)
     assert res["epochs_run"] == 2 and len(res["history"]) == 2
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch_0001.pt", "epoch_0002.pt"]
     assert res["history"][-1]["step"] == 4
-    assert res["history"][-1]["train"]["lr"] < 2.5e-4  # poly schedule decayed over the known epoch length
+    assert res["history"][-1]["lr"] < 2.5e-4  # poly schedule decayed over the known epoch length
+    assert res["history"][-1]["val_score"] == res["history"][-1]["val"]["miou"]
     assert (tmp_path / "best.pt").is_file() and len(
         (tmp_path / "metrics.jsonl").read_text().splitlines()
     ) == 2
-    # A third epoch resumes from epoch 2 instead of starting over.
-    res3 = fit_local(model, train, cfg, tmp_path, val_data=val, epochs=3, log_fn=None)
+    # A restart with 3 epochs resumes after epoch 2 instead of starting over.
+    model2 = build_segmenter("deeplabv2", 3, pretrained=False, output_stride=16)
+    cfg3 = LoopConfig(**{**cfg.to_dict(), "epochs": 3})
+    res3 = fit_local(SegmentationTask(model2), train, cfg3, tmp_path, val_data=val, log_fn=None)
     assert res3["epochs_run"] == 1 and [h["epoch"] for h in res3["history"]] == [1, 2, 3]
-    # The best checkpoint alone rebuilds an identical model.
-    best_epoch = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["epoch"]
-    reloaded = load_segmenter(tmp_path / "checkpoints" / f"epoch_{best_epoch:04d}.pt")
-    model.eval()
+    assert res3["history"][-1]["start_epoch"] == 3 and res3["history"][-1]["step"] == 6
+    # The last checkpoint alone rebuilds an identical model.
+    reloaded = load_segmenter(tmp_path / "last.pt")
+    model2.eval()
     x = torch.randn(1, 3, 16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(x), model(x))
-    with pytest.raises(SegTrainError, match="not a pbip-segmenter"):
+        torch.testing.assert_close(reloaded(x), model2(x))
+    with pytest.raises(SegTrainError, match="not a pbip-engine checkpoint"):
         torch.save({"model": {}}, tmp_path / "junk.pt")
         load_segmenter(tmp_path / "junk.pt")

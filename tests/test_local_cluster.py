@@ -141,7 +141,7 @@ def cohort(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> d
     raw["data"]["synthetic"].update(slides=6, size=1024)
     raw["tiling"].update(mpp=2.0, tile_px=64)
     raw["encoder"].update(batch_size=8)  # ~30 tiles: several batches, so the embed actor can die mid-stage
-    raw["classnet"].update(epochs=3)  # a worker is killed after the first epoch's checkpoint
+    raw["stage1"].update(epochs=3)  # a worker is killed after the first epoch's checkpoint
     raw["resources"].update(max_failures=3)
     specs = {}
     for name in ("reference", "faulty", "rerun"):
@@ -254,10 +254,10 @@ def test_train_worker_killed_mid_epoch_resumes_from_the_last_checkpoint(
     run = json.loads((out / "run.json").read_text())["stages"]["classnet"]
     assert run["status"] == "done" and not run.get("skipped") and run["counts"]["epochs"] == 3
     history = [json.loads(line) for line in (out / "classnet" / "metrics.jsonl").read_text().splitlines()]
-    assert [h["epoch"] for h in history] == [0, 1, 2]  # every epoch once: none lost, none run twice
+    assert [h["epoch"] for h in history] == [1, 2, 3]  # every epoch once: none lost, none run twice
     starts = [h["start_epoch"] for h in history]
-    # Epoch 0 by the first attempt; the rest by an attempt that loaded a checkpoint instead of starting over.
-    assert starts[0] == 0 and starts[-1] >= 1 and all(h["start_epoch"] <= h["epoch"] for h in history)
+    # Epoch 1 by the first attempt; the rest by an attempt that loaded a checkpoint instead of starting over.
+    assert starts[0] == 1 and starts[-1] >= 2 and all(h["start_epoch"] <= h["epoch"] for h in history)
     assert (out / "classnet" / "last.pt").is_file() and (out / "classnet" / "best.pt").is_file()
 
 

@@ -43,7 +43,7 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory, ray_local) -> Path:
         "tiling": {"mpp": 1.0, "tile_px": 64, "min_tissue": 0.5},
         "encoder": {"batch_size": 32},
         "bank": {"k": 2, "n_k": 5, "holdout_fraction": 0.2},
-        "classnet": {"epochs": 1, "batch_size": 8, "lr": 1.0e-4},
+        "stage1": {"epochs": 1, "batch_size": 8, "lr": 1.0e-4},
         "segmenter": {"epochs": 1, "batch_size": 16},
         "segment": {"batch_size": 8},
         "resources": {"workers": 1, "autoscale": {"min": 1, "max": 2}},
@@ -96,7 +96,8 @@ def test_classnet_checkpoint_and_metrics(pipeline_run: Path) -> None:
     d = pipeline_run / "classnet"
     assert (d / "best.pt").is_file() and (d / "last.pt").is_file()
     rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 1 and rows[0]["epoch"] == 0 and rows[0]["total"] > 0
+    assert len(rows) == 1 and rows[0]["epoch"] == 1 and rows[0]["loss"] > 0 and rows[0]["total"] > 0
+    assert "val_score" in rows[0]  # stage1.val_fraction held tiles out to pick best.pt
 
 
 def test_pseudo_masks_index_and_score(pipeline_run: Path) -> None:

@@ -265,7 +265,8 @@ def test_plain_png_smaller_than_a_tile(tmp_path):
 @pytest.mark.slow
 def test_tiny_model_overfit_then_segment(tmp_path):
     """Train a tiny CNN with the stage-2 training code on a toy image, then segment a new toy slide."""
-    from pbip_engine.engine.training.stage2 import SegTrainConfig, fit_local, iter_minibatches
+    from pbip_engine.engine.training.loop import LoopConfig, fit_local
+    from pbip_engine.engine.training.segmentation import SegmentationTask, iter_minibatches
 
     rng = np.random.default_rng(0)
 
@@ -286,11 +287,11 @@ def test_tiny_model_overfit_then_segment(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 1))
     model.config = {"n_classes": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
-    cfg = SegTrainConfig(optimizer="adamw", lr=0.05, weight_decay=0.0, epochs=3, amp=False)
+    cfg = LoopConfig(optimizer="adamw", lr=0.05, weight_decay=0.0, epochs=3, amp=False)
     res = fit_local(
-        model, lambda e: iter_minibatches(X, Y, 32, seed=e), cfg, tmp_path / "train", log_fn=None,
+        SegmentationTask(model), lambda e: iter_minibatches(X, Y, 32, seed=e), cfg, tmp_path / "train", log_fn=None,
     )  # fmt: skip
-    hist = [h["train"]["loss"] for h in res["history"]]
+    hist = [h["loss"] for h in res["history"]]
     assert hist[-1] < hist[0] * 0.5
 
     slide_img, slide_truth = textured(1024, 1536, 2)

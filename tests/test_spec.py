@@ -35,8 +35,8 @@ def test_good_spec_resolves_paths_against_spec_file(tmp_path: Path) -> None:
     spec = load_spec(_write(tmp_path, GOOD))
     assert spec.run.output == str((tmp_path / "out").resolve())
     assert spec.class_names == ["tumour", "stroma"]
-    assert spec.bank.k == 3 and spec.classnet.delta == 0.15  # paper defaults
-    assert spec.classnet.lr == 1e-5 and spec.classnet.weight_decay == 0.003
+    assert spec.bank.k == 3 and spec.method.name == "pbip" and spec.method.delta == 0.15  # paper defaults
+    assert spec.stage1.lr == 1e-5 and spec.stage1.weight_decay == 0.003
 
 
 def test_bundled_demo_spec_is_valid() -> None:
@@ -108,7 +108,8 @@ def test_json_schema_covers_every_section() -> None:
         "tiling",
         "encoder",
         "bank",
-        "classnet",
+        "method",
+        "stage1",
         "pseudo",
         "segmenter",
         "segment",

@@ -35,7 +35,7 @@ def write_spec(folder: Path, output: str = "out", slides: int = 2, size: int = 1
     raw = yaml.safe_load(DEMO.read_text())
     raw["run"]["output"] = output
     raw["data"]["synthetic"].update(slides=slides, size=size)
-    raw["classnet"]["epochs"] = 1
+    raw["stage1"]["epochs"] = 1
     raw["segmenter"]["epochs"] = 1
     raw.update(overrides)
     folder.mkdir(parents=True, exist_ok=True)

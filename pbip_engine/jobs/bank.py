@@ -10,6 +10,7 @@ from pbip_engine.jobs.embed import embeddings_dir
 from pbip_engine.jobs.manifest import write_json_atomic
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
 from pbip_engine.jobs.tile import tile_files
+from pbip_engine.schemas.spec import JobSpec
 
 
 def tile_fetcher(tile_dir: Path):
@@ -47,6 +48,12 @@ class BankStage(Stage):
     name = "bank"
     deps = ("embed",)
     sections = ("classes", "bank")
+
+    def enabled(self, spec: JobSpec) -> bool:
+        """Only methods that use prototypes (PBIP's ClassNet) need a bank."""
+        from pbip_engine.methods import get_method
+
+        return get_method(spec.method.name).needs_bank
 
     def run(self, ctx: StageContext) -> StageResult:
         import pyarrow.dataset as pads

@@ -8,7 +8,6 @@ per-slide mosaic of the masks is written for QA.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ from pbip_engine.jobs.ray_train import decode_batch
 from pbip_engine.jobs.resources import actor_pool_options, read_options, write_parquet_fresh
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
 from pbip_engine.jobs.tile import tile_files
-from pbip_engine.jobs.train_stage1 import classnet_config
 
 COLUMNS = ["tile_id", "slide_id", "x", "y", "size0", "image", "labels", "labelled"]
 
@@ -28,47 +26,28 @@ def mask_relpath(slide_id: str, x: int, y: int) -> str:
     return f"masks/{slide_id}/{x}_{y}.png"
 
 
-def load_classnet(model_path: str, bank_dir: str, cfg_dict: dict[str, Any], device: str = "cpu"):
-    from pbip_engine.engine.training.stage1 import load_checkpoint
-    from pbip_engine.methods.pbip.classnet import ClassNetConfig, build_classnet, load_prototypes_from_bank
-
-    cfg = ClassNetConfig.from_dict(cfg_dict)
-    cfg.pretrained = False  # the checkpoint carries every weight
-    protos, k_list, names = load_prototypes_from_bank(bank_dir)
-    model = build_classnet(cfg, protos, k_list, n_classes=len(names))
-    load_checkpoint(model_path, model, map_location=device)
-    return model.to(device).eval(), cfg
-
-
 class PseudoPredictor:
-    """Ray Data callable: one ClassNet per actor; writes each tile's mask PNG, returns the index rows."""
+    """Ray Data callable: one trained stage-1 model per actor; writes each tile's mask PNG, returns the index rows."""
 
-    def __init__(
-        self, model_path: str, bank_dir: str, cfg: dict[str, Any], out_dir: str, pseudo: dict, colors
-    ):
+    def __init__(self, spec: Any, model_path: str, bank_dir: str | None, out_dir: str) -> None:
         import torch
 
+        from pbip_engine.methods import PseudoOptions, Stage1Inputs, get_method
+
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model, self.cfg = load_classnet(model_path, bank_dir, cfg, self.device)
+        method = get_method(spec.method.name)
+        self.model = method.load_cam_model(
+            spec.method, Path(model_path), Stage1Inputs.from_spec(spec, bank_dir), self.device
+        )
+        p = spec.pseudo
+        self.options = PseudoOptions(p.background, p.white_threshold, p.min_object, p.gamma)
         self.out_dir = Path(out_dir)
-        self.pseudo = pseudo
-        self.colors = [(255, 255, 255), *colors]
+        self.colors = [(255, 255, 255), *spec.class_colors]
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         from pbip_engine.engine.pseudo.cams import write_palette_png
-        from pbip_engine.engine.training.stage1 import predict_masks
 
-        b = decode_batch(batch)
-        masks, _ = predict_masks(
-            self.model,
-            b,
-            self.cfg,
-            self.device,
-            background=self.pseudo["background"],
-            white_threshold=self.pseudo["white_threshold"],
-            min_size=self.pseudo["min_object"],
-            power=self.pseudo["gamma"],
-        )
+        masks = self.model.predict_masks(decode_batch(batch), self.options)
         paths, pngs = [], []
         for sid, x, y, m in zip(batch["slide_id"], batch["x"], batch["y"], masks, strict=True):
             rel = mask_relpath(str(sid), int(x), int(y))
@@ -198,9 +177,9 @@ def slide_mosaics(index: list[dict[str, Any]], out_dir: Path, colors, max_px: in
 @register_stage
 class PseudoStage(Stage):
     name = "pseudo"
-    version = 3  # v2: samples/ Parquet (image + mask) for stage 2; v3: scored against patch masks
+    version = 4  # v2: samples/ Parquet (image + mask); v3: scored against patch masks; v4: method plug-ins
     deps = ("tile", "bank", "classnet")
-    sections = ("classes", "pseudo")
+    sections = ("classes", "method", "pseudo")
 
     def run(self, ctx: StageContext) -> StageResult:
         import pyarrow as pa
@@ -220,12 +199,10 @@ class PseudoStage(Stage):
         ds = ds.map_batches(
             PseudoPredictor,
             fn_constructor_kwargs={
+                "spec": spec,
                 "model_path": str(model_path),
-                "bank_dir": str(ctx.stage_dir("bank")),
-                "cfg": asdict(classnet_config(spec)),
+                "bank_dir": str(ctx.stage_dir("bank")) if "bank" in self.dependencies(spec) else None,
                 "out_dir": str(ctx.work_dir),
-                "pseudo": spec.pseudo.model_dump(),
-                "colors": spec.class_colors,
             },
             batch_size=32,
             batch_format="numpy",

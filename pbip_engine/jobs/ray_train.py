@@ -1,9 +1,10 @@
-"""Ray Train machinery shared by the ClassNet and segmenter stages.
+"""Ray Train around the engine's one training loop (``engine/training/loop.py``).
 
-``fit_on_ray`` runs an engine-side epoch function under ``TorchTrainer`` (gloo on CPU, NCCL on GPU):
-checkpoint every epoch into the run's storage, resume from the latest checkpoint when the run is
-restarted with the same storage (a re-run after a crash, or FailureConfig restarting a dead worker),
-keep the best by validation mIoU when there is one, and hand back the epoch history.
+``fit_on_ray`` runs ``worker_loop`` under ``TorchTrainer`` (gloo on CPU, NCCL on GPU). Each worker builds
+its task with a stage's ``setup`` function, wraps the trainable part with ``prepare_model`` and runs the
+same :class:`~pbip_engine.engine.training.loop.Trainer` as ``fit_local``; only the checkpoint store
+differs (:class:`RayStore`: Ray Train's storage, so a restarted worker group or a re-run after a crash
+resumes from the latest epoch). The best epoch by validation score is kept when there is validation.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,77 +36,101 @@ def decode_batch(batch: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def augment(batch: dict[str, Any], seed: int) -> dict[str, Any]:
-    """Random flips and 90° rotations, per batch (histology has no canonical orientation)."""
-    import numpy as np
+class RayStore:
+    """Checkpoints in Ray Train's storage: rank 0 reports each epoch with its checkpoint, the others without."""
 
-    rng = np.random.default_rng(seed)
-    img = batch["image"]
-    if rng.random() < 0.5:
-        img = img[:, :, ::-1]
-    if rng.random() < 0.5:
-        img = img[:, ::-1]
-    img = np.rot90(img, k=int(rng.integers(4)), axes=(1, 2))
-    out = dict(batch)
-    out["image"] = np.ascontiguousarray(img)
-    return out
+    def __init__(self) -> None:
+        import ray.train
+
+        self.ctx = ray.train.get_context()
+
+    def latest(self) -> tuple[Path, list[dict[str, Any]]] | None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        # Copy out: the checkpoint directory may be a temporary download that is removed on exit.
+        d = Path(tempfile.mkdtemp(prefix="resume-"))
+        with ckpt.as_directory() as src:
+            shutil.copy2(Path(src) / CKPT_FILE, d / CKPT_FILE)
+            history = json.loads((Path(src) / HISTORY_FILE).read_text())
+        return d / CKPT_FILE, history
+
+    def save(self, write: Callable[[Path], None], record: dict[str, Any], history: list[dict[str, Any]],
+             is_best: bool) -> None:  # fmt: skip
+        import ray.train
+        from ray.train import Checkpoint
+
+        metrics = {k: v for k, v in record.items() if not isinstance(v, dict)}  # Ray wants flat metrics
+        if self.ctx.get_world_rank() != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            write(Path(d) / CKPT_FILE)
+            (Path(d) / HISTORY_FILE).write_text(json.dumps(history))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+
+
+def shard_batches(shard: Any, batch_size: int, convert: Callable[[dict[str, Any]], dict[str, Any]], *,
+                  shuffle: bool) -> Callable[[int], Iterable[dict[str, Any]]]:  # fmt: skip
+    """epoch -> this worker's batches of a Ray Data shard, converted to the engine's batch convention."""
+
+    def batches(epoch: int) -> Iterable[dict[str, Any]]:
+        kw = {"local_shuffle_buffer_size": batch_size * 20, "local_shuffle_seed": epoch} if shuffle else {}
+        for b in shard.iter_batches(batch_size=batch_size, batch_format="numpy", **kw):
+            yield convert(b)
+
+    return batches
 
 
 def worker_loop(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: build, resume, train epochs, report + checkpoint each epoch."""
+    """Runs on every Ray Train worker: build the task, then the engine's Trainer with a RayStore."""
     import ray.train
+    import ray.train.torch
     import torch
-    from ray.train import Checkpoint
 
     import pbip_engine  # noqa: F401  (first import in the worker: cuCIM before torch)
+    from pbip_engine.engine.training.loop import LoopConfig, Trainer
 
     if config.get("threads"):
         torch.set_num_threads(int(config["threads"]))  # Ray sets OMP_NUM_THREADS to the reserved CPUs
-    setup: Callable[[dict[str, Any], torch.device], dict[str, Any]] = config["setup"]
     device = ray.train.torch.get_device()
-    state = setup(config, device)  # model (prepared for DDP), optimizer, epoch_fn, save_fn, load_fn
-    start_epoch, history = 0, []
-    ckpt = ray.train.get_checkpoint()
     ctx = ray.train.get_context()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            meta = state["load_fn"](Path(d) / CKPT_FILE)
-            start_epoch = int(meta["epoch"]) + 1
-            history = json.loads((Path(d) / HISTORY_FILE).read_text())
-        if ctx.get_world_rank() == 0:
-            print(f"resumed from the checkpoint of epoch {start_epoch - 1}: training epochs {start_epoch}+")
-    shard = ray.train.get_dataset_shard("train")
-    for epoch in range(start_epoch, config["epochs"]):
-        metrics = state["epoch_fn"](shard, epoch)
-        metrics["epoch"] = epoch
-        metrics["world_size"] = ctx.get_world_size()
-        # The first epoch of the attempt that ran this one: 0 on a fresh start, k + 1 after resuming
-        # from epoch k's checkpoint (a restarted worker group, or a re-run after a crash).
-        metrics["start_epoch"] = start_epoch
-        history.append(metrics)
-        if ctx.get_world_rank() == 0:
-            with tempfile.TemporaryDirectory() as d:
-                state["save_fn"](Path(d) / CKPT_FILE, epoch, metrics)
-                (Path(d) / HISTORY_FILE).write_text(json.dumps(history))
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics)
+    task, convert = config["setup"](config)
+    cfg = LoopConfig(**config["loop"])
+    torch.manual_seed(cfg.seed)
+    rank0 = ctx.get_world_rank() == 0
+    trainer = Trainer(task, cfg, RayStore(), device=device, rank=ctx.get_world_rank(),
+                      world_size=ctx.get_world_size(), wrap=ray.train.torch.prepare_model,
+                      log_fn=print if rank0 else None, run_config=config.get("run_config"))  # fmt: skip
+    bs = int(config["batch_size"])
+    train = shard_batches(ray.train.get_dataset_shard("train"), bs, convert, shuffle=True)
+    val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None
+    val = shard_batches(val_shard, bs, convert, shuffle=False) if val_shard is not None else None
+    steps = -(-int(config["n_train"]) // (bs * ctx.get_world_size())) if config.get("n_train") else None
+    trainer.fit(train, val, steps_per_epoch=steps)
 
 
 def fit_on_ray(
     name: str,
-    setup: Callable[[dict[str, Any], Any], dict[str, Any]],
+    setup: Callable[[dict[str, Any]], tuple[Any, Callable[[dict[str, Any]], dict[str, Any]]]],
     config: dict[str, Any],
     datasets: dict[str, Any],
     resources: ResourcesSection,
     storage: Path,
     out_dir: Path,
-    score: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Train, then copy the final (and best, when ``score`` is given) checkpoint into ``out_dir``."""
-    from ray.train import CheckpointConfig, RunConfig
+    """Train; copy the last and the best checkpoint (by ``val_score`` when there is a ``val`` dataset) to ``out_dir``.
+
+    ``setup(config) -> (task, convert)`` runs in each worker; ``convert`` turns a Ray Data numpy batch into
+    the engine's batch convention. Writes ``out_dir/last.pt``, ``best.pt`` and ``metrics.jsonl``.
+    """
+    from ray.train import CheckpointConfig, DataConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    has_val = "val" in datasets
+    score = "val_score" if has_val else None
     run_config = RunConfig(
         name=name,
         storage_path=str(storage),
@@ -118,10 +143,17 @@ def fit_on_ray(
     )
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={**config, "setup": setup, "threads": compute_threads(resources)},
+        train_loop_config={
+            **config,
+            "setup": setup,
+            "threads": compute_threads(resources),
+            "has_val": has_val,
+        },
         scaling_config=scaling_config(resources),
         run_config=run_config,
         datasets=datasets,
+        # Every worker validates on the whole held-out set, so each reports the same score.
+        dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     from ray.data import DataContext
 

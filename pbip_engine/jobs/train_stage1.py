@@ -1,11 +1,14 @@
-"""``classnet`` stage: PBIP stage 1 (prototype CAMs + FG/BG matching) trained with Ray Train DDP."""
+"""``classnet`` stage: the method's stage-1 network (PBIP: ClassNet CAMs) trained with Ray Train DDP.
+
+The method (spec ``method:``) builds the training task; the loop settings come from ``stage1:``. Nothing
+here is specific to one method.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
-from pbip_engine.jobs.ray_train import augment, decode_batch, fit_on_ray
+from pbip_engine.jobs.ray_train import decode_batch, fit_on_ray
 from pbip_engine.jobs.resources import read_options
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
 from pbip_engine.jobs.tile import tile_files
@@ -14,125 +17,61 @@ from pbip_engine.schemas.spec import JobSpec
 TRAIN_COLUMNS = ["tile_id", "image", "labels", "labelled"]
 
 
-def classnet_config(spec: JobSpec):
-    """Spec section -> the engine's ClassNetConfig (the spec names only what users tune)."""
-    from pbip_engine.methods.pbip.classnet import ClassNetConfig
-
-    c = spec.classnet
-    return ClassNetConfig(
-        backbone=c.backbone,
-        pretrained=c.backbone_checkpoint or True,
-        levels=tuple(c.levels),
-        hidden=c.hidden,
-        merge_train=c.merge_train,
-        merge_eval=c.merge_eval,
-        delta=c.delta,
-        threshold=c.threshold,
-        alpha=c.alpha,
-        beta=c.beta,
-        tau=c.tau,
-        theta1=c.theta1,
-        theta2=c.theta2,
-        use_sim=c.use_sim,
-        sim_size=c.sim_size,
-        lr=c.lr,
-        weight_decay=c.weight_decay,
-        epochs=c.epochs,
-        batch_size=c.batch_size,
-        amp=c.amp,
-    )
+def loop_config(spec: JobSpec) -> dict[str, Any]:
+    s = spec.stage1
+    return {"epochs": s.epochs, "lr": s.lr, "weight_decay": s.weight_decay, "optimizer": "adamw",
+            "schedule": "constant", "grad_clip": s.grad_clip, "amp": s.amp, "augment": True, "seed": s.seed}  # fmt: skip
 
 
-def classnet_setup(config: dict[str, Any], device) -> dict[str, Any]:
-    """Per-worker construction (runs inside Ray Train workers, and in the Ray-free path)."""
-    import ray.train.torch
+def stage1_setup(config: dict[str, Any]):
+    """Per-worker construction of the method's task (runs inside Ray Train workers)."""
+    from pbip_engine.methods import Stage1Inputs, get_method
 
-    from pbip_engine.engine.embed.encoders import create_encoder
-    from pbip_engine.engine.training.stage1 import (
-        load_checkpoint,
-        make_grad_scaler,
-        make_optimizer,
-        save_checkpoint,
-        train_one_epoch,
-    )
-    from pbip_engine.methods.pbip.classnet import (
-        ClassNetConfig,
-        build_classnet,
-        freeze_encoder,
-        load_prototypes_from_bank,
-        unwrap,
-    )
-
-    cfg = ClassNetConfig.from_dict(config["cfg"])
-    protos, k_list, names = load_prototypes_from_bank(config["bank_dir"])
-    model = build_classnet(cfg, protos, k_list, n_classes=len(names))
-    encoder = None
-    if cfg.use_sim:
-        encoder = freeze_encoder(create_encoder(config["encoder"], config["encoder_checkpoint"])).to(device)
-    model = ray.train.torch.prepare_model(model)
-    opt = make_optimizer(model, cfg)
-    scaler = make_grad_scaler(cfg, device)
-
-    def epoch_fn(shard, epoch: int) -> dict[str, Any]:
-        batches = (
-            augment(decode_batch(b), seed=epoch * 1_000_003 + i)
-            for i, b in enumerate(
-                shard.iter_batches(
-                    batch_size=cfg.batch_size,
-                    batch_format="numpy",
-                    local_shuffle_buffer_size=cfg.batch_size * 20,
-                    local_shuffle_seed=epoch,
-                )
-            )
-        )
-        return train_one_epoch(model, encoder, batches, opt, cfg, device, scaler=scaler, log_every=10**9)
-
-    return {
-        "epoch_fn": epoch_fn,
-        "save_fn": lambda path, epoch, metrics: save_checkpoint(
-            path, unwrap(model), opt, epoch, metrics, cfg=cfg, scaler=scaler
-        ),
-        "load_fn": lambda path: load_checkpoint(path, unwrap(model), opt, scaler=scaler, map_location=device),
-    }
+    spec = config["spec"]
+    method = get_method(spec.method.name)
+    task = method.stage1_task(spec.method, Stage1Inputs.from_spec(spec, config["bank_dir"]))
+    return task, decode_batch
 
 
 @register_stage
 class ClassNetStage(Stage):
     name = "classnet"
+    version = 2  # v2: method plug-ins, one checkpoint format, epochs from 1, best.pt by validation
     deps = ("tile", "bank")
-    sections = ("classes", "encoder", "classnet")
+    sections = ("classes", "encoder", "method", "stage1")
 
     def run(self, ctx: StageContext) -> StageResult:
         import ray
+
+        from pbip_engine.engine.training.split import is_validation
 
         spec = ctx.spec
         files = tile_files(ctx.stage_dir("tile"))
         ctx.ray()
         ds = ray.data.read_parquet([str(f) for f in files], columns=TRAIN_COLUMNS, **read_options())
         ds = ds.filter(lambda row: bool(row["labelled"]), **read_options())  # fuses into the read
-        cfg = classnet_config(spec)
+        frac = spec.stage1.val_fraction
+        datasets = {"train": ds.filter(lambda r: not is_validation(r["tile_id"], frac), **read_options())}
+        if frac > 0:
+            datasets["val"] = ds.filter(lambda r: is_validation(r["tile_id"], frac), **read_options())
+        bank = ctx.stage_dir("bank") if "bank" in self.dependencies(spec) else None
         config = {
-            "cfg": asdict(cfg),
-            "bank_dir": str(ctx.stage_dir("bank")),
-            "encoder": spec.encoder.name,
-            "encoder_checkpoint": spec.encoder.checkpoint,
-            "epochs": spec.classnet.epochs,
+            "spec": spec,
+            "bank_dir": str(bank) if bank else None,
+            "loop": loop_config(spec),
+            "batch_size": spec.stage1.batch_size,
+            "run_config": {"method": spec.method.model_dump(mode="json"), "classes": spec.class_names},
         }
         history = fit_on_ray(
-            "classnet",
-            classnet_setup,
-            config,
-            {"train": ds},
-            spec.resources,
-            storage=ctx.work_dir / "ray_train",
-            out_dir=ctx.work_dir,
-        )
+            "classnet", stage1_setup, config, datasets, spec.resources,
+            storage=ctx.work_dir / "ray_train", out_dir=ctx.work_dir,
+        )  # fmt: skip
         last = history[-1]
         ctx.log(
-            f"[classnet] {len(history)} epoch(s); last: loss {last.get('total', float('nan')):.4f} "
+            f"[classnet] {spec.method.name}: {len(history)} epoch(s); last: loss {last.get('loss', float('nan')):.4f} "
             f"{last.get('images_per_s', 0):.1f} img/s on {last.get('world_size')} worker(s)"
         )
         return StageResult(
             counts={"epochs": len(history), "workers": last.get("world_size")},
-            extra={"last_epoch": last},
+            extra={"last_epoch": {k: v for k, v in last.items() if k != "val"}, "method": spec.method.name},
         )

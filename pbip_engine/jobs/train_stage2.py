@@ -1,18 +1,18 @@
-"""``segmenter`` stage: PBIP stage 2, DeepLab trained on the pseudo masks with Ray Train DDP."""
+"""``segmenter`` stage: stage 2 of every method, a segmenter trained on the pseudo masks with Ray Train DDP."""
 
 from __future__ import annotations
 
 import io
-import math
 from typing import Any
 
 import numpy as np
 
 from pbip_engine.jobs.infer import MODEL_CARD, model_card
 from pbip_engine.jobs.manifest import write_json_atomic
-from pbip_engine.jobs.ray_train import augment, decode_batch, fit_on_ray
+from pbip_engine.jobs.ray_train import decode_batch, fit_on_ray
 from pbip_engine.jobs.resources import read_options
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
+from pbip_engine.schemas.spec import JobSpec
 
 SAMPLE_COLUMNS = ["tile_id", "image", "mask"]
 
@@ -24,123 +24,77 @@ def decode_masks(pngs) -> np.ndarray:
     return np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in pngs])
 
 
-def segmenter_setup(config: dict[str, Any], device) -> dict[str, Any]:
-    import ray.train
-    import ray.train.torch
+def decode_samples(batch: dict[str, Any]) -> dict[str, Any]:
+    """Ray Data numpy batch of pseudo samples -> ``{"image": uint8 B,H,W,3, "mask": uint8 B,H,W}``."""
+    out = decode_batch({"image": batch["image"], "tile_id": batch["tile_id"]})
+    out["mask"] = decode_masks(batch["mask"])
+    return out
 
+
+def segmenter_arch(spec: JobSpec) -> str:
+    from pbip_engine.methods import get_method
+
+    return spec.segmenter.arch or get_method(spec.method.name).stage2_defaults(spec.method).arch
+
+
+def stage2_setup(config: dict[str, Any]):
+    """Per-worker construction of the segmentation task (runs inside Ray Train workers)."""
     from pbip_engine.engine.nn.deeplab import build_segmenter
-    from pbip_engine.engine.training.stage2 import (
-        SegTrainConfig,
-        make_optimizer,
-        make_scaler,
-        resume_from,
-        save_checkpoint,
-        train_one_epoch,
-    )
-    from pbip_engine.methods.pbip.classnet import unwrap
+    from pbip_engine.engine.training.segmentation import SegmentationTask
 
-    cfg = SegTrainConfig(**config["train"])
-    model = build_segmenter(
-        config["arch"],
-        n_classes=config["n_classes"],
-        backbone=config["backbone"],
-        pretrained=config["pretrained"],
-    )
-    model = ray.train.torch.prepare_model(model)
-    opt = make_optimizer(model, cfg)
-    scaler = make_scaler(device, cfg.amp)
-    world = ray.train.get_context().get_world_size()
-    steps_per_epoch = math.ceil(config["n_samples"] / (config["batch_size"] * world))
-    total = steps_per_epoch * config["epochs"]
-    step = [0]
-
-    def epoch_fn(shard, epoch: int) -> dict[str, Any]:
-        def batches():
-            for i, b in enumerate(
-                shard.iter_batches(
-                    batch_size=config["batch_size"],
-                    batch_format="numpy",
-                    local_shuffle_buffer_size=config["batch_size"] * 20,
-                    local_shuffle_seed=epoch,
-                )
-            ):
-                out = decode_batch({"image": b["image"], "tile_id": b["tile_id"]})
-                out["mask"] = decode_masks(b["mask"])
-                yield augment_pair(out, seed=epoch * 1_000_003 + i)
-
-        stats = train_one_epoch(
-            model, batches(), opt, cfg, scaler=scaler, start_step=step[0], total_steps=total
-        )
-        step[0] += int(stats["steps"])
-        return dict(stats)
-
-    def load_fn(path):
-        info = resume_from(path, unwrap(model), opt, scaler=scaler, map_location=device)
-        step[0] = int(info.get("step") or 0)
-        return info
-
-    return {
-        "epoch_fn": epoch_fn,
-        "save_fn": lambda path, epoch, metrics: save_checkpoint(
-            path, unwrap(model), opt, epoch, metrics, step=step[0], cfg=cfg, scaler=scaler
-        ),
-        "load_fn": load_fn,
-    }
-
-
-def augment_pair(batch: dict[str, Any], seed: int) -> dict[str, Any]:
-    """The same flips/rotation for image and mask."""
-    stacked = np.concatenate([batch["image"], batch["mask"][..., None]], axis=-1)
-    out = augment({"image": stacked}, seed)["image"]
-    return {**batch, "image": np.ascontiguousarray(out[..., :3]), "mask": np.ascontiguousarray(out[..., 3])}
+    model = build_segmenter(config["arch"], n_classes=config["n_classes"], backbone=config["backbone"],
+                            pretrained=config["pretrained"])  # fmt: skip
+    return SegmentationTask(model, amp=config["loop"]["amp"]), decode_samples
 
 
 @register_stage
 class SegmenterStage(Stage):
     name = "segmenter"
-    version = 3  # v3: model.json card beside the weights
+    version = 4  # v4: the shared loop (one checkpoint format, per-sample augmentation, best.pt by validation)
     deps = ("pseudo",)
-    sections = ("classes", "segmenter")
+    sections = ("classes", "method", "segmenter")
 
     def run(self, ctx: StageContext) -> StageResult:
         import ray
+
+        from pbip_engine.engine.training.split import is_validation
 
         spec = ctx.spec
         s = spec.segmenter
         samples = ctx.stage_dir("pseudo") / "samples"
         ctx.ray()
         ds = ray.data.read_parquet(str(samples), columns=SAMPLE_COLUMNS, **read_options())
-        n = ds.count()
+        frac = s.val_fraction
+        datasets = {"train": ds.filter(lambda r: not is_validation(r["tile_id"], frac), **read_options())}
+        if frac > 0:
+            datasets["val"] = ds.filter(lambda r: is_validation(r["tile_id"], frac), **read_options())
+        n = datasets["train"].count()
         config = {
-            "train": {
-                "optimizer": "adamw",
+            "loop": {
+                "epochs": s.epochs,
                 "lr": s.lr,
                 "weight_decay": s.weight_decay,
-                "epochs": s.epochs,
+                "optimizer": "adamw",
+                "schedule": "poly",
                 "amp": s.amp,
-                "hflip": False,  # augment_pair already flips/rotates image and mask together
-                "vflip": False,
+                "augment": True,
+                "seed": s.seed,
             },
-            "arch": s.arch,
+            "arch": segmenter_arch(spec),
             "backbone": s.backbone,
             "pretrained": s.backbone_checkpoint or True,
             "n_classes": len(spec.classes) + 1,
-            "epochs": s.epochs,
             "batch_size": s.batch_size,
-            "n_samples": n,
+            "n_train": n,
         }
         history = fit_on_ray(
-            "segmenter",
-            segmenter_setup,
-            config,
-            {"train": ds},
-            spec.resources,
-            storage=ctx.work_dir / "ray_train",
-            out_dir=ctx.work_dir,
-        )
+            "segmenter", stage2_setup, config, datasets, spec.resources,
+            storage=ctx.work_dir / "ray_train", out_dir=ctx.work_dir,
+        )  # fmt: skip
         write_json_atomic(ctx.work_dir / MODEL_CARD, model_card(spec))
         last = history[-1]
         ctx.log(
-            f"[segmenter] {len(history)} epoch(s) on {n} pseudo-labelled tiles; last loss {last.get('loss')}"
+            f"[segmenter] {len(history)} epoch(s) on {n} pseudo-labelled tiles; last loss {last.get('loss'):.4f}"
         )
-        return StageResult(counts={"epochs": len(history), "samples": n}, extra={"last_epoch": last})
+        return StageResult(counts={"epochs": len(history), "samples": n},
+                           extra={"last_epoch": {k: v for k, v in last.items() if k != "val"}})  # fmt: skip

@@ -11,10 +11,21 @@ import glob
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+
+from pbip_engine.methods.base import MethodConfig
 
 URI_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
@@ -122,33 +133,22 @@ class BankSection(_Section):
     holdout_fraction: float = Field(0.2, ge=0, lt=1)
 
 
-class ClassNetSection(_Section):
-    backbone: str = "efficientnet_lite0"
-    backbone_checkpoint: str | None = None
-    levels: list[int] = Field(default_factory=lambda: [2, 3, 4])
-    hidden: int = Field(256, ge=8)
-    merge_train: Literal["mean", "softmax_max"] = "mean"
-    merge_eval: Literal["mean", "softmax_max"] = "mean"
-    delta: float = Field(0.15, ge=0, le=1)
-    threshold: Literal["per_class", "per_image"] = "per_class"
-    alpha: float = 1.0
-    beta: float = 0.5
-    tau: float = Field(1.0, gt=0)
-    theta1: float = 1.0
-    theta2: float = 0.5
-    use_sim: bool = True
-    sim_size: int | None = Field(
-        None,
-        ge=32,
-        description="edge of the FG/BG images fed to the bank encoder; default its input size (224). "
-        "CNN encoders accept the tile size: with small tiles that makes L_SIM several times cheaper",
-    )
-    lr: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.003, ge=0)
+class Stage1Section(_Section):
+    """The stage-1 training loop, whatever the method (the method's own keys live under ``method:``)."""
+
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(10, ge=1)
-    val_fraction: float = Field(0.1, ge=0, lt=1)
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.003, ge=0)
+    grad_clip: float | None = Field(None, gt=0)
+    val_fraction: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="labelled tiles held out (by a hash of the tile id) to pick best.pt; 0 = the last epoch",
+    )
     amp: bool = True
+    seed: int = 0
 
 
 class PseudoSection(_Section):
@@ -160,14 +160,23 @@ class PseudoSection(_Section):
 
 
 class SegmenterSection(_Section):
-    arch: Literal["deeplabv2", "deeplabv3plus"] = "deeplabv2"
+    arch: Literal["deeplabv2", "deeplabv3plus"] | None = Field(
+        None, description="default: the method's choice"
+    )
     backbone: str = "efficientnet_lite0"
     backbone_checkpoint: str | None = None
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
+    val_fraction: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="pseudo-labelled tiles held out to pick best.pt by mIoU; 0 = the last epoch",
+    )
     amp: bool = True
+    seed: int = 0
 
 
 class SegmentSection(_Section):
@@ -220,7 +229,8 @@ class JobSpec(_Section):
     tiling: TilingSection = Field(default_factory=TilingSection)
     encoder: EncoderSection = Field(default_factory=EncoderSection)
     bank: BankSection = Field(default_factory=BankSection)
-    classnet: ClassNetSection = Field(default_factory=ClassNetSection)
+    method: SerializeAsAny[MethodConfig] = Field(default_factory=lambda: _default_method())
+    stage1: Stage1Section = Field(default_factory=Stage1Section)
     pseudo: PseudoSection = Field(default_factory=PseudoSection)
     segmenter: SegmenterSection = Field(default_factory=SegmenterSection)
     segment: SegmentSection = Field(default_factory=SegmentSection)
@@ -247,6 +257,11 @@ class JobSpec(_Section):
     def class_colors(self) -> list[Colour]:
         return [tuple(c.color) for c in self.classes]
 
+    def __reduce__(self):
+        # The parsed class is built from the method registry at run time (see spec_model), so pickle
+        # rebuilds a spec from its (already resolved) values instead of looking the class up by name.
+        return (_rebuild_spec, (self.model_dump(mode="json"),))
+
     def section_json(self, *names: str) -> str:
         """Canonical JSON of some sections: what a stage's manifest hash is computed from."""
         d = self.model_dump(mode="json")
@@ -261,10 +276,58 @@ _PATH_KEYS = [
     ("data", "mpp_overrides"),
     ("data", "patches"),
     ("encoder", "checkpoint"),
-    ("classnet", "backbone_checkpoint"),
+    ("method", "backbone_checkpoint"),
     ("segmenter", "backbone_checkpoint"),
     ("segment", "truth"),
 ]
+
+
+def _rebuild_spec(values: dict[str, Any]) -> JobSpec:
+    return spec_model().model_validate(values)
+
+
+def _default_method() -> MethodConfig:
+    from pbip_engine.methods import get_method
+
+    return get_method("pbip").config_model()
+
+
+_SPEC_MODEL: dict[int, type[JobSpec]] = {}
+
+
+def spec_model() -> type[JobSpec]:
+    """JobSpec with ``method:`` as a union of every registered method's keys, discriminated by ``name``.
+
+    Built from the method registry when a spec is parsed (and rebuilt when a method is registered), so a
+    method added at run time (a plugin, a test's toy method) is validated like the built-in ones.
+    """
+    from pbip_engine.methods.registry import METHODS, registry_version
+
+    version = registry_version()
+    if version not in _SPEC_MODEL:
+        models = tuple(m.config_model for m in METHODS.values())
+        union = models[0] if len(models) == 1 else Annotated[Union[models], Field(discriminator="name")]  # noqa: UP007
+        _SPEC_MODEL.clear()
+        _SPEC_MODEL[version] = create_model(
+            "JobSpecWithMethods", __base__=JobSpec, method=(union, Field(default_factory=_default_method))
+        )
+    return _SPEC_MODEL[version]
+
+
+# Where the keys of the pre-plugin ``classnet:`` section went (PBIP's own keys moved under ``method:``).
+_LOOP_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "val_fraction", "amp")
+
+
+def _legacy_classnet(raw: dict[str, Any], source: str) -> None:
+    old = raw.get("classnet")
+    if old is None:
+        return
+    keys = list(old) if isinstance(old, dict) else []
+    moves = [f"classnet.{k} -> {'stage1' if k in _LOOP_KEYS else 'method'}.{k}" for k in keys]
+    raise SpecError(
+        f"{source}: the 'classnet' section was split: method keys go under 'method:' (with name: pbip) and "
+        f"training-loop keys under 'stage1:'" + (f"; move {', '.join(moves)}" if moves else "")
+    )
 
 
 def _resolve(value: str, base: Path) -> str:
@@ -293,8 +356,9 @@ def parse_spec(raw: dict[str, Any], base_dir: Path | str = ".", source: str = "<
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: the spec must be a YAML mapping, got {type(raw).__name__}")
     base = Path(base_dir).resolve()
+    _legacy_classnet(raw, source)
     try:
-        spec = JobSpec.model_validate(raw)
+        spec = spec_model().model_validate(raw)
     except ValidationError as err:
         raise SpecError(_format_errors(err, source, raw)) from None
     # Resolve paths after validation so errors show what the user wrote.
@@ -302,7 +366,7 @@ def parse_spec(raw: dict[str, Any], base_dir: Path | str = ".", source: str = "<
         spec.run.output = _resolve(spec.run.output, base)
     for section, key in _PATH_KEYS:
         sec = getattr(spec, section)
-        val = getattr(sec, key)
+        val = getattr(sec, key, None)
         if val is not None:
             setattr(sec, key, _resolve(val, base))
     spec.data.slides = [_resolve(s, base) for s in spec.data.slides]
@@ -351,7 +415,7 @@ def check_output(spec: JobSpec) -> None:
 
 def json_schema() -> dict[str, Any]:
     """JSON Schema for editors (yaml-language-server)."""
-    schema = JobSpec.model_json_schema()
+    schema = spec_model().model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "pbip-engine job spec"
     return schema
@@ -361,7 +425,7 @@ def check_inputs(spec: JobSpec) -> list[Path]:
     """Everything the spec points at must exist before a run starts; returns the slide list."""
     check_output(spec)
     for section, key in _PATH_KEYS:
-        val = getattr(getattr(spec, section), key)
+        val = getattr(getattr(spec, section), key, None)
         if val is not None and not URI_RE.match(val) and not Path(val).exists():
             raise SpecError(f"{section}.{key}: {val!r} does not exist")
     if spec.data.slides:

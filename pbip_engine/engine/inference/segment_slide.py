@@ -333,7 +333,7 @@ class SegmentPredictor:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         if isinstance(model, (str, Path)):
-            from pbip_engine.engine.training.stage2 import load_segmenter
+            from pbip_engine.engine.training.segmentation import load_segmenter
 
             model = load_segmenter(model, self.device)
         self.model = model.to(self.device).eval()

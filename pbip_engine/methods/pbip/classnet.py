@@ -35,10 +35,9 @@ from torch import nn
 
 from pbip_engine.engine.nn.backbones import create_backbone, feature_channels
 from pbip_engine.engine.nn.mit import PBIP_STRIDES
+from pbip_engine.engine.training.inputs import IMAGENET_MEAN, IMAGENET_STD, unwrap
 from pbip_engine.methods.pbip import losses as L
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MERGES = ("mean", "softmax_max")
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -391,13 +390,6 @@ def build_classnet(
     )
     net.matcher = ImgMatchNet(cfg.delta, cfg.threshold, cfg.fuse_weights, cfg.sim_size, cfg.mean, cfg.std)
     return net
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The ClassNet inside a DDP/compile wrapper."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return getattr(model, "_orig_mod", model)
 
 
 def classnet_step(

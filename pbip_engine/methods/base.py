@@ -1,0 +1,104 @@
+"""What a method is to the engine: its spec keys, its stage-1 training task, its CAM model, its stage-2 choice.
+
+Every weakly supervised method in this engine shares the pipeline shape (tiles with image-level
+labels -> a stage-1 network whose class activation maps become pseudo masks -> a fully supervised
+stage-2 segmenter). A method differs in what stage 1 trains and how its CAMs are read, so that is all a
+``Method`` says; the jobs, the training loop, checkpointing and the stage-2 loop are shared.
+
+Importing a method package must stay cheap (the spec imports the registry): configs are pydantic
+models, and torch-heavy code is imported inside the methods' functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from pbip_engine.engine.training.task import TrainTask
+
+
+class MethodConfig(BaseModel):
+    """The ``method:`` section of a spec; each method subclasses it with ``name: Literal["<name>"]``."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    name: str
+
+
+@dataclass
+class Stage1Inputs:
+    """What the pipeline hands a method for stage 1: classes, the bank (if built) and the tile encoder."""
+
+    class_names: list[str]
+    bank_dir: Path | None = None
+    encoder: str = "efficientnet_lite0"
+    encoder_checkpoint: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    @classmethod
+    def from_spec(cls, spec: Any, bank_dir: str | Path | None) -> Stage1Inputs:
+        """From a parsed job spec (``schemas.spec.JobSpec``) and the bank stage's folder, if it ran."""
+        return cls(
+            class_names=list(spec.class_names),
+            bank_dir=Path(bank_dir) if bank_dir else None,
+            encoder=spec.encoder.name,
+            encoder_checkpoint=spec.encoder.checkpoint,
+        )
+
+
+@dataclass
+class PseudoOptions:
+    """How CAMs become masks (spec ``pseudo:``): background rule and its parameters."""
+
+    background: str = "white"
+    white_threshold: int = 200
+    min_object: int = 50
+    gamma: float = 10.0
+
+
+class CamModel(Protocol):
+    """A trained stage-1 model as the pseudo stage uses it."""
+
+    def predict_masks(self, batch: dict[str, Any], options: PseudoOptions) -> np.ndarray:
+        """uint8 ``B,H,W`` masks (0 = background, k = class k) for uint8 ``B,H,W,3`` images + multi-hot labels."""
+
+
+@dataclass(frozen=True)
+class Stage2Defaults:
+    """The method's stage-2 recipe where the spec's ``segmenter:`` leaves it open."""
+
+    arch: str = "deeplabv2"
+    loss: str = "ce"
+
+
+class Method:
+    """One weakly supervised method; subclasses are registered with ``methods.registry.register_method``."""
+
+    name: ClassVar[str]
+    config_model: ClassVar[type[MethodConfig]]
+    needs_bank: ClassVar[bool] = True  # whether the bank stage (prototypes) runs for this method
+    summary: ClassVar[str] = ""
+
+    def stage1_task(self, cfg: MethodConfig, inputs: Stage1Inputs) -> TrainTask:
+        """The stage-1 training task (trainable model + frozen helpers + loss)."""
+        raise NotImplementedError
+
+    def load_cam_model(
+        self, cfg: MethodConfig, checkpoint: Path, inputs: Stage1Inputs, device: torch.device | str
+    ) -> CamModel:
+        """The trained stage-1 model from ``checkpoint`` (written by the loop), ready to make pseudo masks."""
+        raise NotImplementedError
+
+    def stage2_defaults(self, cfg: MethodConfig) -> Stage2Defaults:
+        return Stage2Defaults()

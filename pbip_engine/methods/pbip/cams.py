@@ -1,0 +1,112 @@
+"""PBIP's CAMs as pseudo masks: fuse the levels' cosine CAMs, restrict to the image labels, apply the background rule."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pbip_engine.engine.metrics import SegmentationMeter
+from pbip_engine.engine.pseudo.cams import cams_to_mask, fuse_cams
+from pbip_engine.engine.training.amp import autocast
+from pbip_engine.engine.training.checkpoint import read_checkpoint, restore_training_state
+from pbip_engine.engine.training.inputs import rgb_uint8, to_model_input
+from pbip_engine.methods.base import PseudoOptions
+from pbip_engine.methods.pbip.classnet import ClassNetConfig, build_classnet, load_prototypes_from_bank
+from pbip_engine.methods.pbip.task import KIND
+
+
+@torch.inference_mode()
+def predict_masks(
+    model: nn.Module,
+    batch: dict[str, Any],
+    cfg: ClassNetConfig,
+    device: torch.device | str,
+    background: str | None = None,
+    *,
+    use_labels: bool = True,
+    label_gate: float = 0.5,
+    **mask_kw: Any,
+) -> tuple[np.ndarray, torch.Tensor]:
+    """Pseudo masks (uint8 ``B,H,W``, 0 = background) and fused CAMs ``B,N,H,W`` for one batch.
+
+    ``use_labels=True`` restricts to the batch's image labels (PBIP's "oracle" labels at val/test, the
+    tile labels on train); otherwise the last level's sigmoid > ``label_gate`` decides.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        inp = to_model_input(batch, cfg.mean, cfg.std, device)
+        with autocast(device, cfg.amp):
+            out = model(inp["image"])
+        h, w = inp["image"].shape[-2:]
+        fused = fuse_cams(out["cams"], (h, w), cfg.eval_fuse_weights)
+        if use_labels:
+            if "labels" not in inp:
+                raise KeyError("use_labels=True needs 'labels' in the batch")
+            labels = inp["labels"]
+        else:
+            labels = (torch.sigmoid(out["logits"][-1].float()) > label_gate).float()
+        bg = background or cfg.eval_background
+        rgb = rgb_uint8(batch, cfg.mean, cfg.std) if "white" in bg else None
+        masks = cams_to_mask(fused, labels, bg, rgb=rgb, **mask_kw)
+        return masks, fused
+    finally:
+        model.train(was_training)
+
+
+def evaluate_cams(
+    model: nn.Module,
+    batches: Iterable[dict[str, Any]],
+    cfg: ClassNetConfig,
+    device: torch.device | str,
+    n_classes: int,
+    background: str | None = None,
+    ignore_background: bool | None = None,
+    *,
+    use_labels: bool = True,
+    max_batches: int | None = None,
+) -> dict[str, Any]:
+    """Pseudo-mask quality on batches with ``mask``: mIoU/FwIoU/Dice/bIoU from one confusion matrix."""
+    ib = cfg.eval_ignore_background if ignore_background is None else ignore_background
+    bg = background or cfg.eval_background
+    meter = SegmentationMeter(n_classes, ignore_background=ib)
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        if "mask" not in batch:
+            raise KeyError(f"evaluation batch {i} has no 'mask' (keys: {sorted(batch)})")
+        masks, _ = predict_masks(model, batch, cfg, device, bg, use_labels=use_labels)
+        truth = np.asarray(batch["mask"].cpu() if torch.is_tensor(batch["mask"]) else batch["mask"])
+        meter.update(masks, truth.reshape(masks.shape))
+    out = meter.compute()
+    out["background"] = bg
+    out["oracle_labels"] = use_labels
+    return out
+
+
+class PbipCamModel:
+    """A trained ClassNet (rebuilt around the run's bank) that turns labelled tiles into pseudo masks."""
+
+    def __init__(
+        self, checkpoint: str | Path, bank_dir: str | Path, device: torch.device | str = "cpu"
+    ) -> None:
+        p = Path(checkpoint)
+        state = read_checkpoint(p, KIND, map_location=device)
+        cfg = ClassNetConfig.from_dict(state["model_config"])
+        cfg.pretrained = False  # the checkpoint carries every weight
+        protos, k_list, names = load_prototypes_from_bank(bank_dir)
+        model = build_classnet(cfg, protos, k_list, n_classes=len(names))
+        restore_training_state(p, state, model, hint=" (different bank/backbone/classes?)")
+        self.model, self.cfg, self.device = model.to(device).eval(), cfg, device
+
+    def predict_masks(self, batch: dict[str, Any], options: PseudoOptions) -> np.ndarray:
+        masks, _ = predict_masks(
+            self.model, batch, self.cfg, self.device, background=options.background,
+            white_threshold=options.white_threshold, min_size=options.min_object, power=options.gamma,
+        )  # fmt: skip
+        return masks
