@@ -6,10 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pbip_engine.jobs.embed import embeddings_dir
 from pbip_engine.jobs.manifest import write_json_atomic
+from pbip_engine.jobs.rundir import embeddings_dir, tile_files
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
-from pbip_engine.jobs.tile import tile_files
 
 
 def tile_fetcher(tile_dir: Path):

@@ -19,12 +19,11 @@ from typing import Any
 from pbip_engine.engine.io.atomic import jsonable
 from pbip_engine.jobs.manifest import read_json, write_json_atomic
 from pbip_engine.jobs.resources import actor_pool_options
+from pbip_engine.jobs.rundir import MODEL_CARD, cohort_slides, slide_id_of, synth_truth_dir
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
-from pbip_engine.jobs.tile import cohort_slides, slide_id_of
-from pbip_engine.schemas.spec import JobSpec, ResourcesSection, expand_slides
+from pbip_engine.schemas.spec import ResourcesSection, expand_slides
 
 SEG_TILE_PX = 512
-MODEL_CARD = "model.json"
 
 
 def _by_slide(batches: Iterable[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -197,7 +196,7 @@ def truth_files(ctx: StageContext) -> dict[str, Path]:
     if spec.segment.truth:
         return index_mask_dir(Path(spec.segment.truth))
     if spec.data.synthetic is not None:
-        return index_mask_dir(ctx.output / "synth" / "truth")
+        return index_mask_dir(synth_truth_dir(ctx.output / "synth"))
     return {}
 
 
@@ -300,17 +299,6 @@ class SegmentStage(Stage):
             units=units,
             extra=extra,
         )
-
-
-def model_card(spec: JobSpec) -> dict[str, Any]:
-    """What ``pbip-engine segment`` needs to use a trained model without the spec."""
-    return {
-        "mpp": spec.tiling.mpp,
-        "class_names": spec.class_names,
-        "class_colors": [list(c) for c in spec.class_colors],
-        "arch": spec.segmenter.arch,
-        "backbone": spec.segmenter.backbone,
-    }
 
 
 def segment_cli(model_dir: Path, inputs: list[Path], out: Path, mpp: float | None, address: str | None,

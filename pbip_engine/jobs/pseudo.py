@@ -15,17 +15,13 @@ from typing import Any
 import numpy as np
 
 from pbip_engine.jobs.manifest import write_json_atomic
+from pbip_engine.jobs.method_config import classnet_config
 from pbip_engine.jobs.ray_train import decode_batch
 from pbip_engine.jobs.resources import actor_pool_options, read_options, write_parquet_fresh
+from pbip_engine.jobs.rundir import mask_relpath, synth_truth_dir, tile_files
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
-from pbip_engine.jobs.tile import tile_files
-from pbip_engine.jobs.train_stage1 import classnet_config
 
 COLUMNS = ["tile_id", "slide_id", "x", "y", "size0", "image", "labels", "labelled"]
-
-
-def mask_relpath(slide_id: str, x: int, y: int) -> str:
-    return f"masks/{slide_id}/{x}_{y}.png"
 
 
 def load_classnet(model_path: str, bank_dir: str, cfg_dict: dict[str, Any], device: str = "cpu"):
@@ -244,7 +240,7 @@ class PseudoStage(Stage):
         extra: dict[str, Any] = {}
         truth_for = None
         if spec.data.synthetic is not None:
-            truth_for = synth_truth(ctx.stage_dir("synth") / "truth")
+            truth_for = synth_truth(synth_truth_dir(ctx.stage_dir("synth")))
         elif spec.data.patches:
             truth_for = patch_truth(spec.data.patch_format, spec.data.patches)
         scores = score_pseudo(index, ctx.work_dir, truth_for, len(spec.classes)) if truth_for else {}

@@ -5,42 +5,13 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+from pbip_engine.jobs.method_config import classnet_config
 from pbip_engine.jobs.ray_train import augment, decode_batch, fit_on_ray
 from pbip_engine.jobs.resources import read_options
+from pbip_engine.jobs.rundir import tile_files
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
-from pbip_engine.jobs.tile import tile_files
-from pbip_engine.schemas.spec import JobSpec
 
 TRAIN_COLUMNS = ["tile_id", "image", "labels", "labelled"]
-
-
-def classnet_config(spec: JobSpec):
-    """Spec section -> the engine's ClassNetConfig (the spec names only what users tune)."""
-    from pbip_engine.methods.pbip.classnet import ClassNetConfig
-
-    c = spec.classnet
-    return ClassNetConfig(
-        backbone=c.backbone,
-        pretrained=c.backbone_checkpoint or True,
-        levels=tuple(c.levels),
-        hidden=c.hidden,
-        merge_train=c.merge_train,
-        merge_eval=c.merge_eval,
-        delta=c.delta,
-        threshold=c.threshold,
-        alpha=c.alpha,
-        beta=c.beta,
-        tau=c.tau,
-        theta1=c.theta1,
-        theta2=c.theta2,
-        use_sim=c.use_sim,
-        sim_size=c.sim_size,
-        lr=c.lr,
-        weight_decay=c.weight_decay,
-        epochs=c.epochs,
-        batch_size=c.batch_size,
-        amp=c.amp,
-    )
 
 
 def classnet_setup(config: dict[str, Any], device) -> dict[str, Any]:

@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from pbip_engine.jobs.infer import MODEL_CARD, model_card
 from pbip_engine.jobs.manifest import write_json_atomic
 from pbip_engine.jobs.ray_train import augment, decode_batch, fit_on_ray
 from pbip_engine.jobs.resources import read_options
+from pbip_engine.jobs.rundir import MODEL_CARD, model_card
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
 
 SAMPLE_COLUMNS = ["tile_id", "image", "mask"]
