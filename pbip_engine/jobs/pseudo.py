@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from pbip_engine.engine.training.batches import decode_batch
 from pbip_engine.jobs.manifest import write_json_atomic
 from pbip_engine.jobs.method_config import classnet_config
-from pbip_engine.jobs.ray_train import decode_batch
 from pbip_engine.jobs.resources import actor_pool_options, read_options, write_parquet_fresh
 from pbip_engine.jobs.rundir import mask_relpath, synth_truth_dir, tile_files
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage

@@ -22,19 +22,6 @@ CKPT_FILE = "checkpoint.pt"
 HISTORY_FILE = "history.json"
 
 
-def decode_batch(batch: dict[str, Any]) -> dict[str, Any]:
-    """Ray Data numpy batch of tile rows -> the engine's batch convention (uint8 B,H,W,3 + multi-hot)."""
-    import numpy as np
-
-    from pbip_engine.engine.ingest.datasets.common import decode_rgb
-
-    images = np.stack([decode_rgb(b) for b in batch["image"]])
-    out = {"image": images, "name": batch["tile_id"]}
-    if "labels" in batch:
-        out["labels"] = np.stack([np.asarray(v, dtype=np.float32) for v in batch["labels"]])
-    return out
-
-
 def augment(batch: dict[str, Any], seed: int) -> dict[str, Any]:
     """Random flips and 90° rotations, per batch (histology has no canonical orientation)."""
     import numpy as np

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+from pbip_engine.engine.training.batches import decode_batch
 from pbip_engine.jobs.method_config import classnet_config
-from pbip_engine.jobs.ray_train import augment, decode_batch, fit_on_ray
+from pbip_engine.jobs.ray_train import augment, fit_on_ray
 from pbip_engine.jobs.resources import read_options
 from pbip_engine.jobs.rundir import tile_files
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage

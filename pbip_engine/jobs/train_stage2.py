@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import io
 import math
 from typing import Any
 
 import numpy as np
 
+from pbip_engine.engine.training.batches import decode_batch, decode_masks
 from pbip_engine.jobs.manifest import write_json_atomic
-from pbip_engine.jobs.ray_train import augment, decode_batch, fit_on_ray
+from pbip_engine.jobs.ray_train import augment, fit_on_ray
 from pbip_engine.jobs.resources import read_options
 from pbip_engine.jobs.rundir import MODEL_CARD, model_card
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
 
 SAMPLE_COLUMNS = ["tile_id", "image", "mask"]
-
-
-def decode_masks(pngs) -> np.ndarray:
-    """Palettised PNG bytes -> uint8 index masks (PIL keeps the indices; cv2 would give colours)."""
-    from PIL import Image
-
-    return np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in pngs])
 
 
 def segmenter_setup(config: dict[str, Any], device) -> dict[str, Any]:
