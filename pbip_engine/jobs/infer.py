@@ -8,7 +8,6 @@ name and renamed. Memory is bounded by the tiles in flight, never by the slide.
 
 from __future__ import annotations
 
-import csv
 import itertools
 import json
 import time
@@ -166,55 +165,13 @@ def segment_slides(
                                       output_mpp=output_mpp, whole_image=whole_image)  # fmt: skip
 
 
-def score_slide_mask(mask_path: Path, truth_path: Path, n_classes: int, truth_lut: list[int] | None = None):
-    """A whole-slide mask against a truth mask (PNG or pyramid) of the same level-0 frame (nearest resampling)."""
-    import cv2
-    import numpy as np
-
-    from pbip_engine.engine.metrics import MetricsError, SegmentationMeter, read_mask
-
-    pred = read_mask(mask_path)
-    truth = read_mask(truth_path)
-    if truth_lut is not None:
-        if truth.size and int(truth.max()) >= len(truth_lut):
-            raise MetricsError(
-                f"{truth_path}: value {int(truth.max())} outside segment.truth_lut {truth_lut}"
-            )
-        truth = np.asarray(truth_lut, dtype=np.uint8)[truth]
-    if truth.shape != pred.shape:
-        truth = cv2.resize(truth, (pred.shape[1], pred.shape[0]), interpolation=cv2.INTER_NEAREST)
-    meter = SegmentationMeter(n_classes, ignore_background=True)
-    meter.update(pred, truth, name=mask_path.name)
-    return meter
-
-
-def truth_files(ctx: StageContext) -> dict[str, Path]:
-    """Slide id -> truth mask: ``segment.truth`` when given, else the synthetic cohort's truth pyramids."""
-    from pbip_engine.engine.metrics import index_mask_dir
-
-    spec = ctx.spec
-    if spec.segment.truth:
-        return index_mask_dir(Path(spec.segment.truth))
-    if spec.data.synthetic is not None:
-        return index_mask_dir(synth_truth_dir(ctx.output / "synth"))
-    return {}
-
-
-def write_areas_csv(path: Path, rows: dict[str, dict[str, Any]], class_names: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["slide", "tissue_mpix", *[f"{c}_um2" for c in class_names]])
-        for sid, st in sorted(rows.items()):
-            areas = st.get("class_areas_um2", {})
-            w.writerow(
-                [
-                    sid,
-                    round(st.get("tissue_mpix", 0.0), 3),
-                    *[round(areas.get(c, 0.0), 1) for c in class_names],
-                ]
-            )
-    tmp.replace(path)
+def truth_dir(ctx: StageContext) -> Path | None:
+    """Where the segment stage's truth masks are: ``segment.truth``, else the synthetic cohort's pyramids."""
+    if ctx.spec.segment.truth:
+        return Path(ctx.spec.segment.truth)
+    if ctx.spec.data.synthetic is not None:
+        return synth_truth_dir(ctx.output / "synth")
+    return None
 
 
 @register_stage
@@ -226,7 +183,8 @@ class SegmentStage(Stage):
     def run(self, ctx: StageContext) -> StageResult:
         from tqdm.auto import tqdm
 
-        from pbip_engine.engine.metrics import SegmentationMeter
+        from pbip_engine.engine.inference.cohort import CohortScorer
+        from pbip_engine.engine.outputs.areas import write_areas_csv
 
         spec = ctx.spec
         seg_dir = ctx.stage_dir("segmenter")
@@ -238,8 +196,7 @@ class SegmentStage(Stage):
         )
         ctx.ray()
         units: dict[str, dict[str, Any]] = {}
-        truths = truth_files(ctx)
-        total = SegmentationMeter(len(spec.classes), ignore_background=True)
+        scorer = CohortScorer(truth_dir(ctx), len(spec.classes), spec.segment.truth_lut)
         out = ctx.work_dir / "masks"
         todo = []
         for slide in slides:
@@ -250,11 +207,9 @@ class SegmentStage(Stage):
                 todo.append(slide)
 
         def score(sid: str, rec: dict[str, Any]) -> None:
-            if sid in truths and rec["status"] == "done":
-                m = score_slide_mask(out / f"{sid}.mask.ome.tif", truths[sid], len(spec.classes),
-                                     spec.segment.truth_lut)  # fmt: skip
-                rec["metrics"] = {k: m.compute().get(k) for k in ("miou", "mdice", "mbiou")}
-                total.merge(m)
+            metrics = scorer.score(sid, out / f"{sid}.mask.ome.tif") if rec["status"] == "done" else None
+            if metrics is not None:
+                rec["metrics"] = metrics
 
         for sid, rec in units.items():
             score(sid, rec)
@@ -282,11 +237,11 @@ class SegmentStage(Stage):
         done = {k: v for k, v in units.items() if v["status"] == "done"}
         write_areas_csv(ctx.work_dir / "cohort_areas.csv", done, spec.class_names)
         extra: dict[str, Any] = {}
-        if total.n_images:
-            scores = total.compute()
+        scores = scorer.summary()
+        if scores is not None:
             write_json_atomic(ctx.work_dir / "metrics.json", scores)
             extra["metrics"] = {k: scores.get(k) for k in ("miou", "fwiou", "mdice", "mbiou")}
-            ctx.log(f"[segment] masks vs truth ({total.n_images} images): {extra['metrics']}")
+            ctx.log(f"[segment] masks vs truth ({scores['n_images']} images): {extra['metrics']}")
         mpix = sum(v.get("tissue_mpix", 0.0) for v in done.values())
         secs = sum(v.get("seconds", 0.0) for v in done.values())
         return StageResult(
