@@ -8,10 +8,9 @@ name and renamed. Memory is bounded by the tiles in flight, never by the slide.
 
 from __future__ import annotations
 
-import itertools
+import functools
 import json
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,40 +21,21 @@ from pbip_engine.jobs.rundir import MODEL_CARD, cohort_slides, slide_id_of, synt
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
 from pbip_engine.schemas.spec import ResourcesSection, expand_slides
 
-SEG_TILE_PX = 512
 
-
-def _by_slide(batches: Iterable[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Split result batches (in plan order) into runs of one slide: batches may straddle two slides."""
-    import numpy as np
-
-    for b in batches:
-        paths = np.asarray(b["slide_path"]).astype(str)
-        cuts = [0, *(np.nonzero(paths[1:] != paths[:-1])[0] + 1).tolist(), len(paths)]
-        for i, j in itertools.pairwise(cuts):
-            yield paths[i], {k: v[i:j] for k, v in b.items()}
-
-
-def _result_stream(plans: list[Any], model_path: Path, batch_size: int, resources: ResourcesSection | None,
-                   overrides: dict[str, float]) -> Iterator[dict[str, Any]]:  # fmt: skip
-    """Every plan's tiles through one reader -> predictor pipeline, results in plan order.
+def _result_stream(plans: list[Any], overrides: dict[str, float], *, model_path: Path, batch_size: int,
+                   resources: ResourcesSection) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """Every plan's tiles through one Ray Data reader -> predictor actor pool, results in plan order.
 
     One pipeline for the cohort: the model is loaded once per actor, not once per slide, and the pool
     stays warm across slide boundaries.
     """
     import numpy as np
+    import ray
 
+    from pbip_engine.engine.inference.cohort import SEG_TILE_PX
     from pbip_engine.engine.inference.segment_slide import SegmentPredictor, TileReader
 
     tables = [p.tile_table() for p in plans]
-    if resources is None:
-        reader, predictor = TileReader(SEG_TILE_PX, overrides), SegmentPredictor(str(model_path))
-        for t in tables:
-            for i in range(0, len(t["x"]), batch_size):
-                yield predictor(reader({k: v[i : i + batch_size] for k, v in t.items()}))
-        return
-    import ray
-
     cols = {k: np.concatenate([t[k] for t in tables]) for k in tables[0]}
     ds = ray.data.from_items([dict(zip(cols, row, strict=True)) for row in zip(*cols.values(), strict=True)])
     ds.context.execution_options.preserve_order = True  # slides stream out one after the other
@@ -69,10 +49,6 @@ def _result_stream(plans: list[Any], model_path: Path, batch_size: int, resource
         **actor_pool_options(resources),
     )
     yield from ds.iter_batches(batch_size=batch_size, batch_format="numpy")
-
-
-class _PipelineBroken(RuntimeError):
-    """The shared reader/predictor pipeline failed (not one slide's stitching)."""
 
 
 def segment_slides(
@@ -89,80 +65,26 @@ def segment_slides(
     output_mpp: float | None = None,
     whole_image: bool = False,
 ) -> Iterator[tuple[Path, dict[str, Any] | Exception]]:
-    """Segment a cohort; yields ``(slide, stats)`` or ``(slide, exception)`` as each slide is written.
+    """The engine's cohort loop over a Ray Data actor pool when ``resources`` is given, else in process."""
+    from pbip_engine.engine.inference.cohort import local_stream, segment_cohort
 
-    With ``resources`` the tiles of all slides flow through one Ray Data reader -> predictor actor pool,
-    else through this process. A slide that cannot be planned or stitched fails alone; if the shared
-    pipeline itself breaks (an unreadable tile), the slides not yet written are retried one by one so
-    the failure stays with its slide.
-    """
-    from pbip_engine.engine.inference.segment_slide import plan, stitch_and_write
-
-    plans, t0 = [], time.perf_counter()
-    for slide in slides:
-        try:
-            p = plan(
-                slide,
-                card["mpp"],
-                SEG_TILE_PX,
-                overlap,
-                mpp_override=mpp_override,
-                use_tissue=not whole_image,
-            )
-            plans.append((slide, p))
-        except Exception as e:
-            yield slide, e
-    if not plans:
-        return
-    overrides = {str(s): mpp_override for s, _ in plans} if mpp_override else {}
-    pending = list(plans)
-    try:
-        pieces = _by_slide(
-            _result_stream([p for _, p in plans], model_path, batch_size, resources, overrides)
+    if resources is None:
+        stream = local_stream(model_path, batch_size)
+    else:
+        stream = functools.partial(
+            _result_stream, model_path=model_path, batch_size=batch_size, resources=resources
         )
-        head: list[tuple[str, dict[str, Any]]] = []
-
-        def this_slide(path: str) -> Iterator[dict[str, Any]]:
-            while True:
-                try:
-                    item = head.pop() if head else next(pieces, None)
-                except Exception as e:
-                    raise _PipelineBroken(e) from e
-                if item is None:
-                    return
-                if item[0] != path:
-                    head.append(item)  # the next slide's first run
-                    return
-                yield item[1]
-
-        while pending:
-            slide, p = pending[0]
-            tiles = this_slide(p.slide_path)
-            try:
-                stats = stitch_and_write(slide, tiles, out_dir, card["class_names"], card["class_colors"],
-                                         output_mpp or card["mpp"], mpp_override=mpp_override, tissue=p.tissue,
-                                         restrict_to_tissue=not whole_image, blend=blend)  # fmt: skip
-                stats["seconds"] = round(time.perf_counter() - t0, 3)
-                stats["tissue_mpix"] = float(p.tissue_mpix)
-                result: dict[str, Any] | Exception = stats
-            except _PipelineBroken:
-                raise
-            except Exception as e:
-                result = e
-            for _ in tiles:  # a failed slide's remaining tiles
-                pass
-            pending.pop(0)
-            t0 = time.perf_counter()
-            yield slide, result
-    except Exception as e:  # the shared pipeline broke: go on slide by slide
-        cause = e.__cause__ if isinstance(e, _PipelineBroken) and e.__cause__ else e
-        if len(pending) == 1:
-            yield pending[0][0], cause
-            return
-        for slide, _ in pending:
-            yield from segment_slides([slide], model_path, card, out_dir, overlap=overlap, blend=blend,
-                                      batch_size=batch_size, resources=resources, mpp_override=mpp_override,
-                                      output_mpp=output_mpp, whole_image=whole_image)  # fmt: skip
+    return segment_cohort(
+        slides,
+        card,
+        out_dir,
+        stream,
+        overlap=overlap,
+        blend=blend,
+        mpp_override=mpp_override,
+        output_mpp=output_mpp,
+        whole_image=whole_image,
+    )
 
 
 def truth_dir(ctx: StageContext) -> Path | None:

@@ -1,4 +1,8 @@
-"""Scoring a segmented cohort against truth masks, slide by slide and as one confusion matrix.
+"""Segmenting a cohort through one shared tile stream, and scoring it against truth masks.
+
+One stream for all slides keeps the model loaded and the predictors busy across slide boundaries; the
+stream is a parameter so that the same loop runs in this process or over a Ray Data actor pool (built
+in ``jobs.infer``), and a broken stream is retried slide by slide so a failure stays with its slide.
 
 The cohort figure is one confusion matrix over every scored pixel, not a mean of slide figures, so a
 large slide weighs by its size; the truth may use another label convention (``truth_lut``) or be finer
@@ -7,12 +11,135 @@ than the written mask (it is resampled, nearest, to the mask's frame).
 
 from __future__ import annotations
 
+import itertools
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from pbip_engine.engine.metrics import MetricsError, SegmentationMeter, index_mask_dir, read_mask
 
+SEG_TILE_PX = 512  # the tile edge, in pixels at the model's µm/px, that slides are planned and read at
 SLIDE_METRICS = ("miou", "mdice", "mbiou")
+
+# (plans, per-slide mpp overrides) -> prediction batches in plan order (rows carry ``slide_path``)
+ResultStream = Callable[[list[Any], dict[str, float]], Iterator[dict[str, Any]]]
+
+
+def _by_slide(batches: Iterable[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Split result batches (in plan order) into runs of one slide: batches may straddle two slides."""
+    import numpy as np
+
+    for b in batches:
+        paths = np.asarray(b["slide_path"]).astype(str)
+        cuts = [0, *(np.nonzero(paths[1:] != paths[:-1])[0] + 1).tolist(), len(paths)]
+        for i, j in itertools.pairwise(cuts):
+            yield paths[i], {k: v[i:j] for k, v in b.items()}
+
+
+def local_stream(model_path: Path, batch_size: int) -> ResultStream:
+    """The reader and predictor in this process, batch by batch (``pbip-engine segment`` without Ray)."""
+
+    def stream(plans: list[Any], overrides: dict[str, float]) -> Iterator[dict[str, Any]]:
+        from pbip_engine.engine.inference.segment_slide import SegmentPredictor, TileReader
+
+        tables = [p.tile_table() for p in plans]
+        reader, predictor = TileReader(SEG_TILE_PX, overrides), SegmentPredictor(str(model_path))
+        for t in tables:
+            for i in range(0, len(t["x"]), batch_size):
+                yield predictor(reader({k: v[i : i + batch_size] for k, v in t.items()}))
+
+    return stream
+
+
+class _PipelineBroken(RuntimeError):
+    """The shared reader/predictor pipeline failed (not one slide's stitching)."""
+
+
+def segment_cohort(
+    slides: list[Path],
+    card: dict[str, Any],
+    out_dir: Path,
+    stream: ResultStream,
+    *,
+    overlap: float,
+    blend: str,
+    mpp_override: float | None = None,
+    output_mpp: float | None = None,
+    whole_image: bool = False,
+) -> Iterator[tuple[Path, dict[str, Any] | Exception]]:
+    """Segment a cohort; yields ``(slide, stats)`` or ``(slide, exception)`` as each slide is written.
+
+    The tiles of all slides flow through one ``stream`` (in this process, or a Ray Data actor pool that
+    the caller builds), so the model is loaded once for the cohort. A slide that cannot be planned or
+    stitched fails alone; if the shared stream itself breaks (an unreadable tile), the slides not yet
+    written are retried one by one so the failure stays with its slide.
+    """
+    from pbip_engine.engine.inference.segment_slide import plan, stitch_and_write
+
+    plans, t0 = [], time.perf_counter()
+    for slide in slides:
+        try:
+            p = plan(
+                slide,
+                card["mpp"],
+                SEG_TILE_PX,
+                overlap,
+                mpp_override=mpp_override,
+                use_tissue=not whole_image,
+            )
+            plans.append((slide, p))
+        except Exception as e:
+            yield slide, e
+    if not plans:
+        return
+    overrides = {str(s): mpp_override for s, _ in plans} if mpp_override else {}
+    pending = list(plans)
+    try:
+        pieces = _by_slide(stream([p for _, p in plans], overrides))
+        head: list[tuple[str, dict[str, Any]]] = []
+
+        def this_slide(path: str) -> Iterator[dict[str, Any]]:
+            while True:
+                try:
+                    item = head.pop() if head else next(pieces, None)
+                except Exception as e:
+                    raise _PipelineBroken(e) from e
+                if item is None:
+                    return
+                if item[0] != path:
+                    head.append(item)  # the next slide's first run
+                    return
+                yield item[1]
+
+        while pending:
+            slide, p = pending[0]
+            tiles = this_slide(p.slide_path)
+            try:
+                stats = stitch_and_write(slide, tiles, out_dir, card["class_names"], card["class_colors"],
+                                         output_mpp or card["mpp"], mpp_override=mpp_override, tissue=p.tissue,
+                                         restrict_to_tissue=not whole_image, blend=blend)  # fmt: skip
+                stats["seconds"] = round(time.perf_counter() - t0, 3)
+                stats["tissue_mpix"] = float(p.tissue_mpix)
+                result: dict[str, Any] | Exception = stats
+            except _PipelineBroken:
+                raise
+            except Exception as e:
+                result = e
+            for _ in tiles:  # a failed slide's remaining tiles
+                pass
+            pending.pop(0)
+            t0 = time.perf_counter()
+            yield slide, result
+    except Exception as e:  # the shared pipeline broke: go on slide by slide
+        cause = e.__cause__ if isinstance(e, _PipelineBroken) and e.__cause__ else e
+        if len(pending) == 1:
+            yield pending[0][0], cause
+            return
+        for slide, _ in pending:
+            yield from segment_cohort([slide], card, out_dir, stream, overlap=overlap, blend=blend,
+                                      mpp_override=mpp_override, output_mpp=output_mpp,
+                                      whole_image=whole_image)  # fmt: skip
 
 
 def score_slide_mask(
