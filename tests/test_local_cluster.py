@@ -94,7 +94,7 @@ def _tile_ids(out: Path) -> list[str]:
 def _embeddings(out: Path):
     import pyarrow.dataset as pads
 
-    from pbip_engine.jobs.embed import embeddings_dir
+    from pbip_engine.jobs.rundir import embeddings_dir
 
     return pads.dataset(str(embeddings_dir(out / "embed")), format="parquet").to_table()
 

@@ -17,7 +17,8 @@ from wsi_synth import write_pyramid
 
 import pbip_engine
 import pbip_engine.engine.inference.segment_slide as seg_engine
-from pbip_engine.jobs.infer import _by_slide, segment_slides
+from pbip_engine.engine.inference.cohort import _by_slide
+from pbip_engine.jobs.infer import segment_slides
 
 CARD = {"mpp": 2.0, "class_names": CLASSES, "class_colors": [list(c) for c in COLORS]}
 

@@ -21,7 +21,7 @@ import pbip_engine
 from pbip_engine import cli_cluster
 from pbip_engine.jobs import submit as sm
 from pbip_engine.jobs.local_cluster import LocalCluster, free_port
-from pbip_engine.jobs.stage import all_stages
+from pbip_engine.jobs.stages import all_stages
 from pbip_engine.schemas.spec import load_spec
 
 DEMO = Path(pbip_engine.__file__).parent / "examples" / "demo.yaml"

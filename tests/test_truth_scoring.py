@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pbip_engine.engine.inference.cohort import score_slide_mask
 from pbip_engine.engine.metrics import MetricsError
-from pbip_engine.jobs.infer import score_slide_mask
-from pbip_engine.jobs.pseudo import patch_truth, score_pseudo
+from pbip_engine.engine.pseudo.scoring import patch_truth, score_pseudo
 
 
 def _png(path: Path, arr: np.ndarray) -> Path:

@@ -2,45 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
-
-from pbip_engine.jobs.embed import embeddings_dir
 from pbip_engine.jobs.manifest import write_json_atomic
+from pbip_engine.jobs.rundir import embeddings_dir, tile_files
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
-from pbip_engine.jobs.tile import tile_files
 from pbip_engine.schemas.spec import JobSpec
-
-
-def tile_fetcher(tile_dir: Path):
-    """tile_id -> RGB pixels, reading only the slides' Parquet files that hold the requested tiles."""
-    import cv2
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    files = {f.stem: f for f in tile_files(tile_dir)}
-    cache: dict[str, np.ndarray] = {}
-
-    def prefetch(tile_ids: list[str]) -> None:
-        by_slide: dict[str, list[str]] = {}
-        for t in tile_ids:
-            by_slide.setdefault(t.rsplit(":", 2)[0], []).append(t)
-        for sid, ids in by_slide.items():
-            table = pq.read_table(files[sid], columns=["tile_id", "image"])
-            table = table.filter(pc.is_in(table["tile_id"], value_set=pa.array(ids)))
-            for tid, img in zip(table["tile_id"].to_pylist(), table["image"].to_pylist(), strict=True):
-                bgr = cv2.imdecode(np.frombuffer(img, np.uint8), cv2.IMREAD_COLOR)
-                cache[tid] = bgr[:, :, ::-1]
-
-    def fetch(tile_id: str) -> np.ndarray:
-        if tile_id not in cache:
-            prefetch([tile_id])
-        return cache[tile_id]
-
-    fetch.prefetch = prefetch  # type: ignore[attr-defined]
-    return fetch
 
 
 @register_stage
@@ -60,6 +25,7 @@ class BankStage(Stage):
 
         from pbip_engine.engine.prototypes.bank import BankParams, build_bank
         from pbip_engine.engine.prototypes.gallery import write_gallery
+        from pbip_engine.engine.prototypes.tile_fetch import tile_fetcher
 
         spec = ctx.spec
         edir = embeddings_dir(ctx.stage_dir("embed"))
@@ -71,7 +37,7 @@ class BankStage(Stage):
         bank, report = build_bank(table, spec.class_names, encoder, params, log=ctx.log)
         bank.save(ctx.work_dir)
         write_json_atomic(ctx.work_dir / "report.json", report)
-        fetch = tile_fetcher(ctx.stage_dir("tile"))
+        fetch = tile_fetcher(tile_files(ctx.stage_dir("tile")))
         fetch.prefetch([t for members in bank.members for t in members])
         write_gallery(ctx.work_dir / "gallery.png", bank, fetch)
         zs = report.get("zero_shot", {})

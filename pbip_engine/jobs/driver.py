@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from pbip_engine.jobs.manifest import MANIFEST, input_hash, new_manifest, read_json, write_json_atomic
-from pbip_engine.jobs.stage import Stage, StageContext, all_stages
+from pbip_engine.jobs.stage import Stage, StageContext
+from pbip_engine.jobs.stages import all_stages
 from pbip_engine.schemas.spec import JobSpec, SpecError, check_inputs
 
 
@@ -101,7 +102,6 @@ def run_pipeline(
     prev = read_json(out / "run.json") or {}
     summary.stages.update(prev.get("stages", {}))
     hashes: dict[str, str] = {}
-    ctx_state: list[bool] = [False]
 
     for stage in all_stages():
         if not stage.enabled(spec):
@@ -147,7 +147,6 @@ def run_pipeline(
 
         log(f"[{stage.name}] running ({h})")
         ctx = StageContext(spec=spec, output=out, work_dir=work, address=address, log=log, progress=progress)
-        ctx._ray_started = ctx_state
         t0 = time.perf_counter()
         try:
             result = stage.run(ctx)

@@ -11,11 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pbip_engine.jobs.manifest import read_json
 from pbip_engine.jobs.resources import actor_pool_options, read_options, write_parquet_fresh
+from pbip_engine.jobs.rundir import embeddings_key, embeddings_path, tile_files
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
-from pbip_engine.jobs.tile import tile_files
-from pbip_engine.schemas.spec import JobSpec
 
 EMBED_COLUMNS = ["tile_id", "slide_id", "x", "y", "white_fraction", "labelled", "labels", "image"]
 
@@ -48,12 +46,6 @@ class ArrowEmbedder:
         return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def encoder_key(spec: JobSpec) -> str:
-    from pbip_engine.engine.embed.encoders import encoder_id
-
-    return encoder_id(spec.encoder.name, spec.encoder.checkpoint)
-
-
 @register_stage
 class EmbedStage(Stage):
     name = "embed"
@@ -67,9 +59,8 @@ class EmbedStage(Stage):
         files = tile_files(ctx.stage_dir("tile"))
         if not files:
             raise RuntimeError("the tile stage produced no tiles (every slide failed?)")
-        tile_hash = (read_json(ctx.stage_dir("tile") / "manifest.json") or {}).get("input_hash", "")
-        key = f"{tile_hash}__{encoder_key(spec)}"
-        out_dir = ctx.work_dir / "embeddings" / key
+        key = embeddings_key(ctx.stage_dir("tile"), spec)
+        out_dir = embeddings_path(ctx.work_dir, key)
         ctx.ray()
         ds = ray.data.read_parquet([str(f) for f in files], columns=EMBED_COLUMNS, **read_options())
         ds = ds.map_batches(
@@ -93,8 +84,3 @@ def _count_rows(folder: Path) -> int:
     import pyarrow.parquet as pq
 
     return sum(pq.ParquetFile(f).metadata.num_rows for f in sorted(folder.glob("*.parquet")))
-
-
-def embeddings_dir(stage_dir: Path) -> Path:
-    m = read_json(stage_dir / "manifest.json") or {}
-    return stage_dir / "embeddings" / m["embeddings_key"]

@@ -8,56 +8,34 @@ name and renamed. Memory is bounded by the tiles in flight, never by the slide.
 
 from __future__ import annotations
 
-import csv
-import itertools
+import functools
 import json
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pbip_engine.engine.io.atomic import jsonable
 from pbip_engine.jobs.manifest import read_json, write_json_atomic
 from pbip_engine.jobs.resources import actor_pool_options
+from pbip_engine.jobs.rundir import MODEL_CARD, cohort_slides, slide_id_of, synth_truth_dir
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
-from pbip_engine.jobs.tile import cohort_slides, slide_id_of
-from pbip_engine.schemas.spec import JobSpec, ResourcesSection, expand_slides
-
-SEG_TILE_PX = 512
-MODEL_CARD = "model.json"
+from pbip_engine.schemas.spec import ResourcesSection, expand_slides
 
 
-def _by_slide(batches: Iterable[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Split result batches (in plan order) into runs of one slide: batches may straddle two slides."""
-    import numpy as np
-
-    for b in batches:
-        paths = np.asarray(b["slide_path"]).astype(str)
-        cuts = [0, *(np.nonzero(paths[1:] != paths[:-1])[0] + 1).tolist(), len(paths)]
-        for i, j in itertools.pairwise(cuts):
-            yield paths[i], {k: v[i:j] for k, v in b.items()}
-
-
-def _result_stream(plans: list[Any], model_path: Path, batch_size: int, resources: ResourcesSection | None,
-                   overrides: dict[str, float]) -> Iterator[dict[str, Any]]:  # fmt: skip
-    """Every plan's tiles through one reader -> predictor pipeline, results in plan order.
+def _result_stream(plans: list[Any], overrides: dict[str, float], *, model_path: Path, batch_size: int,
+                   resources: ResourcesSection) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """Every plan's tiles through one Ray Data reader -> predictor actor pool, results in plan order.
 
     One pipeline for the cohort: the model is loaded once per actor, not once per slide, and the pool
     stays warm across slide boundaries.
     """
     import numpy as np
+    import ray
 
+    from pbip_engine.engine.inference.cohort import SEG_TILE_PX
     from pbip_engine.engine.inference.segment_slide import SegmentPredictor, TileReader
 
     tables = [p.tile_table() for p in plans]
-    if resources is None:
-        reader, predictor = TileReader(SEG_TILE_PX, overrides), SegmentPredictor(str(model_path))
-        for t in tables:
-            for i in range(0, len(t["x"]), batch_size):
-                yield predictor(reader({k: v[i : i + batch_size] for k, v in t.items()}))
-        return
-    import ray
-
     cols = {k: np.concatenate([t[k] for t in tables]) for k in tables[0]}
     ds = ray.data.from_items([dict(zip(cols, row, strict=True)) for row in zip(*cols.values(), strict=True)])
     ds.context.execution_options.preserve_order = True  # slides stream out one after the other
@@ -71,10 +49,6 @@ def _result_stream(plans: list[Any], model_path: Path, batch_size: int, resource
         **actor_pool_options(resources),
     )
     yield from ds.iter_batches(batch_size=batch_size, batch_format="numpy")
-
-
-class _PipelineBroken(RuntimeError):
-    """The shared reader/predictor pipeline failed (not one slide's stitching)."""
 
 
 def segment_slides(
@@ -91,131 +65,35 @@ def segment_slides(
     output_mpp: float | None = None,
     whole_image: bool = False,
 ) -> Iterator[tuple[Path, dict[str, Any] | Exception]]:
-    """Segment a cohort; yields ``(slide, stats)`` or ``(slide, exception)`` as each slide is written.
+    """The engine's cohort loop over a Ray Data actor pool when ``resources`` is given, else in process."""
+    from pbip_engine.engine.inference.cohort import local_stream, segment_cohort
 
-    With ``resources`` the tiles of all slides flow through one Ray Data reader -> predictor actor pool,
-    else through this process. A slide that cannot be planned or stitched fails alone; if the shared
-    pipeline itself breaks (an unreadable tile), the slides not yet written are retried one by one so
-    the failure stays with its slide.
-    """
-    from pbip_engine.engine.inference.segment_slide import plan, stitch_and_write
-
-    plans, t0 = [], time.perf_counter()
-    for slide in slides:
-        try:
-            p = plan(
-                slide,
-                card["mpp"],
-                SEG_TILE_PX,
-                overlap,
-                mpp_override=mpp_override,
-                use_tissue=not whole_image,
-            )
-            plans.append((slide, p))
-        except Exception as e:
-            yield slide, e
-    if not plans:
-        return
-    overrides = {str(s): mpp_override for s, _ in plans} if mpp_override else {}
-    pending = list(plans)
-    try:
-        pieces = _by_slide(
-            _result_stream([p for _, p in plans], model_path, batch_size, resources, overrides)
+    if resources is None:
+        stream = local_stream(model_path, batch_size)
+    else:
+        stream = functools.partial(
+            _result_stream, model_path=model_path, batch_size=batch_size, resources=resources
         )
-        head: list[tuple[str, dict[str, Any]]] = []
-
-        def this_slide(path: str) -> Iterator[dict[str, Any]]:
-            while True:
-                try:
-                    item = head.pop() if head else next(pieces, None)
-                except Exception as e:
-                    raise _PipelineBroken(e) from e
-                if item is None:
-                    return
-                if item[0] != path:
-                    head.append(item)  # the next slide's first run
-                    return
-                yield item[1]
-
-        while pending:
-            slide, p = pending[0]
-            tiles = this_slide(p.slide_path)
-            try:
-                stats = stitch_and_write(slide, tiles, out_dir, card["class_names"], card["class_colors"],
-                                         output_mpp or card["mpp"], mpp_override=mpp_override, tissue=p.tissue,
-                                         restrict_to_tissue=not whole_image, blend=blend)  # fmt: skip
-                stats["seconds"] = round(time.perf_counter() - t0, 3)
-                stats["tissue_mpix"] = float(p.tissue_mpix)
-                result: dict[str, Any] | Exception = stats
-            except _PipelineBroken:
-                raise
-            except Exception as e:
-                result = e
-            for _ in tiles:  # a failed slide's remaining tiles
-                pass
-            pending.pop(0)
-            t0 = time.perf_counter()
-            yield slide, result
-    except Exception as e:  # the shared pipeline broke: go on slide by slide
-        cause = e.__cause__ if isinstance(e, _PipelineBroken) and e.__cause__ else e
-        if len(pending) == 1:
-            yield pending[0][0], cause
-            return
-        for slide, _ in pending:
-            yield from segment_slides([slide], model_path, card, out_dir, overlap=overlap, blend=blend,
-                                      batch_size=batch_size, resources=resources, mpp_override=mpp_override,
-                                      output_mpp=output_mpp, whole_image=whole_image)  # fmt: skip
+    return segment_cohort(
+        slides,
+        card,
+        out_dir,
+        stream,
+        overlap=overlap,
+        blend=blend,
+        mpp_override=mpp_override,
+        output_mpp=output_mpp,
+        whole_image=whole_image,
+    )
 
 
-def score_slide_mask(mask_path: Path, truth_path: Path, n_classes: int, truth_lut: list[int] | None = None):
-    """A whole-slide mask against a truth mask (PNG or pyramid) of the same level-0 frame (nearest resampling)."""
-    import cv2
-    import numpy as np
-
-    from pbip_engine.engine.metrics import MetricsError, SegmentationMeter, read_mask
-
-    pred = read_mask(mask_path)
-    truth = read_mask(truth_path)
-    if truth_lut is not None:
-        if truth.size and int(truth.max()) >= len(truth_lut):
-            raise MetricsError(
-                f"{truth_path}: value {int(truth.max())} outside segment.truth_lut {truth_lut}"
-            )
-        truth = np.asarray(truth_lut, dtype=np.uint8)[truth]
-    if truth.shape != pred.shape:
-        truth = cv2.resize(truth, (pred.shape[1], pred.shape[0]), interpolation=cv2.INTER_NEAREST)
-    meter = SegmentationMeter(n_classes, ignore_background=True)
-    meter.update(pred, truth, name=mask_path.name)
-    return meter
-
-
-def truth_files(ctx: StageContext) -> dict[str, Path]:
-    """Slide id -> truth mask: ``segment.truth`` when given, else the synthetic cohort's truth pyramids."""
-    from pbip_engine.engine.metrics import index_mask_dir
-
-    spec = ctx.spec
-    if spec.segment.truth:
-        return index_mask_dir(Path(spec.segment.truth))
-    if spec.data.synthetic is not None:
-        return index_mask_dir(ctx.output / "synth" / "truth")
-    return {}
-
-
-def write_areas_csv(path: Path, rows: dict[str, dict[str, Any]], class_names: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["slide", "tissue_mpix", *[f"{c}_um2" for c in class_names]])
-        for sid, st in sorted(rows.items()):
-            areas = st.get("class_areas_um2", {})
-            w.writerow(
-                [
-                    sid,
-                    round(st.get("tissue_mpix", 0.0), 3),
-                    *[round(areas.get(c, 0.0), 1) for c in class_names],
-                ]
-            )
-    tmp.replace(path)
+def truth_dir(ctx: StageContext) -> Path | None:
+    """Where the segment stage's truth masks are: ``segment.truth``, else the synthetic cohort's pyramids."""
+    if ctx.spec.segment.truth:
+        return Path(ctx.spec.segment.truth)
+    if ctx.spec.data.synthetic is not None:
+        return synth_truth_dir(ctx.output / "synth")
+    return None
 
 
 @register_stage
@@ -227,7 +105,8 @@ class SegmentStage(Stage):
     def run(self, ctx: StageContext) -> StageResult:
         from tqdm.auto import tqdm
 
-        from pbip_engine.engine.metrics import SegmentationMeter
+        from pbip_engine.engine.inference.cohort import CohortScorer
+        from pbip_engine.engine.outputs.areas import write_areas_csv
 
         spec = ctx.spec
         seg_dir = ctx.stage_dir("segmenter")
@@ -239,8 +118,7 @@ class SegmentStage(Stage):
         )
         ctx.ray()
         units: dict[str, dict[str, Any]] = {}
-        truths = truth_files(ctx)
-        total = SegmentationMeter(len(spec.classes), ignore_background=True)
+        scorer = CohortScorer(truth_dir(ctx), len(spec.classes), spec.segment.truth_lut)
         out = ctx.work_dir / "masks"
         todo = []
         for slide in slides:
@@ -251,11 +129,9 @@ class SegmentStage(Stage):
                 todo.append(slide)
 
         def score(sid: str, rec: dict[str, Any]) -> None:
-            if sid in truths and rec["status"] == "done":
-                m = score_slide_mask(out / f"{sid}.mask.ome.tif", truths[sid], len(spec.classes),
-                                     spec.segment.truth_lut)  # fmt: skip
-                rec["metrics"] = {k: m.compute().get(k) for k in ("miou", "mdice", "mbiou")}
-                total.merge(m)
+            metrics = scorer.score(sid, out / f"{sid}.mask.ome.tif") if rec["status"] == "done" else None
+            if metrics is not None:
+                rec["metrics"] = metrics
 
         for sid, rec in units.items():
             score(sid, rec)
@@ -283,11 +159,11 @@ class SegmentStage(Stage):
         done = {k: v for k, v in units.items() if v["status"] == "done"}
         write_areas_csv(ctx.work_dir / "cohort_areas.csv", done, spec.class_names)
         extra: dict[str, Any] = {}
-        if total.n_images:
-            scores = total.compute()
+        scores = scorer.summary()
+        if scores is not None:
             write_json_atomic(ctx.work_dir / "metrics.json", scores)
             extra["metrics"] = {k: scores.get(k) for k in ("miou", "fwiou", "mdice", "mbiou")}
-            ctx.log(f"[segment] masks vs truth ({total.n_images} images): {extra['metrics']}")
+            ctx.log(f"[segment] masks vs truth ({scores['n_images']} images): {extra['metrics']}")
         mpix = sum(v.get("tissue_mpix", 0.0) for v in done.values())
         secs = sum(v.get("seconds", 0.0) for v in done.values())
         return StageResult(
@@ -300,17 +176,6 @@ class SegmentStage(Stage):
             units=units,
             extra=extra,
         )
-
-
-def model_card(spec: JobSpec) -> dict[str, Any]:
-    """What ``pbip-engine segment`` needs to use a trained model without the spec."""
-    return {
-        "mpp": spec.tiling.mpp,
-        "class_names": spec.class_names,
-        "class_colors": [list(c) for c in spec.class_colors],
-        "arch": spec.segmenter.arch,
-        "backbone": spec.segmenter.backbone,
-    }
 
 
 def segment_cli(model_dir: Path, inputs: list[Path], out: Path, mpp: float | None, address: str | None,

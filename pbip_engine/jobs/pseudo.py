@@ -7,23 +7,18 @@ per-slide mosaic of the masks is written for QA.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pbip_engine.engine.training.batches import decode_batch
 from pbip_engine.jobs.manifest import write_json_atomic
-from pbip_engine.jobs.ray_train import decode_batch
 from pbip_engine.jobs.resources import actor_pool_options, read_options, write_parquet_fresh
+from pbip_engine.jobs.rundir import mask_relpath, synth_truth_dir, tile_files
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
-from pbip_engine.jobs.tile import tile_files
 
 COLUMNS = ["tile_id", "slide_id", "x", "y", "size0", "image", "labels", "labelled"]
-
-
-def mask_relpath(slide_id: str, x: int, y: int) -> str:
-    return f"masks/{slide_id}/{x}_{y}.png"
 
 
 class PseudoPredictor:
@@ -68,112 +63,6 @@ class PseudoPredictor:
         }
 
 
-def truth_region(truth: Any, x: int, y: int, size0: int, out_px: int) -> np.ndarray:
-    """Level-0 truth crop resized (nearest) to the tile's pixel grid."""
-    import cv2
-
-    crop = np.asarray(truth[y : y + size0, x : x + size0])
-    return cv2.resize(crop, (out_px, out_px), interpolation=cv2.INTER_NEAREST)
-
-
-def open_truth(path: Path):
-    """Level 0 of a label pyramid as a lazily read array (zarr over the TIFF's tiles)."""
-    import tifffile
-    import zarr
-
-    store = tifffile.imread(str(path), aszarr=True, level=0)
-    return zarr.open(store, mode="r")
-
-
-def synth_truth(truth_dir: Path) -> Callable[[str], Any]:
-    """Slide id -> lazily read level-0 truth of the synthetic cohort (None where there is none)."""
-
-    def get(sid: str) -> Any:
-        p = truth_dir / f"{sid}.mask.tif"
-        return open_truth(p) if p.exists() else None
-
-    return get
-
-
-def patch_truth(fmt: str, root: str) -> Callable[[str], Any] | None:
-    """Source image -> its mask in our convention, for patch datasets that ship masks (GlaS); else None."""
-    from pbip_engine.engine.ingest.datasets.common import DataError
-    from pbip_engine.engine.ingest.patch_tiles import open_patch_dataset
-
-    ds = open_patch_dataset(fmt, root, split="train")
-    if not hasattr(ds, "mask"):
-        return None
-
-    def get(sid: str) -> Any:
-        try:
-            return ds.mask(sid)
-        except DataError:
-            return None
-
-    return get
-
-
-def score_pseudo(
-    index: list[dict[str, Any]], out_dir: Path, truth_for: Callable[[str], Any], n_classes: int
-) -> dict:
-    """Pseudo masks vs truth over all tiles: one confusion matrix, pixels whose truth is a tissue class.
-
-    ``multi_label`` repeats the scores over tiles labelled with two or more classes: on a single-label
-    tile the mask is that class plus the background rule whatever the CAMs say, so only these tiles
-    show how well the model localises (the L_CLS vs + L_SIM ablation reads this figure).
-    """
-    from pbip_engine.engine.metrics import SegmentationMeter, read_mask
-
-    meter = SegmentationMeter(n_classes, ignore_background=True)
-    multi = SegmentationMeter(n_classes, ignore_background=True)
-    truths: dict[str, Any] = {}
-    for row in index:
-        sid = row["slide_id"]
-        if sid not in truths:
-            truths[sid] = truth_for(sid)
-        if truths[sid] is None:
-            continue
-        pred = read_mask(out_dir / row["mask_path"])
-        truth = truth_region(truths[sid], row["x"], row["y"], row["size0"], pred.shape[0])
-        meter.update(pred, truth, name=sid)
-        if np.asarray(row.get("labels", ())).sum() > 1:  # a list, or an ndarray from Ray's tensor columns
-            multi.update(pred, truth, name=sid)
-    if not meter.n_images:
-        return {}
-    out = meter.compute()
-    if multi.n_images:
-        out["multi_label"] = multi.compute()
-    return out
-
-
-def slide_mosaics(index: list[dict[str, Any]], out_dir: Path, colors, max_px: int = 1024) -> int:
-    """One QA picture per slide: every tile's pseudo mask placed at its position."""
-    import cv2
-
-    from pbip_engine.engine.metrics import read_mask
-
-    palette = np.array([(255, 255, 255), *colors], dtype=np.uint8)
-    by_slide: dict[str, list[dict[str, Any]]] = {}
-    for r in index:
-        by_slide.setdefault(r["slide_id"], []).append(r)
-    for sid, rows in by_slide.items():
-        w = max(r["x"] + r["size0"] for r in rows)
-        h = max(r["y"] + r["size0"] for r in rows)
-        s = max_px / max(w, h)
-        canvas = np.full((int(h * s) + 1, int(w * s) + 1, 3), 255, np.uint8)
-        for r in rows:
-            m = read_mask(out_dir / r["mask_path"])
-            e = max(1, round(r["size0"] * s))
-            x0, y0 = int(r["x"] * s), int(r["y"] * s)
-            canvas[y0 : y0 + e, x0 : x0 + e] = palette[
-                cv2.resize(m, (e, e), interpolation=cv2.INTER_NEAREST)
-            ][: canvas.shape[0] - y0, : canvas.shape[1] - x0]
-        path = out_dir / "heatmaps" / f"{sid}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(path), canvas[:, :, ::-1])
-    return len(by_slide)
-
-
 @register_stage
 class PseudoStage(Stage):
     name = "pseudo"
@@ -187,6 +76,8 @@ class PseudoStage(Stage):
         import pyarrow.parquet as pq
         import ray
 
+        from pbip_engine.engine.pseudo.mosaics import slide_mosaics
+        from pbip_engine.engine.pseudo.scoring import patch_truth, score_pseudo, synth_truth
         from pbip_engine.schemas.datasets import PSEUDO_INDEX
 
         spec = ctx.spec
@@ -221,7 +112,7 @@ class PseudoStage(Stage):
         extra: dict[str, Any] = {}
         truth_for = None
         if spec.data.synthetic is not None:
-            truth_for = synth_truth(ctx.stage_dir("synth") / "truth")
+            truth_for = synth_truth(synth_truth_dir(ctx.stage_dir("synth")))
         elif spec.data.patches:
             truth_for = patch_truth(spec.data.patch_format, spec.data.patches)
         scores = score_pseudo(index, ctx.work_dir, truth_for, len(spec.classes)) if truth_for else {}

@@ -23,19 +23,6 @@ CKPT_FILE = "checkpoint.pt"
 HISTORY_FILE = "history.json"
 
 
-def decode_batch(batch: dict[str, Any]) -> dict[str, Any]:
-    """Ray Data numpy batch of tile rows -> the engine's batch convention (uint8 B,H,W,3 + multi-hot)."""
-    import numpy as np
-
-    from pbip_engine.engine.ingest.datasets.common import decode_rgb
-
-    images = np.stack([decode_rgb(b) for b in batch["image"]])
-    out = {"image": images, "name": batch["tile_id"]}
-    if "labels" in batch:
-        out["labels"] = np.stack([np.asarray(v, dtype=np.float32) for v in batch["labels"]])
-    return out
-
-
 class RayStore:
     """Checkpoints in Ray Train's storage: rank 0 reports each epoch with its checkpoint, the others without."""
 

@@ -1,8 +1,9 @@
-"""The stage registry: each pipeline stage is a small class the driver runs in order.
+"""The stage base classes and registry: each pipeline stage is a small class the driver runs in order.
 
 A stage reads its upstream stages' finished folders and writes into its own work folder, which the
 driver renames into place only when the stage returns. Stages that process slides one by one keep
 per-unit state in the work folder so an interrupted or partially failed run resumes where it stopped.
+This module imports no stage (every stage imports it); the built-in stage list is ``jobs.stages``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ class StageContext:
     address: str | None
     log: Callable[[str], None]
     progress: bool = True
-    _ray_started: list[bool] = field(default_factory=lambda: [False])
 
     def stage_dir(self, name: str) -> Path:
         """Finished output folder of an upstream stage."""
@@ -83,8 +83,8 @@ def register_stage(cls: type[Stage]) -> type[Stage]:
 
 
 def all_stages() -> list[Stage]:
-    """Stages in data-flow order: each after every stage it depends on (registration order breaks ties)."""
-    _load_builtin_stages()
+    """Registered stages in data-flow order: each after every stage it depends on (registration order
+    breaks ties). Only what has been imported is registered: ``jobs.stages`` imports the built-in ones."""
     ordered: list[Stage] = []
     placed: set[str] = set()
     pending = list(_REGISTRY.values())
@@ -100,22 +100,9 @@ def all_stages() -> list[Stage]:
 
 
 def get_stage(name: str) -> Stage:
-    _load_builtin_stages()
     if name not in _REGISTRY:
         raise KeyError(f"unknown stage {name!r}; stages are {list(_REGISTRY)}")
     return _REGISTRY[name]
-
-
-def _load_builtin_stages() -> None:
-    # Importing the modules registers their stages; all_stages() orders them by their deps.
-    import pbip_engine.jobs.bank
-    import pbip_engine.jobs.embed
-    import pbip_engine.jobs.infer
-    import pbip_engine.jobs.pseudo
-    import pbip_engine.jobs.synth
-    import pbip_engine.jobs.tile
-    import pbip_engine.jobs.train_stage1
-    import pbip_engine.jobs.train_stage2  # noqa: F401
 
 
 def stage_names(stages: Iterable[Stage]) -> list[str]:

@@ -13,22 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from pbip_engine.jobs.manifest import read_json, write_json_atomic
+from pbip_engine.jobs.rundir import cohort_slides, slide_id_of
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
-from pbip_engine.schemas.spec import JobSpec, SpecError, expand_slides
+from pbip_engine.schemas.spec import JobSpec, SpecError
 
 ANNOTATION_SUFFIXES = (".geojson", ".json", ".geojson.gz")
-
-
-def slide_id_of(path: Path) -> str:
-    return path.stem
-
-
-def cohort_slides(ctx: StageContext) -> list[Path]:
-    """The slides of the run: the spec's list, or the synthetic cohort's."""
-    spec = ctx.spec
-    if spec.data.synthetic is not None:
-        return sorted((ctx.stage_dir("synth") / "slides").glob("*.tif"))
-    return expand_slides(spec.data.slides)
 
 
 def annotation_dir(ctx: StageContext) -> Path | None:
@@ -199,8 +188,3 @@ def _file_size(path: str) -> int:
         return Path(path).stat().st_size
     except OSError:  # missing: it fails fast wherever it runs
         return 0
-
-
-def tile_files(stage_dir: Path) -> list[Path]:
-    """The per-slide Parquet files of a finished tile stage (failed slides have none)."""
-    return sorted(p for p in (stage_dir / "tiles").glob("*.parquet") if not p.name.startswith("."))

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from pbip_engine.jobs.ray_train import decode_batch, fit_on_ray
+from pbip_engine.engine.training.batches import decode_batch
+from pbip_engine.jobs.ray_train import fit_on_ray
 from pbip_engine.jobs.resources import read_options
+from pbip_engine.jobs.rundir import tile_files
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
-from pbip_engine.jobs.tile import tile_files
 from pbip_engine.schemas.spec import JobSpec
 
 TRAIN_COLUMNS = ["tile_id", "image", "labels", "labelled"]

@@ -2,33 +2,17 @@
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
-import numpy as np
-
-from pbip_engine.jobs.infer import MODEL_CARD, model_card
+from pbip_engine.engine.training.batches import decode_samples
 from pbip_engine.jobs.manifest import write_json_atomic
-from pbip_engine.jobs.ray_train import decode_batch, fit_on_ray
+from pbip_engine.jobs.ray_train import fit_on_ray
 from pbip_engine.jobs.resources import read_options
+from pbip_engine.jobs.rundir import MODEL_CARD, model_card
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
 from pbip_engine.schemas.spec import JobSpec
 
 SAMPLE_COLUMNS = ["tile_id", "image", "mask"]
-
-
-def decode_masks(pngs) -> np.ndarray:
-    """Palettised PNG bytes -> uint8 index masks (PIL keeps the indices; cv2 would give colours)."""
-    from PIL import Image
-
-    return np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in pngs])
-
-
-def decode_samples(batch: dict[str, Any]) -> dict[str, Any]:
-    """Ray Data numpy batch of pseudo samples -> ``{"image": uint8 B,H,W,3, "mask": uint8 B,H,W}``."""
-    out = decode_batch({"image": batch["image"], "tile_id": batch["tile_id"]})
-    out["mask"] = decode_masks(batch["mask"])
-    return out
 
 
 def segmenter_arch(spec: JobSpec) -> str:

@@ -97,19 +97,14 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def random_flip_rot(sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    """Random horizontal/vertical flip and rot90 applied identically to ``image`` and ``mask``."""
+    """One random symmetry of the square applied identically to ``image`` and ``mask`` (one sample)."""
+    from pbip_engine.engine.training.augment import dihedral
+
     out = dict(sample)
-    k = int(rng.integers(4))
-    hflip, vflip = bool(rng.integers(2)), bool(rng.integers(2))
+    k = int(rng.integers(8))
     for key in ("image", "mask"):
-        if key not in out:
-            continue
-        a = out[key]
-        if hflip:
-            a = a[:, ::-1]
-        if vflip:
-            a = a[::-1]
-        out[key] = np.ascontiguousarray(np.rot90(a, k))
+        if key in out:
+            out[key] = np.ascontiguousarray(dihedral(out[key], k))
     return out
 
 

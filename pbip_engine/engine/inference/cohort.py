@@ -1,0 +1,186 @@
+"""Segmenting a cohort through one shared tile stream, and scoring it against truth masks.
+
+One stream for all slides keeps the model loaded and the predictors busy across slide boundaries; the
+stream is a parameter so that the same loop runs in this process or over a Ray Data actor pool (built
+in ``jobs.infer``), and a broken stream is retried slide by slide so a failure stays with its slide.
+
+The cohort figure is one confusion matrix over every scored pixel, not a mean of slide figures, so a
+large slide weighs by its size; the truth may use another label convention (``truth_lut``) or be finer
+than the written mask (it is resampled, nearest, to the mask's frame).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pbip_engine.engine.metrics import MetricsError, SegmentationMeter, index_mask_dir, read_mask
+
+SEG_TILE_PX = 512  # the tile edge, in pixels at the model's µm/px, that slides are planned and read at
+SLIDE_METRICS = ("miou", "mdice", "mbiou")
+
+# (plans, per-slide mpp overrides) -> prediction batches in plan order (rows carry ``slide_path``)
+ResultStream = Callable[[list[Any], dict[str, float]], Iterator[dict[str, Any]]]
+
+
+def _by_slide(batches: Iterable[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Split result batches (in plan order) into runs of one slide: batches may straddle two slides."""
+    import numpy as np
+
+    for b in batches:
+        paths = np.asarray(b["slide_path"]).astype(str)
+        cuts = [0, *(np.nonzero(paths[1:] != paths[:-1])[0] + 1).tolist(), len(paths)]
+        for i, j in itertools.pairwise(cuts):
+            yield paths[i], {k: v[i:j] for k, v in b.items()}
+
+
+def local_stream(model_path: Path, batch_size: int) -> ResultStream:
+    """The reader and predictor in this process, batch by batch (``pbip-engine segment`` without Ray)."""
+
+    def stream(plans: list[Any], overrides: dict[str, float]) -> Iterator[dict[str, Any]]:
+        from pbip_engine.engine.inference.segment_slide import SegmentPredictor, TileReader
+
+        tables = [p.tile_table() for p in plans]
+        reader, predictor = TileReader(SEG_TILE_PX, overrides), SegmentPredictor(str(model_path))
+        for t in tables:
+            for i in range(0, len(t["x"]), batch_size):
+                yield predictor(reader({k: v[i : i + batch_size] for k, v in t.items()}))
+
+    return stream
+
+
+class _PipelineBroken(RuntimeError):
+    """The shared reader/predictor pipeline failed (not one slide's stitching)."""
+
+
+def segment_cohort(
+    slides: list[Path],
+    card: dict[str, Any],
+    out_dir: Path,
+    stream: ResultStream,
+    *,
+    overlap: float,
+    blend: str,
+    mpp_override: float | None = None,
+    output_mpp: float | None = None,
+    whole_image: bool = False,
+) -> Iterator[tuple[Path, dict[str, Any] | Exception]]:
+    """Segment a cohort; yields ``(slide, stats)`` or ``(slide, exception)`` as each slide is written.
+
+    The tiles of all slides flow through one ``stream`` (in this process, or a Ray Data actor pool that
+    the caller builds), so the model is loaded once for the cohort. A slide that cannot be planned or
+    stitched fails alone; if the shared stream itself breaks (an unreadable tile), the slides not yet
+    written are retried one by one so the failure stays with its slide.
+    """
+    from pbip_engine.engine.inference.segment_slide import plan, stitch_and_write
+
+    plans, t0 = [], time.perf_counter()
+    for slide in slides:
+        try:
+            p = plan(
+                slide,
+                card["mpp"],
+                SEG_TILE_PX,
+                overlap,
+                mpp_override=mpp_override,
+                use_tissue=not whole_image,
+            )
+            plans.append((slide, p))
+        except Exception as e:
+            yield slide, e
+    if not plans:
+        return
+    overrides = {str(s): mpp_override for s, _ in plans} if mpp_override else {}
+    pending = list(plans)
+    try:
+        pieces = _by_slide(stream([p for _, p in plans], overrides))
+        head: list[tuple[str, dict[str, Any]]] = []
+
+        def this_slide(path: str) -> Iterator[dict[str, Any]]:
+            while True:
+                try:
+                    item = head.pop() if head else next(pieces, None)
+                except Exception as e:
+                    raise _PipelineBroken(e) from e
+                if item is None:
+                    return
+                if item[0] != path:
+                    head.append(item)  # the next slide's first run
+                    return
+                yield item[1]
+
+        while pending:
+            slide, p = pending[0]
+            tiles = this_slide(p.slide_path)
+            try:
+                stats = stitch_and_write(slide, tiles, out_dir, card["class_names"], card["class_colors"],
+                                         output_mpp or card["mpp"], mpp_override=mpp_override, tissue=p.tissue,
+                                         restrict_to_tissue=not whole_image, blend=blend)  # fmt: skip
+                stats["seconds"] = round(time.perf_counter() - t0, 3)
+                stats["tissue_mpix"] = float(p.tissue_mpix)
+                result: dict[str, Any] | Exception = stats
+            except _PipelineBroken:
+                raise
+            except Exception as e:
+                result = e
+            for _ in tiles:  # a failed slide's remaining tiles
+                pass
+            pending.pop(0)
+            t0 = time.perf_counter()
+            yield slide, result
+    except Exception as e:  # the shared pipeline broke: go on slide by slide
+        cause = e.__cause__ if isinstance(e, _PipelineBroken) and e.__cause__ else e
+        if len(pending) == 1:
+            yield pending[0][0], cause
+            return
+        for slide, _ in pending:
+            yield from segment_cohort([slide], card, out_dir, stream, overlap=overlap, blend=blend,
+                                      mpp_override=mpp_override, output_mpp=output_mpp,
+                                      whole_image=whole_image)  # fmt: skip
+
+
+def score_slide_mask(
+    mask_path: Path, truth_path: Path, n_classes: int, truth_lut: list[int] | None = None
+) -> SegmentationMeter:
+    """A whole-slide mask against a truth mask (PNG or pyramid) of the same level-0 frame (nearest resampling)."""
+    import cv2
+    import numpy as np
+
+    pred = read_mask(mask_path)
+    truth = read_mask(truth_path)
+    if truth_lut is not None:
+        if truth.size and int(truth.max()) >= len(truth_lut):
+            raise MetricsError(
+                f"{truth_path}: value {int(truth.max())} outside segment.truth_lut {truth_lut}"
+            )
+        truth = np.asarray(truth_lut, dtype=np.uint8)[truth]
+    if truth.shape != pred.shape:
+        truth = cv2.resize(truth, (pred.shape[1], pred.shape[0]), interpolation=cv2.INTER_NEAREST)
+    meter = SegmentationMeter(n_classes, ignore_background=True)
+    meter.update(pred, truth, name=mask_path.name)
+    return meter
+
+
+class CohortScorer:
+    """Slide masks vs the truth folder's masks (matched by slide id); slides without truth are not scored."""
+
+    def __init__(self, truth_dir: Path | None, n_classes: int, truth_lut: list[int] | None = None) -> None:
+        self.truths = index_mask_dir(truth_dir) if truth_dir is not None else {}
+        self.n_classes = n_classes
+        self.truth_lut = truth_lut
+        self.total = SegmentationMeter(n_classes, ignore_background=True)
+
+    def score(self, slide_id: str, mask_path: Path) -> dict[str, Any] | None:
+        """The slide's figures (added to the cohort's), or None where it has no truth."""
+        if slide_id not in self.truths:
+            return None
+        m = score_slide_mask(mask_path, self.truths[slide_id], self.n_classes, self.truth_lut)
+        self.total.merge(m)
+        return {k: m.compute().get(k) for k in SLIDE_METRICS}
+
+    def summary(self) -> dict[str, Any] | None:
+        """The cohort's figures over every scored slide, or None where none was scored."""
+        return self.total.compute() if self.total.n_images else None
