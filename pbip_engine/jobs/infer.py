@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pbip_engine.engine.io.atomic import jsonable
+from pbip_engine.engine.io.atomic import atomic_path, jsonable
 from pbip_engine.jobs.manifest import read_json, write_json_atomic
 from pbip_engine.jobs.resources import actor_pool_options
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
@@ -202,8 +202,7 @@ def truth_files(ctx: StageContext) -> dict[str, Path]:
 
 
 def write_areas_csv(path: Path, rows: dict[str, dict[str, Any]], class_names: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["slide", "tissue_mpix", *[f"{c}_um2" for c in class_names]])
         for sid, st in sorted(rows.items()):
@@ -215,7 +214,6 @@ def write_areas_csv(path: Path, rows: dict[str, dict[str, Any]], class_names: li
                     *[round(areas.get(c, 0.0), 1) for c in class_names],
                 ]
             )
-    tmp.replace(path)
 
 
 @register_stage
