@@ -44,6 +44,7 @@ from pbip_engine.engine.annotations.geojson import Annotation, mask_to_geometrie
 from pbip_engine.engine.inference.stitch import Canvas
 from pbip_engine.engine.outputs.overlay import default_colors, write_overlay
 from pbip_engine.engine.outputs.tiff_writer import write_pyramid
+from pbip_engine.engine.wsi.grid import grid_positions
 from pbip_engine.engine.wsi.slides import Slide, SlideError, _Backend, open_slide
 from pbip_engine.engine.wsi.tiling import TileSpec, iter_tiles, read_level_for, tissue_fractions
 from pbip_engine.engine.wsi.tissue import TissueParams, TissueResult, detect_tissue
@@ -157,21 +158,6 @@ class SegmentPlan:
         return cols
 
 
-def grid_positions(length: int, size0: int, stride0: float) -> np.ndarray:
-    """Tile starts covering [0, length): regular stride, last tile flush with the border.
-
-    A slide shorter than one tile gets a single tile at 0 that hangs over (read padded with white).
-    """
-    if length <= size0:
-        return np.zeros(1, np.int64)
-    n = math.floor((length - size0) / stride0) + 1
-    pos = np.round(np.arange(n) * stride0).astype(np.int64)
-    pos = pos[pos + size0 <= length]
-    if pos[-1] + size0 < length:
-        pos = np.append(pos, length - size0)
-    return pos
-
-
 def plan(
     slide_path: str | Path,
     model_mpp: float,
@@ -198,7 +184,8 @@ def plan(
         read_size = max(1, round(size0 / slide.level_downsamples[level]))
         w0, h0 = slide.dimensions
         stride0 = max(1.0, size0 * (1.0 - overlap))
-        xs, ys = grid_positions(w0, size0, stride0), grid_positions(h0, size0, stride0)
+        xs = grid_positions(w0, size0, stride0, edge="overhang")
+        ys = grid_positions(h0, size0, stride0, edge="overhang")
         tissue: TissueResult | None = None
         if use_tissue:
             tissue = detect_tissue(slide, tissue_params or TissueParams())
