@@ -42,6 +42,7 @@ import numpy as np
 
 from pbip_engine.engine.annotations.geojson import Annotation, mask_to_geometries, write_annotations
 from pbip_engine.engine.inference.stitch import Canvas
+from pbip_engine.engine.nn.normalize import IMAGENET_MEAN, IMAGENET_STD
 from pbip_engine.engine.outputs.overlay import default_colors, write_overlay
 from pbip_engine.engine.outputs.tiff_writer import write_pyramid
 from pbip_engine.engine.wsi.grid import grid_positions
@@ -325,8 +326,8 @@ class SegmentPredictor:
             model = load_segmenter(model, self.device)
         self.model = model.to(self.device).eval()
         cfg = getattr(model, "config", {})
-        self.mean = tuple(cfg.get("mean", getattr(model, "mean", (0.485, 0.456, 0.406))))
-        self.std = tuple(cfg.get("std", getattr(model, "std", (0.229, 0.224, 0.225))))
+        self.mean = tuple(cfg.get("mean", getattr(model, "mean", IMAGENET_MEAN)))
+        self.std = tuple(cfg.get("std", getattr(model, "std", IMAGENET_STD)))
         self.n_classes = cfg.get("n_classes")
         self.amp = bool(amp) and self.device.type == "cuda"
         self.output = output
