@@ -53,7 +53,7 @@ def _mode_downsample(band: np.ndarray, f: int, n_labels: int) -> np.ndarray:
     return best
 
 
-class _BandWriter:
+class MaskBands:
     """``read_tile`` callback for write_pyramid: one argmax band per tile row, with running statistics.
 
     The TIFF writer asks for level-0 tiles row by row, left to right; each band is computed once from the
@@ -152,10 +152,10 @@ def write_mask(
     tiff_tile: int,
     pyramid_min_size: int,
     maxworkers: int,
-) -> tuple[_BandWriter, int]:
+) -> tuple[MaskBands, int]:
     """The label pyramid, argmax of the canvas (outside ``tissue`` = background); returns the bands
     (class counts and the small mask for GeoJSON/overlay) and the number of pyramid levels."""
-    bands = _BandWriter(canvas, tissue, r, len(class_names) + 1, geo_factor)
+    bands = MaskBands(canvas, tissue, r, len(class_names) + 1, geo_factor)
     levels = write_pyramid(
         path,
         bands,
@@ -245,9 +245,9 @@ def stitch_and_write(
     ``size0`` in level-0 pixels and ``logits``/``probs`` ``[B,]C,h,w``, C = len(class_names) + 1), in any
     order; they are consumed once. ``output_mpp`` defaults to the slide's own (level 0). With
     ``restrict_to_tissue`` (default) pixels more than one tissue-mask pixel (8 µm by default) outside the
-    tissue mask are background: the plan's ``tissue`` is reused when given, else detected again. Returns statistics for the cohort table:
-    per-class areas (µm²), tissue megapixels, tile count and timings split into wait (upstream
-    inference, when the iterable is lazy), stitch and write.
+    tissue mask are background: the plan's ``tissue`` is reused when given, else detected again. Returns
+    statistics for the cohort table: per-class areas (µm²), tissue megapixels, tile count and timings
+    split into wait (upstream inference, when the iterable is lazy), stitch and write.
     """
     t_start = time.perf_counter()
     slide_path, out_dir = Path(slide_path), Path(out_dir)
@@ -286,7 +286,8 @@ def stitch_and_write(
         geo_factor = geojson_factor((H, W), geojson_max_px, tiff_tile)
         bands, n_levels = write_mask(
             paths["mask"], canvas, tissue if restrict_to_tissue else None, r, out_mpp, class_names, colors,
-            geo_factor=geo_factor, tiff_tile=tiff_tile, pyramid_min_size=pyramid_min_size, maxworkers=maxworkers,
+            geo_factor=geo_factor, tiff_tile=tiff_tile, pyramid_min_size=pyramid_min_size,
+            maxworkers=maxworkers,
         )  # fmt: skip
         t_mask = time.perf_counter() - t2
     finally:

@@ -7,8 +7,8 @@ and the tissue outline as an editable QuPath GeoJSON.
 Slide-level problems (unreadable file, no mpp, no tissue, bad annotations) never raise: they return
 ``SlideResult(status="failed", reason=<code>, message=<text>)`` and leave nothing behind, so one bad
 slide out of ten thousand is a row in a report, not a crashed job. All outputs go to temp files in
-their final directories and are renamed into place at the end (:func:`atomic_path`), the Parquet file last: its presence means
-the slide is complete.
+their final directories and are renamed into place at the end (:func:`atomic_path`), the Parquet file
+last: its presence means the slide is complete.
 """
 
 from __future__ import annotations
