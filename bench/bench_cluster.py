@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import pbip_engine  # noqa: F401  (cuCIM before torch)
+from pbip_engine.engine.io.atomic import atomic_write_text
 from pbip_engine.jobs.local_cluster import AutoscalingLocalCluster, LocalCluster, wait_until
 
 DRIVER = """
@@ -126,9 +127,7 @@ def main() -> None:
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
-        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, args.out)
+        atomic_write_text(args.out, text + "\n")
 
 
 if __name__ == "__main__":

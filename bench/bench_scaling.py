@@ -57,6 +57,7 @@ from typing import Any
 import yaml
 
 import pbip_engine
+from pbip_engine.engine.io.atomic import atomic_write_text
 from pbip_engine.jobs.resources import fit_cpus
 
 DEMO = Path(pbip_engine.__file__).parent / "examples" / "demo.yaml"
@@ -548,10 +549,7 @@ def main() -> int:
     )
     print("\n\n".join(texts))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_out = args.out.with_name(f".{args.out.name}.tmp")
-        tmp_out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-        os.replace(tmp_out, args.out)
+        atomic_write_text(args.out, json.dumps(report, indent=2, default=str) + "\n")
         print(f"\nJSON: {args.out}")
     failed = any("error" in r for r in report["parts"].values())
     if tmp is not None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from pbip_engine.cli_cluster import split_names
 from pbip_engine.schemas.spec import JobSpec, SpecError, check_inputs, json_schema, load_spec, parse_spec
 
 DEMO_SPEC = Path(__file__).parent / "examples" / "demo.yaml"
@@ -39,10 +40,6 @@ def _run(spec: JobSpec, stages: list[str] | None, force: list[str], address: str
             line += f"  error: {st['error']}"
         click.echo(line)
     return summary.exit_code
-
-
-def _split(value: str | None) -> list[str] | None:
-    return [s.strip() for s in value.split(",") if s.strip()] if value else None
 
 
 @click.group()
@@ -115,7 +112,7 @@ def _with_run_options(f):
 @_with_run_options
 def run(spec: str, stages: str | None, address: str | None, force: str | None) -> None:
     """Run the pipeline (or some stages) of SPEC; finished stages are skipped."""
-    sys.exit(_run(_load(spec), _split(stages), _split(force) or [], address))
+    sys.exit(_run(_load(spec), split_names(stages), split_names(force) or [], address))
 
 
 def _stage_command(stage: str, help_text: str, name: str | None = None):
@@ -123,7 +120,7 @@ def _stage_command(stage: str, help_text: str, name: str | None = None):
     @click.argument("spec", type=click.Path())
     @_with_run_options
     def _cmd(spec: str, address: str | None, force: str | None) -> None:
-        sys.exit(_run(_load(spec), [stage], _split(force) or [], address))
+        sys.exit(_run(_load(spec), [stage], split_names(force) or [], address))
 
     return _cmd
 

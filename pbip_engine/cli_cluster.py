@@ -33,7 +33,8 @@ def _token_option(f):
     )(f)
 
 
-def _split(value: str | None) -> list[str] | None:
+def split_names(value: str | None) -> list[str] | None:
+    """``--stages tile,embed`` -> ``["tile", "embed"]``; nothing given -> None, which means every stage."""
     return [s.strip() for s in value.split(",") if s.strip()] if value else None
 
 
@@ -112,8 +113,8 @@ def submit(
         wait=wait,
         runtime_env_file=runtime_env,
         working_dir=working_dir,
-        stages=_split(stages),
-        force=_split(force),
+        stages=split_names(stages),
+        force=split_names(force),
         allow_local_output=allow_local_output,
         remote=True if remote else None,
         token_file=token_file,

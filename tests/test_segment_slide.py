@@ -25,7 +25,6 @@ from pbip_engine.engine.inference.segment_slide import (
     SegmentError,
     SegmentPredictor,
     TileReader,
-    grid_positions,
     iter_tile_pixels,
     open_any,
     plan,
@@ -34,6 +33,7 @@ from pbip_engine.engine.inference.segment_slide import (
     tile_to_output,
 )
 from pbip_engine.engine.outputs.tiff_writer import read_label_classes
+from pbip_engine.engine.wsi.grid import grid_positions
 
 CLASSES = ["Tumor", "Stroma"]
 COLORS = [(200, 0, 0), (0, 0, 200)]
@@ -92,7 +92,7 @@ def toy_slide(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarra
 
 def test_grid_covers_the_whole_extent_with_the_last_tile_flush():
     for length, size, stride in [(1000, 128, 96.0), (128, 128, 96.0), (1001, 100, 75.0), (50, 128, 96.0)]:
-        pos = grid_positions(length, size, stride)
+        pos = grid_positions(length, size, stride, edge="overhang")
         covered = np.zeros(max(length, size), bool)
         for p in pos:
             covered[p : p + size] = True
@@ -326,7 +326,9 @@ def test_real_glas_jpeg_as_one_level_slide(glas_dir, tmp_path):
     with tifffile.TiffFile(tmp_path / f"{img.stem}.mask.ome.tif") as tf:
         mask = tf.series[0].levels[0].asarray()
     assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 1, 2}
-    assert stats["n_tiles"] == len(grid_positions(w, 256, 192.0)) * len(grid_positions(h, 256, 192.0))
+    assert stats["n_tiles"] == len(grid_positions(w, 256, 192.0, "overhang")) * len(
+        grid_positions(h, 256, 192.0, "overhang")
+    )
 
 
 @pytest.mark.slow

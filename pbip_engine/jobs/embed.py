@@ -25,25 +25,11 @@ class ArrowEmbedder:
         from pbip_engine.engine.embed.embedder import Embedder
 
         self.embedder = Embedder(**kwargs)
-        self.dtype = kwargs.get("dtype", "float16")
 
     def __call__(self, batch: dict[str, Any]):
-        import pyarrow as pa
+        from pbip_engine.engine.embed.embedder import to_embeddings_table
 
-        from pbip_engine.schemas.datasets import embeddings_schema
-
-        out = self.embedder(batch)
-        emb = out["embedding"]
-        schema = embeddings_schema(emb.shape[1], self.dtype)
-        flat = pa.array(emb.reshape(-1), type=schema.field("embedding").type.value_type)
-        cols = {name: out[name] for name in schema.names if name != "embedding"}
-        arrays = [
-            pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])
-            if name == "embedding"
-            else pa.array(list(cols[name]) if name == "labels" else cols[name], type=schema.field(name).type)
-            for name in schema.names
-        ]
-        return pa.Table.from_arrays(arrays, schema=schema)
+        return to_embeddings_table(self.embedder(batch), self.embedder.schema())
 
 
 @register_stage

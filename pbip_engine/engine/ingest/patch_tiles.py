@@ -6,7 +6,6 @@ code path as for slides. One Parquet file per source image (GlaS) or one for the
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pbip_engine.engine.ingest.tile_slide import encode_jpeg, white_fraction
+from pbip_engine.engine.io.atomic import atomic_path
 from pbip_engine.schemas.datasets import TILES, tile_key
 
 PATCH_FORMATS = ("glas", "bcss_wsss", "luad_histoseg", "folder_csv")
@@ -77,8 +77,6 @@ def write_patch_tiles(
     folder = out_dir / "tiles"
     folder.mkdir(parents=True, exist_ok=True)
     for src, rows in groups.items():
-        final = folder / f"{src}.parquet"
-        tmp = folder / f".{src}.parquet.tmp"
-        pq.write_table(pa.Table.from_pylist(rows, schema=TILES), tmp, use_compliant_nested_type=False)
-        os.replace(tmp, final)
+        with atomic_path(folder / f"{src}.parquet") as tmp:
+            pq.write_table(pa.Table.from_pylist(rows, schema=TILES), tmp, use_compliant_nested_type=False)
     return {"sources": len(groups), "tiles": sum(len(r) for r in groups.values())}

@@ -7,19 +7,17 @@ and the tissue outline as an editable QuPath GeoJSON.
 Slide-level problems (unreadable file, no mpp, no tissue, bad annotations) never raise: they return
 ``SlideResult(status="failed", reason=<code>, message=<text>)`` and leave nothing behind, so one bad
 slide out of ten thousand is a row in a report, not a crashed job. All outputs go to temp files in
-their final directories and are ``os.replace``d at the end, the Parquet file last: its presence means
-the slide is complete.
+their final directories and are renamed into place at the end (:func:`atomic_path`), the Parquet file
+last: its presence means the slide is complete.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pbip_engine.engine.annotations.tile_labels import LabelError, TileLabeler
+from pbip_engine.engine.io.atomic import atomic_path
 from pbip_engine.engine.wsi.slides import DEFAULT_BACKENDS, SlideError, open_slide
 from pbip_engine.engine.wsi.tiling import (
     DEFAULT_BLOCK_ROWS,
@@ -150,9 +149,8 @@ def tile_slide(
         return failed("labels", str(e))
 
     paths = output_paths(out_dir, slide_id)
-    temps: list[Path] = []
     try:
-        with open_slide(path, mpp_override=mpp_override, backends=backends) as slide:
+        with open_slide(path, mpp_override=mpp_override, backends=backends) as slide, ExitStack() as outputs:
             state.update(backend=slide.backend, mpp=slide.mpp, mpp_source=slide.mpp_source)
             if roi is None:
                 _hold_shared_level(slide, grid, tissue)
@@ -165,31 +163,22 @@ def tile_slide(
                     f"{grid.min_tissue} ({tis.area_um2 / 1e6:.3f} mm² of tissue)",
                 )
             tile_mpp = tiles[0].size0 * float(slide.mpp) / grid.tile_px  # type: ignore[arg-type]
-            tmp_parquet = _temp_path(paths["tiles"])
-            temps.append(tmp_parquet)
+            # All three appear together or not at all; the tile file last (LIFO exit), as readers look for it.
+            tmp_parquet, tmp_geojson, tmp_png = (
+                outputs.enter_context(atomic_path(paths[k], keep_suffix=True))
+                for k in ("tiles", "qc_geojson", "qc_png")
+            )
             n_tiles, n_labelled = _write_tiles(
                 slide, tiles, slide_id, tmp_parquet, grid.tile_px, tile_mpp, labeler, len(class_names),
                 jpeg_quality,
                 progress, max_run_px, encode_threads,
             )  # fmt: skip
-            tmp_png = _temp_path(paths["qc_png"])
-            temps.append(tmp_png)
             tissue_qc_png(tis, tmp_png)
-            tmp_geojson = _temp_path(paths["qc_geojson"])
-            temps.append(tmp_geojson)
             _write_tissue_geojson(tmp_geojson, tis, slide_id)
-        os.replace(tmp_png, paths["qc_png"])
-        os.replace(tmp_geojson, paths["qc_geojson"])
-        os.replace(tmp_parquet, paths["tiles"])
-        temps.clear()
     except SlideError as e:
         return failed(e.reason, str(e))
     except LabelError as e:
         return failed("labels", str(e))
-    finally:
-        for tmp in temps:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
     seconds = time.perf_counter() - t0
     return SlideResult(
         slide_id, "done", None, n_tiles, n_labelled, state["backend"], state["mpp"], state["mpp_source"],
@@ -339,11 +328,3 @@ def _write_tissue_geojson(path: Path, tis: TissueResult, slide_id: str) -> None:
         measurements={"area_um2": float(tis.area_um2)},
     )
     write_annotations(path, [ann], object_type="annotation", id_seed=f"{slide_id}/tissue")
-
-
-def _temp_path(final: Path) -> Path:
-    """A unique temp file next to ``final`` with the same suffix (writers pick formats by suffix)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=f".tmp{final.suffix}", dir=final.parent)
-    os.close(fd)
-    return Path(name)

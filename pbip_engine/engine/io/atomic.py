@@ -8,29 +8,54 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 
-def atomic_save(path: str | Path, save: Callable[[str], Any]) -> Path:
-    """Call ``save(tmp_path)`` then rename onto ``path``; the temp file never survives an error."""
+@contextmanager
+def atomic_path(path: str | Path, *, keep_suffix: bool = False, sync_dir: bool = False) -> Iterator[Path]:
+    """Yield a fresh temp path next to ``path``; on success fsync it and rename it onto ``path``.
+
+    For writers that want a file name rather than bytes (tifffile, pyarrow, safetensors, torch). The temp
+    name is hidden (``.<name>.<random>.tmp``) so the driver's clean-up finds what a killed worker left;
+    ``keep_suffix`` appends the final suffix for writers that pick a format by it. ``sync_dir`` also
+    fsyncs the folder, so that the rename itself survives a power cut (large outputs users wait for).
+    On any error the temp file is removed and the old ``path``, if any, is untouched.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    suffix = f".tmp{path.suffix}" if keep_suffix else ".tmp"
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
+    tmp = Path(name)
     try:
-        save(tmp)
+        yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
-    return path
+    if sync_dir:
+        try:
+            dfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass  # some file systems cannot fsync a folder; the file itself is already durable
+
+
+def atomic_save(path: str | Path, save: Callable[[str], Any]) -> Path:
+    """Call ``save(tmp_path)`` then rename onto ``path``; the temp file never survives an error."""
+    with atomic_path(path) as tmp:
+        save(str(tmp))
+    return Path(path)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pbip_engine.engine.embed.encoders.base import IMAGENET_MEAN, IMAGENET_STD
 from pbip_engine.engine.nn.backbones import BackboneError, create_backbone, feature_channels
+from pbip_engine.engine.nn.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 ARCHS = ("deeplabv2", "deeplabv3plus")
 DEFAULT_OUTPUT_STRIDE = {"deeplabv2": 8, "deeplabv3plus": 16}

@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pbip_engine.engine.wsi.tissue import atomic_write_bytes
+from pbip_engine.engine.io.atomic import atomic_write_bytes
 
 # Distinct colours for classes 1..N when the spec gives none (tab10 without grey).
 DEFAULT_COLORS: tuple[tuple[int, int, int], ...] = (

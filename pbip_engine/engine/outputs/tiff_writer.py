@@ -42,6 +42,8 @@ import cv2
 import numpy as np
 import tifffile
 
+from pbip_engine.engine.io.atomic import atomic_path
+
 __all__ = [
     "OME_NS_COLORS",
     "OME_NS_NAMES",
@@ -299,7 +301,6 @@ def write_pyramid(
         raise TiffWriterError(f"{path}: output directory does not exist")
 
     token = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    tmp = path.with_name(f".{path.name}.{token}.tmp")
     stores: list[_LevelStore] = []
     try:
         for k, s in enumerate(shapes[1:], start=1):
@@ -358,36 +359,25 @@ def write_pyramid(
             datetime=None,
             software="pbip-engine",
         )
-        with open(tmp, "wb") as fh:
-            with tifffile.TiffWriter(fh, bigtiff=bigtiff, ome=False) as tw:
-                for level, s in enumerate(shapes):
-                    res = 1e4 / (mpp * 2**level)
-                    extra = {}
-                    if level == 0:
-                        extra["description"] = description
-                        if ome and len(shapes) > 1:
-                            extra["subifds"] = len(shapes) - 1
-                    else:
-                        extra["subfiletype"] = 1
-                    tw.write(tiles(level), shape=(*s, *channels), resolution=(res, res), **common, **extra)
-                    if level > 0:
-                        stores[level - 1].close()  # free RAM / disk of the level just written
-                    if level < len(stores) and stores[level].rows != s_next(level):
-                        raise AssertionError(f"{path}: level {level + 1} got {stores[level].rows} rows")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        try:
-            dfd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        with (
+            atomic_path(path, sync_dir=True) as tmp,
+            open(tmp, "wb") as fh,
+            tifffile.TiffWriter(fh, bigtiff=bigtiff, ome=False) as tw,
+        ):
+            for level, s in enumerate(shapes):
+                res = 1e4 / (mpp * 2**level)
+                extra = {}
+                if level == 0:
+                    extra["description"] = description
+                    if ome and len(shapes) > 1:
+                        extra["subifds"] = len(shapes) - 1
+                else:
+                    extra["subfiletype"] = 1
+                tw.write(tiles(level), shape=(*s, *channels), resolution=(res, res), **common, **extra)
+                if level > 0:
+                    stores[level - 1].close()  # free RAM / disk of the level just written
+                if level < len(stores) and stores[level].rows != s_next(level):
+                    raise AssertionError(f"{path}: level {level + 1} got {stores[level].rows} rows")
     finally:
         for s in stores:
             s.close()

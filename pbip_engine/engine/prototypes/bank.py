@@ -15,8 +15,6 @@ then class 1's ...), the same layout as the reference code's ``features`` + ``cu
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute
 
-from pbip_engine.engine.io.atomic import atomic_write_text
+from pbip_engine.engine.io.atomic import atomic_save, atomic_write_text
 
 if TYPE_CHECKING:  # torch only for as_tensor(): keep this module importable without it
     import torch
@@ -134,18 +132,14 @@ class Bank:
             "members": self.members,
             "params": self.params,
         }
-        fd, tmp = tempfile.mkstemp(prefix=".bank.", suffix=".safetensors.tmp", dir=d)
-        os.close(fd)
-        try:
-            save_file(
+        atomic_save(
+            d / BANK_TENSORS,
+            lambda tmp: save_file(
                 {"prototypes": np.ascontiguousarray(self.prototypes)},
                 tmp,
                 metadata={"encoder": self.encoder, "k": json.dumps(meta["k"])},
-            )
-            os.replace(tmp, d / BANK_TENSORS)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            ),
+        )
         atomic_write_text(d / BANK_JSON, json.dumps(meta, indent=1))
 
     @classmethod

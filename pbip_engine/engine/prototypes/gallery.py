@@ -6,14 +6,13 @@ to see whether "TUM k=2" is really a tumour morphology or a cluster of blur, pen
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from pbip_engine.engine.io.atomic import atomic_write_bytes
 from pbip_engine.engine.prototypes.bank import Bank, BankError
 
 LABEL_BG = (40, 40, 40)
@@ -90,14 +89,4 @@ def write_gallery(
     ok, png = cv2.imencode(".png", cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
     if not ok:
         raise BankError(f"gallery: PNG encoding failed for {path}")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(png.tobytes())
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    return atomic_write_bytes(path, png.tobytes())

@@ -13,9 +13,6 @@ import numpy as np
 import torch
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DDP / ``torch.compile`` wrappers (state dicts and attributes live there)."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from pbip_engine.engine.wsi.grid import grid_positions
 from pbip_engine.engine.wsi.slides import Slide, SlideError
 from pbip_engine.engine.wsi.tissue import TissueResult
 
@@ -85,8 +86,8 @@ def plan_tiles(slide: Slide, tissue: TissueResult, params: TileGridParams) -> li
     read_size = max(1, round(size0 / slide.level_downsamples[level]))
     stride0 = extent0 * (1.0 - params.overlap)
     w0, h0 = slide.dimensions
-    xs = _positions(w0, size0, stride0)
-    ys = _positions(h0, size0, stride0)
+    xs = grid_positions(w0, size0, stride0, edge="skip")
+    ys = grid_positions(h0, size0, stride0, edge="skip")
     if xs.size == 0 or ys.size == 0:
         return []
     frac = tissue_fractions(tissue.mask, tissue.downsample, xs, ys, size0)
@@ -96,12 +97,6 @@ def plan_tiles(slide: Slide, tissue: TissueResult, params: TileGridParams) -> li
         TileSpec(int(xs[i]), int(ys[j]), size0, level, read_size, float(frac[j, i]))
         for j, i in zip(iy.tolist(), ix.tolist(), strict=True)
     ]
-
-
-def _positions(length: int, size0: int, stride0: float) -> np.ndarray:
-    n = math.floor((length - size0) / stride0) + 1 if length >= size0 else 0
-    pos = np.round(np.arange(max(n, 0)) * stride0).astype(np.int64)
-    return pos[pos + size0 <= length]
 
 
 def tissue_fractions(

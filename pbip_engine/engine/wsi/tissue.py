@@ -9,10 +9,7 @@ excluded because they are saturated enough to pass the threshold but are never t
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +17,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from pbip_engine.engine.io.atomic import atomic_write_bytes
 from pbip_engine.engine.wsi.slides import Slide, SlideError
 
 QC_CONTOUR_RGB = (0, 200, 0)
@@ -213,19 +211,3 @@ def tissue_qc_png(result: TissueResult, path: str | Path, max_size: int = 2048) 
     if not ok:
         raise OSError(f"{path}: PNG encoding failed")
     atomic_write_bytes(path, buf.tobytes())
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then ``os.replace`` into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

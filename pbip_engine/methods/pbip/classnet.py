@@ -35,7 +35,8 @@ from torch import nn
 
 from pbip_engine.engine.nn.backbones import create_backbone, feature_channels
 from pbip_engine.engine.nn.mit import PBIP_STRIDES
-from pbip_engine.engine.training.inputs import IMAGENET_MEAN, IMAGENET_STD, unwrap
+from pbip_engine.engine.nn.normalize import IMAGENET_MEAN, IMAGENET_STD
+from pbip_engine.engine.training.inputs import unwrap
 from pbip_engine.methods.pbip import losses as L
 
 MERGES = ("mean", "softmax_max")

@@ -20,9 +20,6 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 class EncoderError(ValueError):
     """Bad encoder name, missing/incompatible checkpoint, or bad input to an encoder."""

@@ -13,8 +13,6 @@ import timm
 import torch
 
 from pbip_engine.engine.embed.encoders.base import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     EncoderError,
     EncoderInfo,
     ModuleEncoder,
@@ -22,6 +20,7 @@ from pbip_engine.engine.embed.encoders.base import (
     read_checkpoint,
     strip_prefix,
 )
+from pbip_engine.engine.nn.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 ARCH = "efficientnet_lite0"
 N_TENSORS = 296

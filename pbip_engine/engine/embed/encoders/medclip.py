@@ -21,8 +21,6 @@ import timm
 import torch
 
 from pbip_engine.engine.embed.encoders.base import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     EncoderError,
     EncoderInfo,
     ModuleEncoder,
@@ -30,6 +28,7 @@ from pbip_engine.engine.embed.encoders.base import (
     read_checkpoint,
     strip_prefix,
 )
+from pbip_engine.engine.nn.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 ARCH = "swin_tiny_patch4_window7_224"
 PROJ_KEY = "projection_head.weight"

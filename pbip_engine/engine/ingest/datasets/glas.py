@@ -25,6 +25,7 @@ from pbip_engine.engine.ingest.datasets.common import (
     read_rgb,
     remap_mask,
 )
+from pbip_engine.engine.wsi.grid import grid_positions
 
 CLASSES = ("gland", "non_gland")
 RAW_TO_OURS = (2, 1)  # raw 0 = non-gland -> 2, raw 1 = gland -> 1
@@ -46,15 +47,6 @@ def _read_index(root: Path, split: str) -> list[str]:
         splits = sorted({r["split"] for r in rows})
         raise DataError(f"{csv_path}: no images in split {split!r} (splits: {splits})")
     return names
-
-
-def _positions(size: int, patch: int, stride: int) -> list[int]:
-    if size < patch:
-        return []
-    pos = list(range(0, size - patch + 1, stride))
-    if pos[-1] != size - patch:
-        pos.append(size - patch)
-    return pos
 
 
 class _GlaSBase:
@@ -112,8 +104,8 @@ class GlaSPatches(_GlaSBase):
             m = self.mask(name)
             self._masks[name] = m
             h, w = m.shape
-            for y in _positions(h, patch, stride):
-                for x in _positions(w, patch, stride):
+            for y in grid_positions(h, patch, stride, edge="cover").tolist():
+                for x in grid_positions(w, patch, stride, edge="cover").tolist():
                     self.index.append((name, y, x))
                     labels.append(labels_from_mask(m[y : y + patch, x : x + patch], len(CLASSES)))
         self.labels = np.asarray(labels, dtype=np.float32).reshape(-1, len(CLASSES))

@@ -22,6 +22,7 @@ from pbip_engine.engine.ingest.datasets.common import (
     read_rgb,
     remap_mask,
 )
+from pbip_engine.engine.nn.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 RAW_TO_OURS = (1, 2, 3, 4, 0)  # raw index 4 = BACK
 
@@ -34,8 +35,8 @@ class _WSSSFolderDataset:
     CLASSES: tuple[str, ...] = ()
     DIR_NAME = ""
     # TPRO/PBIP statistics were computed on cv2 BGR images (METHODS.md §1.4); exposed here in RGB order.
-    MEAN_RGB: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    STD_RGB: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    MEAN_RGB: tuple[float, float, float] = IMAGENET_MEAN
+    STD_RGB: tuple[float, float, float] = IMAGENET_STD
 
     def __init__(
         self, root: str | Path, split: str = "train", transform: Callable[[dict], dict] | None = None

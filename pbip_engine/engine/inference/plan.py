@@ -1,0 +1,178 @@
+"""Step (a) of segmenting a slide: which tiles to predict, on an mpp-first grid with overlap.
+
+Unlike the tile stage's grid, the last row/column is shifted to end at the slide border (and a slide
+smaller than one tile gets one overhanging tile), so every tissue pixel is covered: dropping border tiles
+would leave unsegmented strips. Plain PNG/JPEG images open here as one-level slides, so GlaS-sized
+images go through the same path as WSIs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pbip_engine.engine.wsi.grid import grid_positions
+from pbip_engine.engine.wsi.slides import Slide, SlideError, _Backend, open_slide
+from pbip_engine.engine.wsi.tiling import TileSpec, read_level_for, tissue_fractions
+from pbip_engine.engine.wsi.tissue import TissueParams, TissueResult, detect_tissue
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
+TILE_KEYS = ("x", "y", "size0", "level", "read_size", "tissue_fraction")
+
+
+class SegmentError(ValueError):
+    """Bad arguments or tile results for a slide; the message names the slide."""
+
+
+# ------------------------------------------------------------------------------------ plain images
+
+
+class _ArrayBackend(_Backend):
+    """One-level "slide" held in memory (GlaS-sized PNG/JPEG tiles, not whole slides)."""
+
+    name = "image"
+
+    def __init__(self, rgb: np.ndarray) -> None:
+        self._rgb = rgb
+        self.level_dimensions = [(int(rgb.shape[1]), int(rgb.shape[0]))]
+        self.level_downsamples = [1.0]
+
+    def read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        (x, y), (w, h) = location, size
+        if x < 0 or y < 0 or x + w > self._rgb.shape[1] or y + h > self._rgb.shape[0]:
+            raise ValueError(
+                f"region x={x} y={y} {w}x{h} leaves the {self._rgb.shape[1]}x{self._rgb.shape[0]} image"
+            )
+        return self._rgb[y : y + h, x : x + w]
+
+    def close(self) -> None:
+        self._rgb = np.zeros((1, 1, 3), np.uint8)
+
+
+def open_image_slide(path: str | Path, mpp: float) -> Slide:
+    """A PNG/JPEG opened as a one-level :class:`Slide` (same interface), at the caller's µm/px."""
+    path = Path(path)
+    if not path.is_file():
+        raise SlideError(path, "missing", "file does not exist")
+    if not (mpp and mpp > 0 and math.isfinite(mpp)):
+        raise SlideError(path, "no_mpp", f"plain images carry no µm/px: pass mpp_override (got {mpp!r})")
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise SlideError(path, "unreadable", "OpenCV could not decode the image")
+    rgb = np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    backend = _ArrayBackend(rgb)
+    return Slide(
+        path=path,
+        backend="image",
+        level_dimensions=list(backend.level_dimensions),
+        level_downsamples=[1.0],
+        mpp=float(mpp),
+        mpp_source="override",
+        _reader=backend,
+    )
+
+
+def open_any(path: str | Path, mpp_override: float | None = None) -> Slide:
+    """:func:`open_slide` for WSIs, :func:`open_image_slide` for PNG/JPEG (which need ``mpp_override``)."""
+    if Path(path).suffix.lower() in IMAGE_EXTENSIONS:
+        return open_image_slide(path, mpp_override)  # type: ignore[arg-type]
+    return open_slide(path, mpp_override=mpp_override)
+
+
+def slide_stem(path: str | Path) -> str:
+    """Output name stem: file name without its extension (``a.svs`` -> ``a``, ``b.ome.tif`` -> ``b``)."""
+    name = Path(path).name
+    for suf in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return Path(name).stem
+
+
+@dataclass
+class SegmentPlan:
+    """Tiles of one slide at the model's resolution, plus what stitching needs to know about the slide."""
+
+    slide_path: str
+    slide_mpp: float
+    dimensions: tuple[int, int]  # level-0 (width, height)
+    model_mpp: float
+    tile_px: int
+    overlap: float
+    tiles: list[TileSpec]
+    tissue: TissueResult | None = field(default=None, repr=False)
+    tissue_area_um2: float = 0.0
+
+    @property
+    def tissue_mpix(self) -> float:
+        """Tissue area in level-0 megapixels (the throughput unit of the bench)."""
+        return self.tissue_area_um2 / (self.slide_mpp**2) / 1e6
+
+    def tile_table(self) -> dict[str, np.ndarray]:
+        """Columns x, y, size0, level, read_size, tissue_fraction (+ slide_path): a Ray Data block."""
+        cols: dict[str, np.ndarray] = {
+            k: np.array(
+                [getattr(t, k) for t in self.tiles], np.float32 if k == "tissue_fraction" else np.int64
+            )
+            for k in TILE_KEYS
+        }
+        cols["slide_path"] = np.array([self.slide_path] * len(self.tiles), dtype=object)
+        return cols
+
+
+def plan(
+    slide_path: str | Path,
+    model_mpp: float,
+    tile_px: int = 512,
+    overlap: float = 0.25,
+    tissue_params: TissueParams | None = None,
+    *,
+    min_tissue: float = 0.0,
+    mpp_override: float | None = None,
+    use_tissue: bool = True,
+) -> SegmentPlan:
+    """Overlapping tiles of ``tile_px`` pixels at ``model_mpp`` that touch tissue (fraction > ``min_tissue``).
+
+    ``use_tissue=False`` tiles the whole image (plain images that are all tissue, e.g. GlaS). Raises
+    :class:`SlideError` (reasons ``no_mpp``, ``no_tissue``, ...) for slides that cannot be segmented.
+    """
+    if not 0.0 <= overlap < 1.0:
+        raise SegmentError(f"{slide_path}: overlap must be in [0, 1), got {overlap}")
+    if tile_px < 16:
+        raise SegmentError(f"{slide_path}: tile_px must be >= 16, got {tile_px}")
+    with open_any(slide_path, mpp_override) as slide:
+        level, ds = read_level_for(slide, model_mpp)
+        size0 = max(1, round(tile_px * ds))
+        read_size = max(1, round(size0 / slide.level_downsamples[level]))
+        w0, h0 = slide.dimensions
+        stride0 = max(1.0, size0 * (1.0 - overlap))
+        xs = grid_positions(w0, size0, stride0, edge="overhang")
+        ys = grid_positions(h0, size0, stride0, edge="overhang")
+        tissue: TissueResult | None = None
+        if use_tissue:
+            tissue = detect_tissue(slide, tissue_params or TissueParams())
+            frac = tissue_fractions(tissue.mask, tissue.downsample, xs, ys, size0)
+            area = tissue.area_um2
+        else:
+            frac = np.ones((len(ys), len(xs)))
+            area = w0 * h0 * float(slide.mpp) ** 2
+        keep = (frac > min_tissue) & (frac > 0)
+        iy, ix = np.nonzero(keep)
+        tiles = [
+            TileSpec(int(xs[i]), int(ys[j]), size0, level, read_size, float(frac[j, i]))
+            for j, i in zip(iy.tolist(), ix.tolist(), strict=True)
+        ]
+        return SegmentPlan(
+            slide_path=str(slide_path),
+            slide_mpp=float(slide.mpp),  # type: ignore[arg-type]
+            dimensions=(w0, h0),
+            model_mpp=float(model_mpp),
+            tile_px=int(tile_px),
+            overlap=float(overlap),
+            tiles=tiles,
+            tissue=tissue,
+            tissue_area_um2=float(area),
+        )
