@@ -128,6 +128,13 @@ def fit_on_ray(
             checkpoint_score_order="max",
         ),
     )
+    from ray.data import DataContext
+
+    # Set before the trainer captures the DataContext: per-worker ingest bars (train and val, one per
+    # split coordinator) drown the epoch logs.
+    data_ctx = DataContext.get_current()
+    bars = data_ctx.enable_progress_bars
+    data_ctx.enable_progress_bars = False
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={
@@ -142,11 +149,6 @@ def fit_on_ray(
         # Every worker validates on the whole held-out set, so each reports the same score.
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    from ray.data import DataContext
-
-    data_ctx = DataContext.get_current()
-    bars = data_ctx.enable_progress_bars
-    data_ctx.enable_progress_bars = False  # per-worker ingest bars drown the epoch logs
     try:
         result = trainer.fit()
     finally:
