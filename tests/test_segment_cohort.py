@@ -1,4 +1,4 @@
-"""jobs.segment.segment_slides: one reader -> predictor pipeline for a whole cohort, slide failures apart.
+"""jobs.infer.segment_slides: one reader -> predictor pipeline for a whole cohort, slide failures apart.
 
 The model is the fixed colour -> class 1x1 convolution of test_segment_slide (glass 0, red 1, blue 2),
 swapped in where the stage would load the trained segmenter, so expected masks are known exactly.
@@ -106,3 +106,32 @@ def test_whole_image_segments_every_pixel_without_tissue_detection(tmp_path, _se
     ((_, stats),) = segment_slides([path], Path("m.pt"), CARD, tmp_path / "b", whole_image=True, **_kw())
     assert isinstance(stats, dict), stats
     assert stats["n_tiles"] >= 1 and tifffile.imread(tmp_path / "b" / "pale.mask.ome.tif", level=0).size > 0
+
+
+def test_inference_context_equals_the_training_context(cohort, tmp_path, monkeypatch, _setup):
+    """Slides are read at the crop stage 2 trained on (the card's tile_px), not at a fixed 512 px."""
+    from pbip_engine.engine.inference.cohort import LEGACY_TILE_PX, inference_tile_px
+    from pbip_engine.jobs.rundir import model_card
+    from pbip_engine.schemas.spec import parse_spec
+
+    spec = parse_spec(
+        {"run": {"name": "t", "output": "o"}, "data": {"synthetic": {"slides": 1}}, "tiling": {"tile_px": 96},
+         "classes": [{"name": "red", "color": [200, 0, 0]}]}, tmp_path)  # fmt: skip
+    assert model_card(spec)["tile_px"] == 96 == inference_tile_px(model_card(spec))
+    assert inference_tile_px({"mpp": 1.0}) == LEGACY_TILE_PX  # a card written before tile_px
+    assert inference_tile_px(model_card(spec), 128) == 128  # segment.tile_px / --tile-px override
+    seen: list[tuple[int, ...]] = []
+    real_reader = seg_engine.TileReader
+
+    class Recording(real_reader):
+        def __call__(self, batch):
+            out = super().__call__(batch)
+            seen.append(tuple(out["image"].shape[1:3]))
+            return out
+
+    monkeypatch.setattr(seg_engine, "TileReader", Recording)
+    card = {**CARD, "tile_px": 64}
+    results = list(segment_slides(cohort[0][:1], Path("m.pt"), card, tmp_path, **_kw()))
+    assert isinstance(results[0][1], dict) and seen and set(seen) == {(64, 64)}
+    got = tifffile.imread(tmp_path / "a.mask.ome.tif", level=0)
+    assert (got == cohort[1][::4, ::4]).mean() > 0.97  # small tiles stitch without seams

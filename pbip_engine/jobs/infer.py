@@ -23,7 +23,7 @@ from pbip_engine.schemas.spec import ResourcesSection, expand_slides
 
 
 def _result_stream(plans: list[Any], overrides: dict[str, float], *, model_path: Path, batch_size: int,
-                   resources: ResourcesSection) -> Iterator[dict[str, Any]]:  # fmt: skip
+                   resources: ResourcesSection, tile_px: int) -> Iterator[dict[str, Any]]:  # fmt: skip
     """Every plan's tiles through one Ray Data reader -> predictor actor pool, results in plan order.
 
     One pipeline for the cohort: the model is loaded once per actor, not once per slide, and the pool
@@ -32,14 +32,13 @@ def _result_stream(plans: list[Any], overrides: dict[str, float], *, model_path:
     import numpy as np
     import ray
 
-    from pbip_engine.engine.inference.cohort import SEG_TILE_PX
     from pbip_engine.engine.inference.segment_slide import SegmentPredictor, TileReader
 
     tables = [p.tile_table() for p in plans]
     cols = {k: np.concatenate([t[k] for t in tables]) for k in tables[0]}
     ds = ray.data.from_items([dict(zip(cols, row, strict=True)) for row in zip(*cols.values(), strict=True)])
     ds.context.execution_options.preserve_order = True  # slides stream out one after the other
-    ds = ds.map_batches(TileReader, fn_constructor_kwargs={"tile_px": SEG_TILE_PX, "mpp_overrides": overrides},
+    ds = ds.map_batches(TileReader, fn_constructor_kwargs={"tile_px": tile_px, "mpp_overrides": overrides},
                         batch_size=batch_size, concurrency=(1, resources.autoscale.max), num_cpus=0.5)  # fmt: skip
     ds = ds.map_batches(
         SegmentPredictor,
@@ -64,15 +63,20 @@ def segment_slides(
     mpp_override: float | None = None,
     output_mpp: float | None = None,
     whole_image: bool = False,
+    tile_px: int | None = None,
 ) -> Iterator[tuple[Path, dict[str, Any] | Exception]]:
-    """The engine's cohort loop over a Ray Data actor pool when ``resources`` is given, else in process."""
-    from pbip_engine.engine.inference.cohort import local_stream, segment_cohort
+    """The engine's cohort loop over a Ray Data actor pool when ``resources`` is given, else in process.
 
+    ``tile_px`` None = the context the model was trained at (its card's ``tile_px``).
+    """
+    from pbip_engine.engine.inference.cohort import inference_tile_px, local_stream, segment_cohort
+
+    px = inference_tile_px(card, tile_px)
     if resources is None:
-        stream = local_stream(model_path, batch_size)
+        stream = local_stream(model_path, batch_size, px)
     else:
         stream = functools.partial(
-            _result_stream, model_path=model_path, batch_size=batch_size, resources=resources
+            _result_stream, model_path=model_path, batch_size=batch_size, resources=resources, tile_px=px
         )
     return segment_cohort(
         slides,
@@ -84,6 +88,7 @@ def segment_slides(
         mpp_override=mpp_override,
         output_mpp=output_mpp,
         whole_image=whole_image,
+        tile_px=px,
     )
 
 
@@ -99,6 +104,7 @@ def truth_dir(ctx: StageContext) -> Path | None:
 @register_stage
 class SegmentStage(Stage):
     name = "segment"
+    version = 2  # v2: slides are read at the model's training crop (segment.tile_px), not 512-px tiles
     deps = ("segmenter",)
     sections = ("classes", "segment", "tiling")
 
@@ -141,7 +147,8 @@ class SegmentStage(Stage):
                                      blend=spec.segment.blend, batch_size=spec.segment.batch_size,
                                      resources=spec.resources, output_mpp=spec.segment.output_mpp,
                                      mpp_override=spec.segment.input_mpp,
-                                     whole_image=spec.segment.whole_image)  # fmt: skip
+                                     whole_image=spec.segment.whole_image,
+                                     tile_px=spec.segment.tile_px)  # fmt: skip
             for slide, result in results:
                 sid = slide_id_of(slide)
                 if isinstance(result, Exception):  # one slide fails alone
@@ -179,7 +186,7 @@ class SegmentStage(Stage):
 
 
 def segment_cli(model_dir: Path, inputs: list[Path], out: Path, mpp: float | None, address: str | None,
-                overlap: float, batch_size: int) -> dict[str, Any]:  # fmt: skip
+                overlap: float, batch_size: int, tile_px: int | None = None) -> dict[str, Any]:  # fmt: skip
     """``pbip-engine segment``: a finished run's segmenter on new slides or plain images."""
     card_path = model_dir / "segmenter" / MODEL_CARD
     seg = model_dir / "segmenter" / "best.pt"
@@ -205,7 +212,7 @@ def segment_cli(model_dir: Path, inputs: list[Path], out: Path, mpp: float | Non
             continue
         for p, r in segment_slides(group, seg, card, out, overlap=overlap, blend="gaussian",
                                    batch_size=batch_size, resources=res, mpp_override=mpp,
-                                   whole_image=whole):  # fmt: skip
+                                   whole_image=whole, tile_px=tile_px):  # fmt: skip
             if isinstance(r, Exception):
                 results[p.stem] = {"status": "failed", "reason": f"{type(r).__name__}: {r}"}
             else:

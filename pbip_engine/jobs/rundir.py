@@ -71,6 +71,7 @@ def model_card(spec: JobSpec) -> dict[str, Any]:
     """What ``pbip-engine segment`` needs to use a trained model without the spec."""
     return {
         "mpp": spec.tiling.mpp,
+        "tile_px": spec.tiling.tile_px,  # the crop stage 2 trains on = the inference context
         "class_names": spec.class_names,
         "class_colors": [list(c) for c in spec.class_colors],
         "arch": spec.segmenter.arch,

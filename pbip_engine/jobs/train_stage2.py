@@ -75,7 +75,7 @@ class SegmenterStage(Stage):
             "segmenter", stage2_setup, config, datasets, spec.resources,
             storage=ctx.work_dir / "ray_train", out_dir=ctx.work_dir,
         )  # fmt: skip
-        write_json_atomic(ctx.work_dir / MODEL_CARD, model_card(spec))
+        write_json_atomic(ctx.work_dir / MODEL_CARD, {**model_card(spec), "arch": config["arch"]})
         last = history[-1]
         ctx.log(
             f"[segmenter] {len(history)} epoch(s) on {n} pseudo-labelled tiles; last loss {last.get('loss'):.4f}"

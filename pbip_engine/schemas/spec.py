@@ -184,6 +184,11 @@ class SegmentSection(_Section):
         default_factory=list, description="slides to segment; empty = the training slides"
     )
     overlap: float = Field(0.25, ge=0, lt=1)
+    tile_px: int | None = Field(
+        None,
+        ge=16,
+        description="inference tile edge at the model's µm/px; default: the crop stage 2 trained on",
+    )
     blend: Literal["gaussian", "average"] = "gaussian"
     output_mpp: float | None = Field(None, gt=0, description="mask µm/px; default = the model's tile µm/px")
     batch_size: int = Field(16, ge=1)

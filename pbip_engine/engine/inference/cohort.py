@@ -19,7 +19,7 @@ from typing import Any
 
 from pbip_engine.engine.metrics import MetricsError, SegmentationMeter, index_mask_dir, read_mask
 
-SEG_TILE_PX = 512  # the tile edge, in pixels at the model's µm/px, that slides are planned and read at
+LEGACY_TILE_PX = 512  # inference tile of models whose card predates ``tile_px`` (their old behaviour)
 SLIDE_METRICS = ("miou", "mdice", "mbiou")
 
 # (plans, per-slide mpp overrides) -> prediction batches in plan order (rows carry ``slide_path``)
@@ -37,14 +37,26 @@ def _by_slide(batches: Iterable[dict[str, Any]]) -> Iterator[tuple[str, dict[str
             yield paths[i], {k: v[i:j] for k, v in b.items()}
 
 
-def local_stream(model_path: Path, batch_size: int) -> ResultStream:
+def inference_tile_px(card: dict[str, Any], override: int | None = None) -> int:
+    """The tile edge (px at the model's µm/px) slides are planned and read at: the training context.
+
+    A segmenter sees the same pixels differently in a 96-px crop and in a 512-px window (deep features
+    of the same pixels had cosine similarity 0.34-0.46 between the two on the demo cohort), so inference
+    uses the crop size stage 2 was trained on unless the caller overrides it.
+    """
+    if override is not None:
+        return int(override)
+    return int(card.get("tile_px") or LEGACY_TILE_PX)
+
+
+def local_stream(model_path: Path, batch_size: int, tile_px: int) -> ResultStream:
     """The reader and predictor in this process, batch by batch (``pbip-engine segment`` without Ray)."""
 
     def stream(plans: list[Any], overrides: dict[str, float]) -> Iterator[dict[str, Any]]:
         from pbip_engine.engine.inference.segment_slide import SegmentPredictor, TileReader
 
         tables = [p.tile_table() for p in plans]
-        reader, predictor = TileReader(SEG_TILE_PX, overrides), SegmentPredictor(str(model_path))
+        reader, predictor = TileReader(tile_px, overrides), SegmentPredictor(str(model_path))
         for t in tables:
             for i in range(0, len(t["x"]), batch_size):
                 yield predictor(reader({k: v[i : i + batch_size] for k, v in t.items()}))
@@ -67,6 +79,7 @@ def segment_cohort(
     mpp_override: float | None = None,
     output_mpp: float | None = None,
     whole_image: bool = False,
+    tile_px: int = LEGACY_TILE_PX,
 ) -> Iterator[tuple[Path, dict[str, Any] | Exception]]:
     """Segment a cohort; yields ``(slide, stats)`` or ``(slide, exception)`` as each slide is written.
 
@@ -83,7 +96,7 @@ def segment_cohort(
             p = plan(
                 slide,
                 card["mpp"],
-                SEG_TILE_PX,
+                tile_px,
                 overlap,
                 mpp_override=mpp_override,
                 use_tissue=not whole_image,
