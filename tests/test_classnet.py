@@ -220,13 +220,19 @@ def test_loss_decreases_on_toy_task(tmp_path):
 
 
 def test_optimizer_groups():
-    model, cfg = tiny_model()
+    """Backbone at the base rate, fresh projectors/logit scale at new_parts_lr_mult; no decay below 2-D."""
+    model, cfg = tiny_model(tiny_cfg(new_parts_lr_mult=10.0))
     opt = make_optimizer(PbipTask(model, cfg, TinyEncoder()), loop_cfg(cfg))
-    decay, no_decay = opt.param_groups
-    assert decay["weight_decay"] == cfg.weight_decay and no_decay["weight_decay"] == 0.0
-    ids = {id(p) for p in no_decay["params"]}
-    assert id(model.logit_scale) in ids and id(model.projectors[0].fc1.bias) in ids
-    assert id(model.projectors[0].fc1.weight) not in ids
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert set(groups) == {"backbone", "backbone_no_decay", "new", "new_no_decay"}
+    assert groups["backbone"]["lr"] == cfg.lr and groups["new"]["lr"] == pytest.approx(10 * cfg.lr)
+    assert groups["new_no_decay"]["weight_decay"] == 0.0 and groups["new"]["weight_decay"] == cfg.weight_decay
+    no_decay = {id(p) for p in groups["new_no_decay"]["params"]}
+    assert id(model.logit_scale) in no_decay and id(model.projectors[0].fc1.bias) in no_decay
+    assert id(model.projectors[0].fc1.weight) in {id(p) for p in groups["new"]["params"]}
+    assert {id(p) for p in model.backbone.parameters()} == {
+        id(p) for g in ("backbone", "backbone_no_decay") for p in groups[g]["params"]
+    }
     frozen = {id(p) for p in PbipTask(model, cfg, TinyEncoder()).bank_encoder.parameters()}
     assert not frozen & {id(p) for g in opt.param_groups for p in g["params"]}  # the encoder never trains
 

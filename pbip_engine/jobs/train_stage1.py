@@ -21,7 +21,7 @@ TRAIN_COLUMNS = ["tile_id", "image", "labels", "labelled"]
 def loop_config(spec: JobSpec) -> dict[str, Any]:
     s = spec.stage1
     return {"epochs": s.epochs, "lr": s.lr, "weight_decay": s.weight_decay, "optimizer": "adamw",
-            "schedule": "constant", "grad_clip": s.grad_clip, "amp": s.amp, "augment": True, "seed": s.seed}  # fmt: skip
+            "schedule": s.schedule, "grad_clip": s.grad_clip, "amp": s.amp, "augment": True, "seed": s.seed}  # fmt: skip
 
 
 def stage1_setup(config: dict[str, Any]):

@@ -141,6 +141,7 @@ class Stage1Section(_Section):
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.003, ge=0)
     grad_clip: float | None = Field(None, gt=0)
+    schedule: Literal["constant", "poly"] = Field("constant", description="poly: lr * (1 - step/total)^0.9")
     val_fraction: float = Field(
         0.1,
         ge=0,

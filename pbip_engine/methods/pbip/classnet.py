@@ -104,6 +104,7 @@ class ClassNetConfig:
     fuse_weights: tuple[float, ...] | None = None  # None = equal (Eq. 3)
     sim_size: int | None = None  # FG/BG edge fed to the bank encoder; None = encoder's input size
     lr: float = 1e-5
+    new_parts_lr_mult: float = 1.0  # LR multiple of the fresh projectors/logit scale over the backbone
     weight_decay: float = 0.003
     epochs: int = 10
     batch_size: int = 10

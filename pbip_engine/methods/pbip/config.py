@@ -24,6 +24,12 @@ class PbipConfig(MethodConfig):
     tau: float = Field(1.0, gt=0)
     theta1: float = 1.0
     theta2: float = 0.5
+    new_parts_lr_mult: float = Field(
+        1.0,
+        gt=0,
+        description="learning-rate multiple of the freshly initialised prototype projectors and logit scale "
+        "over the pretrained backbone (stage1.lr)",
+    )
     use_sim: bool = True
     sim_size: int | None = Field(
         None,

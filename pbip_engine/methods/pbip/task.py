@@ -43,6 +43,30 @@ class PbipTask(TrainTask):
         loss, stats = classnet_step(self.model, self.bank_encoder, batch, self.cfg)
         return {"loss": loss, **stats}
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The pretrained backbone at the base rate; the fresh projectors and logit scale at ``new_parts_lr_mult``.
+
+        Weight decay only on weights of two or more dimensions (not biases, norms or the logit scale).
+        """
+        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+        for name, p in unwrap(self.model).named_parameters():
+            if p.requires_grad:
+                new = not name.startswith("backbone.")
+                decay = p.ndim >= 2 and "logit_scale" not in name
+                groups.setdefault((new, decay), []).append(p)
+        out = []
+        for (new, decay), params in sorted(groups.items()):
+            g: dict[str, Any] = {
+                "params": params,
+                "name": f"{'new' if new else 'backbone'}{'' if decay else '_no_decay'}",
+            }
+            if not decay:
+                g["weight_decay"] = 0.0
+            if new:
+                g["lr_mult"] = self.cfg.new_parts_lr_mult
+            out.append(g)
+        return out
+
     def model_config(self) -> dict[str, Any]:
         return self.cfg.to_dict()
 
