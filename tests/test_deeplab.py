@@ -100,6 +100,15 @@ def test_rates_fit_crop_and_rebuild_from_config():
     assert [b.dilation[0] for b in segmenter_from_config(old).aspp.branches] == [6, 12, 18, 24]
 
 
+def test_stage2_builds_its_segmenter_for_the_training_tile():
+    from pbip_engine.jobs.train_stage2 import stage2_setup
+
+    config = {"arch": "deeplabv2", "n_classes": 3, "backbone": "efficientnet_lite0", "pretrained": False,
+              "crop_px": 96, "loop": {"amp": False}}  # fmt: skip
+    task, _ = stage2_setup(config)
+    assert task.model.config["aspp_rates"] == [2, 3, 5, 6]
+
+
 def test_imagenet_backbone_loads_offline_and_config_rebuilds():
     m = build_segmenter("deeplabv3plus", 3, pretrained=True)
     assert m.backbone.load_report["missing"] == []
