@@ -68,3 +68,22 @@ def test_write_palette_png_roundtrip(tmp_path):
     assert [f.name for f in p.parent.iterdir()] == ["m.png"]  # no temp file left behind
     with pytest.raises(CamError, match="no colour"):
         write_palette_png(tmp_path / "x.png", np.array([[5]], np.uint8), colors)
+
+
+def test_default_white_prior_keeps_pale_stroma_and_removes_glass():
+    # Audit cause 3: grey > 200 called 28 % of the demo's stroma glass.
+    from pbip_engine.methods.base import PseudoOptions
+    from pbip_engine.schemas.spec import PseudoSection
+
+    rgb = np.full((1, 96, 96, 3), (150, 80, 160), np.uint8)  # H&E-purple tissue
+    rgb[0, 5:45, 5:45] = (235, 200, 215)  # pale-pink stroma, grey ~ 212
+    rgb[0, 60:90, 60:90] = (245, 245, 245)  # glass, 900 px
+    rgb[0, 50:55, 10:15] = (245, 245, 245)  # a 25-px lumen-sized speck of white
+    fused = torch.rand(1, 2, 96, 96)
+    m = cams_to_mask(fused, torch.ones(1, 2), "white", rgb=rgb)
+    assert (m[0, 5:45, 5:45] > 0).all(), "pale stroma taken for glass"
+    assert (m[0, 60:90, 60:90] == 0).all(), "glass kept as tissue"
+    assert (m[0, 50:55, 10:15] > 0).all()
+    assert white_mask(rgb[0]).sum() == 900
+    p, o = PseudoSection(), PseudoOptions()
+    assert (p.white_threshold, p.min_object) == (o.white_threshold, o.min_object) == (225, 400)

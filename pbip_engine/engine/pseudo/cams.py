@@ -9,6 +9,7 @@ background happen in ``cams_to_mask``. Background rules (METHODS.md §1.5):
              with no positive label, which become all background).
 * ``white``  WSSS-Tissue/TPRO white prior: grey > ``white_threshold`` with components smaller than
              ``min_size`` px removed (4-connectivity, like skimage's ``remove_small_objects``) -> 0.
+             Defaults: ``engine.pseudo.WHITE_THRESHOLD`` / ``MIN_WHITE_OBJECT_PX`` (why: see there).
 * ``power``  TPRO/LPD: a background score (1 - max_c M_c)^gamma competes in the argmax.
 * ``white+power``  both (TPRO's LUAD setting).
 """
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pbip_engine.engine.io.atomic import atomic_save
+from pbip_engine.engine.pseudo import MIN_WHITE_OBJECT_PX, WHITE_THRESHOLD
 
 BACKGROUNDS = ("none", "white", "power", "white+power")
 
@@ -71,8 +73,10 @@ def fuse_cams(
     return fused  # type: ignore[return-value]
 
 
-def white_mask(rgb: np.ndarray, threshold: int = 200, min_size: int = 50) -> np.ndarray:
-    """Boolean [H,W] of white (grey > threshold) regions of at least ``min_size`` px (4-connected)."""
+def white_mask(
+    rgb: np.ndarray, threshold: int = WHITE_THRESHOLD, min_size: int = MIN_WHITE_OBJECT_PX
+) -> np.ndarray:
+    """Boolean [H,W] of white (grey > threshold) regions of at least ``min_size`` px of ``rgb`` (4-connected)."""
     if rgb.ndim != 3 or rgb.shape[-1] != 3:
         raise CamError(f"white prior needs an H,W,3 RGB image, got shape {rgb.shape}")
     grey = cv2.cvtColor(np.ascontiguousarray(rgb, dtype=np.uint8), cv2.COLOR_RGB2GRAY)
@@ -91,8 +95,8 @@ def cams_to_mask(
     background: str = "none",
     rgb: np.ndarray | None = None,
     *,
-    white_threshold: int = 200,
-    min_size: int = 50,
+    white_threshold: int = WHITE_THRESHOLD,
+    min_size: int = MIN_WHITE_OBJECT_PX,
     power: float = 10.0,
 ) -> np.ndarray:
     """[B,N,H,W] fused CAMs (+ [B,N] image labels) -> uint8 [B,H,W] with 0 = background, k = class k.
