@@ -11,6 +11,10 @@ original papers:
   OS 8, image pooling) -> 1x1 projection, then a decoder fusing the stride-4 features (48-channel 1x1)
   with two 3x3 convolutions. This is the MLPS/WSSS-Tissue stage 2 (METHODS.md §6.3).
 
+Both papers' rates assume crops of 321-513 px. Stage 2 here trains on tiles of ~100 px, where a 12-px
+feature map leaves the large-rate taps on zero padding only: ``build_segmenter(crop_px=...)`` shrinks the
+rates to the crop (``fit_rates``) and ``model.config["aspp_rates"]`` keeps them for the checkpoint.
+
 ``forward`` returns logits ``[B, n_classes, H, W]`` upsampled (bilinear) to the input size, with
 ``n_classes`` *including* background 0. The module carries ``config`` (everything needed to rebuild it
 from a checkpoint) and the normalisation its backbone expects (``mean``/``std`` in RGB order).
