@@ -66,6 +66,49 @@ def test_output_stride_and_aspp_rates():
     assert v3.backbone.feature_info.reduction()[0] == 4  # low-level skip at stride 4
 
 
+def _atrous_weights(m) -> list[torch.Tensor]:
+    if m.head_type == "deeplabv2":
+        return [b.weight for b in m.aspp.branches]
+    return [b[0].weight for b in m.aspp.branches[1:-1]]  # skip the 1x1 and image-pooling branches
+
+
+@pytest.mark.parametrize("arch", ["deeplabv2", "deeplabv3plus"])
+@pytest.mark.parametrize("crop", [96, 112])
+def test_every_aspp_tap_learns_at_the_training_crop(arch, crop):
+    # Audit cause 2: at 96/112 px and OS 8 the 12/18/24 taps of the paper's rates only see zero padding.
+    torch.manual_seed(0)
+    m = build_segmenter(arch, 3, pretrained=False, crop_px=crop).train()
+    target = torch.randint(0, 3, (2, crop, crop))
+    nn.functional.cross_entropy(m(torch.randn(2, 3, crop, crop)), target).backward()
+    for w in _atrous_weights(m):
+        g = w.grad.abs().sum(dim=(0, 1))  # [3, 3] per kernel tap
+        off_centre = torch.cat([g.flatten()[:4], g.flatten()[5:]])
+        assert (off_centre > 0).all(), (arch, crop, m.config["aspp_rates"], g)
+    rates = m.config["aspp_rates"]
+    assert len(set(rates)) == len(rates) and min(rates) >= 1
+
+
+def test_rates_fit_crop_and_rebuild_from_config():
+    m = build_segmenter("deeplabv2", 3, pretrained=False, crop_px=96)  # 12-px map: rates capped at 6
+    assert m.config["aspp_rates"] == [2, 3, 5, 6]
+    assert [b.dilation[0] for b in m.aspp.branches] == [2, 3, 5, 6]
+    clone = segmenter_from_config(json.loads(json.dumps(m.config)))
+    assert [b.dilation[0] for b in clone.aspp.branches] == [2, 3, 5, 6] and clone.config == m.config
+    big = build_segmenter("deeplabv2", 3, pretrained=False, crop_px=512)  # the papers' rates already fit
+    assert big.config["aspp_rates"] == [6, 12, 18, 24]
+    old = {k: v for k, v in m.config.items() if k != "aspp_rates"}  # checkpoints from before the key
+    assert [b.dilation[0] for b in segmenter_from_config(old).aspp.branches] == [6, 12, 18, 24]
+
+
+def test_stage2_builds_its_segmenter_for_the_training_tile():
+    from pbip_engine.jobs.train_stage2 import stage2_setup
+
+    config = {"arch": "deeplabv2", "n_classes": 3, "backbone": "efficientnet_lite0", "pretrained": False,
+              "crop_px": 96, "loop": {"amp": False}}  # fmt: skip
+    task, _ = stage2_setup(config)
+    assert task.model.config["aspp_rates"] == [2, 3, 5, 6]
+
+
 def test_imagenet_backbone_loads_offline_and_config_rebuilds():
     m = build_segmenter("deeplabv3plus", 3, pretrained=True)
     assert m.backbone.load_report["missing"] == []

@@ -10,6 +10,7 @@ import tifffile
 from PIL import Image
 
 from pbip_engine.engine.metrics import (
+    IGNORE_INDEX,
     ConfusionMatrix,
     MetricsError,
     SegmentationMeter,
@@ -152,3 +153,17 @@ def test_evaluate_dirs(tmp_path):
         evaluate_dirs(pred, truth, 2, ignore_background=False)
     r2 = evaluate_dirs(pred, truth, 2, ignore_background=True, allow_unmatched=True, truth_lut=[0, 2, 1])
     assert r2["unmatched_pred"] == ["c"] and r2["miou"] < r["miou"]
+
+
+def test_undecided_predictions_are_misses_not_errors():
+    # A pseudo mask's 255 (no decision) must neither crash the scoring nor score better than a guess.
+    truth = np.array([[1, 1], [2, 2]])
+    pred = np.array([[1, IGNORE_INDEX], [2, 2]])
+    m = SegmentationMeter(2, ignore_background=True, boundary=False)
+    m.update(pred, truth)
+    r = m.compute()
+    assert r["iou"] == [0.5, 1.0] and r["n_pixels"] == 4 and r["n_abstained_pixels"] == 1
+    assert r["pixel_acc"] == 0.75
+    other = SegmentationMeter(2, ignore_background=True, boundary=False)
+    other.update(pred, truth)
+    assert m.merge(other).compute()["n_abstained_pixels"] == 2

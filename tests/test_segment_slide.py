@@ -355,3 +355,18 @@ def test_real_svs_end_to_end(wsi_dir, tmp_path):
         assert geom.is_valid and f["properties"]["classification"]["color"]
         minx, miny, maxx, maxy = geom.bounds
         assert minx >= 0 and miny >= 0 and maxx <= w0 + r and maxy <= h0 + r  # level-0 frame
+
+
+def test_small_image_is_padded_by_reflection_not_glass(tmp_path):
+    # Audit cause 9: 8 of 60 GlaS testA images are smaller than the inference tile and were framed in white.
+    from pbip_engine.engine.wsi.tiling import TileSpec
+
+    rng = np.random.default_rng(0)
+    small = rng.integers(40, 190, (40, 50, 3), dtype=np.uint8)  # tissue-dark everywhere, no glass
+    png = tmp_path / "small.png"
+    cv2.imwrite(str(png), cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
+    with open_any(png, 0.5) as slide:
+        (_, px), *_ = list(iter_tile_pixels(slide, [TileSpec(0, 0, 64, 0, 64, 1.0)], 64))
+    np.testing.assert_array_equal(px[:40, :50], small)
+    assert px.max() < 200, "the pad shows artificial glass"
+    np.testing.assert_array_equal(px, cv2.copyMakeBorder(small, 0, 24, 0, 14, cv2.BORDER_REFLECT_101))

@@ -1,7 +1,8 @@
 """Segmentation metrics from ONE confusion matrix per split (as every reference repo does, METHODS.md §8).
 
 Labels follow the project convention: 0 = background / not tissue, k = tissue class k (1..N). Truth
-values above N (e.g. 255) are "ignore" pixels and never counted. With h the confusion matrix (rows = truth,
+values above N (e.g. 255) are "ignore" pixels and never counted. A predicted ``IGNORE_INDEX`` (a pseudo
+mask's undecided pixel) is a miss of the pixel's true class. With h the confusion matrix (rows = truth,
 columns = prediction) restricted as below:
 
 * IoU_c = h_cc / (row_c + col_c - h_cc); Dice_c = 2 h_cc / (row_c + col_c); means over ``classes``
@@ -28,6 +29,7 @@ import cv2
 import numpy as np
 
 MASK_SUFFIXES = (".mask.tiff", ".mask.tif", ".png", ".tiff", ".tif")
+IGNORE_INDEX = 255  # in truth: not scored; in a prediction: no decision (an abstention, scored as a miss)
 
 
 class MetricsError(ValueError):
@@ -42,6 +44,7 @@ class ConfusionMatrix:
             raise MetricsError(f"need at least 2 labels (background + one class), got {n_labels}")
         self.n = int(n_labels)
         self.mat = np.zeros((self.n, self.n), dtype=np.int64)
+        self.abstained = np.zeros(self.n, dtype=np.int64)  # per truth label: pixels predicted IGNORE_INDEX
         self.n_ignored = 0
 
     def update(self, pred: np.ndarray, truth: np.ndarray, *, name: str = "") -> None:
@@ -55,6 +58,10 @@ class ConfusionMatrix:
         keep = (t >= 0) & (t < self.n)
         self.n_ignored += int(t.size - keep.sum())
         p, t = p[keep], t[keep]
+        unsure = p == IGNORE_INDEX
+        if unsure.any():
+            self.abstained += np.bincount(t[unsure], minlength=self.n)
+            p, t = p[~unsure], t[~unsure]
         if p.size and (p.min() < 0 or p.max() >= self.n):
             raise MetricsError(
                 f"{name or 'prediction'}: values must lie in 0..{self.n - 1}, got {p.min()}..{p.max()}"
@@ -66,11 +73,14 @@ class ConfusionMatrix:
         if other.n != self.n:
             raise MetricsError(f"cannot merge a {other.n}-label matrix into a {self.n}-label one")
         self.mat += other.mat
+        self.abstained += other.abstained
         self.n_ignored += other.n_ignored
         return self
 
     def compute(self, *, ignore_background: bool, classes: Sequence[int] | None = None) -> dict:
-        return scores_from_confusion(self.mat, ignore_background=ignore_background, classes=classes)
+        return scores_from_confusion(
+            self.mat, ignore_background=ignore_background, classes=classes, abstained=self.abstained
+        )
 
 
 def _nanmean(values: Sequence[float]) -> float:
@@ -79,18 +89,29 @@ def _nanmean(values: Sequence[float]) -> float:
 
 
 def scores_from_confusion(
-    mat: np.ndarray, *, ignore_background: bool, classes: Sequence[int] | None = None
+    mat: np.ndarray,
+    *,
+    ignore_background: bool,
+    classes: Sequence[int] | None = None,
+    abstained: np.ndarray | None = None,
 ) -> dict:
-    """mIoU, FwIoU, Dice (per class + mean), pixel accuracy from a confusion matrix (see module doc)."""
+    """mIoU, FwIoU, Dice (per class + mean), pixel accuracy from a confusion matrix (see module doc).
+
+    ``abstained[t]``: pixels of truth ``t`` predicted ``IGNORE_INDEX``. A mask that declines to decide
+    must not score better than one that guesses, so they count as misses of their true class (in its
+    row and the total, in no column).
+    """
     h = np.array(mat, dtype=np.float64)
     n = h.shape[0]
     classes = list(range(1, n)) if classes is None else [int(c) for c in classes]
     if any(c < 0 or c >= n for c in classes):
         raise MetricsError(f"classes {classes} outside 0..{n - 1}")
+    a = np.zeros(n) if abstained is None else np.array(abstained, dtype=np.float64)
     if ignore_background:
         h[0, :] = 0
-    total = h.sum()
-    rows, cols, tp = h.sum(1), h.sum(0), np.diag(h)
+        a[0] = 0
+    total = h.sum() + a.sum()
+    rows, cols, tp = h.sum(1) + a, h.sum(0), np.diag(h)
     iou, dice, acc = [], [], []
     for c in classes:
         denom = rows[c] + cols[c] - tp[c]
@@ -111,6 +132,7 @@ def scores_from_confusion(
         "classes": classes,
         "ignore_background": bool(ignore_background),
         "n_pixels": int(total),
+        "n_abstained_pixels": int(a.sum()),
     }
 
 

@@ -27,7 +27,7 @@ def stage2_setup(config: dict[str, Any]):
     from pbip_engine.engine.training.segmentation import SegmentationTask
 
     model = build_segmenter(config["arch"], n_classes=config["n_classes"], backbone=config["backbone"],
-                            pretrained=config["pretrained"])  # fmt: skip
+                            pretrained=config["pretrained"], crop_px=config.get("crop_px"))  # fmt: skip
     return SegmentationTask(model, amp=config["loop"]["amp"]), decode_samples
 
 
@@ -68,6 +68,7 @@ class SegmenterStage(Stage):
             "backbone": s.backbone,
             "pretrained": s.backbone_checkpoint or True,
             "n_classes": len(spec.classes) + 1,
+            "crop_px": spec.tiling.tile_px,  # ASPP rates fit the training tile (deeplab.fit_rates)
             "batch_size": s.batch_size,
             "n_train": n,
         }

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
+from pbip_engine.engine.pseudo import MIN_WHITE_OBJECT_PX, WHITE_THRESHOLD
+
 if TYPE_CHECKING:
     import numpy as np
     import torch
@@ -62,8 +64,8 @@ class PseudoOptions:
     """How CAMs become masks (spec ``pseudo:``): background rule and its parameters."""
 
     background: str = "white"
-    white_threshold: int = 200
-    min_object: int = 50
+    white_threshold: int = WHITE_THRESHOLD
+    min_object: int = MIN_WHITE_OBJECT_PX  # px of the tile at tiling.mpp
     gamma: float = 10.0
 
 

@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from pbip_engine.methods.base import MethodConfig
+from pbip_engine.methods.base import MIN_WHITE_OBJECT_PX, WHITE_THRESHOLD, MethodConfig
 
 URI_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
@@ -154,8 +154,18 @@ class Stage1Section(_Section):
 
 class PseudoSection(_Section):
     background: Literal["none", "white", "power"] = "white"
-    white_threshold: int = Field(200, ge=0, le=255)
-    min_object: int = Field(50, ge=0)
+    white_threshold: int = Field(
+        WHITE_THRESHOLD,
+        ge=0,
+        le=255,
+        description="white prior: grey above this is glass (225 keeps pale stroma)",
+    )
+    min_object: int = Field(
+        MIN_WHITE_OBJECT_PX,
+        ge=0,
+        description="white prior: smallest glass region, in px of the tile at tiling.mpp (scale by 1/mpp² "
+        "to keep an area in µm²)",
+    )
     gamma: float = Field(10.0, gt=0)
     heatmaps: bool = True
 

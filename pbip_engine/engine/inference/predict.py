@@ -23,15 +23,21 @@ from pbip_engine.engine.wsi.tiling import TileSpec, iter_tiles
 
 
 def _read_padded(slide: Slide, t: TileSpec, tile_px: int) -> np.ndarray:
-    """A tile that hangs over the slide border: read the inside part, pad with white, resize."""
+    """A tile that hangs over the slide border: read the inside part, pad by reflection, resize.
+
+    The pad is never predicted on (stitching crops it), but it is context for the pixels near the border.
+    White would be artificial glass, which the model learnt to call background and which pulls the image's
+    own border towards it; a small whole image (a GlaS patch under one tile) would be mostly glass. The
+    reflected image is the context the model saw in training: tissue, not a frame.
+    """
     w0, h0 = slide.dimensions
     lds = slide.level_downsamples[t.level]
     lw, lh = slide.level_dimensions[t.level]
     rw = max(1, min(t.read_size, lw - math.floor(t.x / lds), math.ceil((w0 - t.x) / lds)))
     rh = max(1, min(t.read_size, lh - math.floor(t.y / lds), math.ceil((h0 - t.y) / lds)))
     region = slide.read_region((t.x, t.y), t.level, (rw, rh))
-    canvas = np.full((t.read_size, t.read_size, 3), 255, np.uint8)
-    canvas[:rh, :rw] = region
+    region = np.ascontiguousarray(region, dtype=np.uint8)
+    canvas = cv2.copyMakeBorder(region, 0, t.read_size - rh, 0, t.read_size - rw, cv2.BORDER_REFLECT_101)
     if t.read_size != tile_px:
         interp = cv2.INTER_AREA if t.read_size >= tile_px else cv2.INTER_LINEAR
         canvas = cv2.resize(canvas, (tile_px, tile_px), interpolation=interp)

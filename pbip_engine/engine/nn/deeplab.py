@@ -11,6 +11,10 @@ original papers:
   OS 8, image pooling) -> 1x1 projection, then a decoder fusing the stride-4 features (48-channel 1x1)
   with two 3x3 convolutions. This is the MLPS/WSSS-Tissue stage 2 (METHODS.md §6.3).
 
+Both papers' rates assume crops of 321-513 px. Stage 2 here trains on tiles of ~100 px, where a 12-px
+feature map leaves the large-rate taps on zero padding only: ``build_segmenter(crop_px=...)`` shrinks the
+rates to the crop (``fit_rates``) and ``model.config["aspp_rates"]`` keeps them for the checkpoint.
+
 ``forward`` returns logits ``[B, n_classes, H, W]`` upsampled (bilinear) to the input size, with
 ``n_classes`` *including* background 0. The module carries ``config`` (everything needed to rebuild it
 from a checkpoint) and the normalisation its backbone expects (``mean``/``std`` in RGB order).
@@ -18,6 +22,7 @@ from a checkpoint) and the normalisation its backbone expects (``mean``/``std`` 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -101,7 +106,7 @@ class DeepLab(nn.Module):
     """Backbone + DeepLab head; ``forward(x) -> [B, n_classes, H, W]`` logits at the input size."""
 
     def __init__(
-        self, backbone: nn.Module, head: str, n_classes: int, *, output_stride: int, config: dict
+        self, backbone: nn.Module, head: str, n_classes: int, *, rates: Sequence[int], config: dict
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -111,12 +116,9 @@ class DeepLab(nn.Module):
         self.std = tuple(config["std"])
         chans = feature_channels(backbone)
         if head == "deeplabv2":
-            # Rates are defined at OS 8; scale them so the field of view stays the same in pixels.
-            rates = tuple(max(1, r * 8 // output_stride) for r in V2_RATES)
             self.aspp: nn.Module = ASPPv2(chans[-1], n_classes, rates)
             self.decoder = None
         else:
-            rates = tuple(max(1, r * 16 // output_stride) for r in V3_RATES_OS16)
             self.aspp = ASPPv3(chans[-1], 256, rates)
             self.low_proj = _conv_bn_relu(chans[0], 48, 1)
             self.decoder = nn.Sequential(
@@ -146,6 +148,37 @@ class DeepLab(nn.Module):
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
+def paper_rates(arch: str, output_stride: int) -> tuple[int, ...]:
+    """The papers' ASPP rates, rescaled from their output stride so the field of view stays the same in pixels."""
+    if arch == "deeplabv2":
+        return tuple(max(1, r * 8 // output_stride) for r in V2_RATES)
+    return tuple(max(1, r * 16 // output_stride) for r in V3_RATES_OS16)
+
+
+def fit_rates(rates: Sequence[int], feature_px: int) -> tuple[int, ...]:
+    """Shrink ASPP ``rates`` so every branch learns on a ``feature_px``-wide map.
+
+    A 3x3 tap at offset ``r`` lands inside the map for ``feature_px - r`` of the ``feature_px`` positions
+    along an axis; at ``r >= feature_px`` it only ever sees zero padding, gets no gradient and keeps its
+    random initialisation, which then adds noise when the model predicts on larger tiles. Capping the largest
+    rate at ``feature_px // 2`` lets each off-centre tap learn from at least half the positions. The set is
+    scaled proportionally (its ratios are the papers' design) and kept distinct where the cap allows.
+    """
+    if not rates:
+        return ()
+    limit = max(1, int(feature_px) // 2)
+    ordered = sorted(int(r) for r in rates)
+    top = ordered[-1]
+    if top <= limit:
+        return tuple(ordered)
+    out = [max(1, int(r * limit / top + 0.5)) for r in ordered]
+    if limit >= len(out):
+        for i in range(1, len(out)):
+            out[i] = max(out[i], out[i - 1] + 1)
+        out = [min(r, limit - (len(out) - 1 - i)) for i, r in enumerate(out)]
+    return tuple(out)
+
+
 def build_segmenter(
     arch: str = "deeplabv2",
     n_classes: int = 5,
@@ -153,6 +186,8 @@ def build_segmenter(
     pretrained: bool | str | Path = True,
     *,
     output_stride: int | None = None,
+    crop_px: int | None = None,
+    aspp_rates: Sequence[int] | None = None,
 ) -> DeepLab:
     """A DeepLab segmenter with ``n_classes`` outputs (background 0 included).
 
@@ -160,6 +195,12 @@ def build_segmenter(
     a path = a backbone checkpoint (e.g. torchvision/timm ResNet-101 ``.pth``; missing/unexpected keys
     are logged and kept in ``model.backbone.load_report``, shape mismatches raise naming the tensor),
     False = random init. ``output_stride`` defaults to 8 for DeepLab-v2 (as in its paper) and 16 for v3+.
+
+    ``crop_px``: the training crop. The papers' rates assume crops of ~320-512 px; on a 96-px crop at
+    output stride 8 the feature map is 12 px and the 12/18/24 branches never learn (``fit_rates``). Given
+    the crop, the rates are shrunk to fit it; without it the papers' rates are kept. ``aspp_rates`` sets
+    the rates outright (``segmenter_from_config`` uses it to rebuild a checkpoint's model). The rates in
+    use are recorded in ``model.config["aspp_rates"]``.
     """
     if arch not in ARCHS:
         raise SegmenterError(f"unknown segmenter arch {arch!r}; choose from {ARCHS}")
@@ -183,15 +224,24 @@ def build_segmenter(
         raise SegmenterError(
             f"backbone {backbone!r}: DeepLab-v3+ needs stride-4 low-level features, got {reductions}"
         )
+    if aspp_rates is not None:
+        rates = tuple(int(r) for r in aspp_rates)
+        if not rates or min(rates) < 1:
+            raise SegmenterError(f"aspp_rates must be a non-empty list of rates >= 1, got {aspp_rates}")
+    elif crop_px is not None:
+        rates = fit_rates(paper_rates(arch, os_), math.ceil(int(crop_px) / os_))
+    else:
+        rates = paper_rates(arch, os_)
     config = {
         "arch": arch,
         "n_classes": int(n_classes),
         "backbone": backbone,
         "output_stride": os_,
+        "aspp_rates": list(rates),
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
     }
-    return DeepLab(bb, arch, n_classes, output_stride=os_, config=config)
+    return DeepLab(bb, arch, n_classes, rates=rates, config=config)
 
 
 def segmenter_from_config(config: dict) -> DeepLab:
@@ -205,6 +255,7 @@ def segmenter_from_config(config: dict) -> DeepLab:
         config["backbone"],
         pretrained=False,
         output_stride=config.get("output_stride"),
+        aspp_rates=config.get("aspp_rates"),  # absent in older checkpoints: the papers' rates
     )
     for k in ("mean", "std"):
         if k in config:

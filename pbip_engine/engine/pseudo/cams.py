@@ -9,6 +9,7 @@ background happen in ``cams_to_mask``. Background rules (METHODS.md §1.5):
              with no positive label, which become all background).
 * ``white``  WSSS-Tissue/TPRO white prior: grey > ``white_threshold`` with components smaller than
              ``min_size`` px removed (4-connectivity, like skimage's ``remove_small_objects``) -> 0.
+             Defaults: ``engine.pseudo.WHITE_THRESHOLD`` / ``MIN_WHITE_OBJECT_PX`` (why: see there).
 * ``power``  TPRO/LPD: a background score (1 - max_c M_c)^gamma competes in the argmax.
 * ``white+power``  both (TPRO's LUAD setting).
 """
@@ -25,8 +26,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pbip_engine.engine.io.atomic import atomic_save
+from pbip_engine.engine.metrics import IGNORE_INDEX
+from pbip_engine.engine.pseudo import MIN_WHITE_OBJECT_PX, WHITE_THRESHOLD
 
 BACKGROUNDS = ("none", "white", "power", "white+power")
+UNCERTAIN = IGNORE_INDEX  # a pixel the CAMs cannot decide: stage 2's loss and the metrics skip it
+UNCERTAIN_COLOR = (0, 0, 0)
 
 DEFAULT_PALETTE: list[tuple[int, int, int]] = [
     (255, 255, 255),  # 0 background
@@ -46,9 +51,17 @@ class CamError(ValueError):
 
 
 def fuse_cams(
-    cams_per_level: Sequence[torch.Tensor], size: tuple[int, int], weights: Sequence[float] | None = None
+    cams_per_level: Sequence[torch.Tensor],
+    size: tuple[int, int],
+    weights: Sequence[float] | None = None,
+    *,
+    normalize: bool = True,
 ) -> torch.Tensor:
-    """[B,N,h_i,w_i] per level -> [B,N,H,W] in [0, 1]: upsample, ReLU, per-map min-max, weighted mean."""
+    """[B,N,h_i,w_i] per level -> [B,N,H,W] in [0, 1]: upsample, ReLU, per-map min-max, weighted mean.
+
+    ``normalize=False`` skips the ReLU and the min-max: the raw fused CAM, which still orders the classes
+    where the normalised maps are all clamped to 0 (``cams_to_mask``'s ``tie_break``).
+    """
     if not cams_per_level:
         raise CamError("no CAM levels given")
     if weights is None:
@@ -62,7 +75,11 @@ def fuse_cams(
     for w, cam in zip(weights, cams_per_level, strict=True):
         if w == 0:
             continue
-        up = F.interpolate(cam.detach().float(), size=size, mode="bilinear", align_corners=False).clamp_min(0)
+        up = F.interpolate(cam.detach().float(), size=size, mode="bilinear", align_corners=False)
+        if not normalize:
+            fused = up * (w / total) if fused is None else fused + up * (w / total)
+            continue
+        up = up.clamp_min(0)
         flat = up.flatten(2)
         lo = flat.min(-1).values[..., None, None]
         hi = flat.max(-1).values[..., None, None]
@@ -71,8 +88,10 @@ def fuse_cams(
     return fused  # type: ignore[return-value]
 
 
-def white_mask(rgb: np.ndarray, threshold: int = 200, min_size: int = 50) -> np.ndarray:
-    """Boolean [H,W] of white (grey > threshold) regions of at least ``min_size`` px (4-connected)."""
+def white_mask(
+    rgb: np.ndarray, threshold: int = WHITE_THRESHOLD, min_size: int = MIN_WHITE_OBJECT_PX
+) -> np.ndarray:
+    """Boolean [H,W] of white (grey > threshold) regions of at least ``min_size`` px of ``rgb`` (4-connected)."""
     if rgb.ndim != 3 or rgb.shape[-1] != 3:
         raise CamError(f"white prior needs an H,W,3 RGB image, got shape {rgb.shape}")
     grey = cv2.cvtColor(np.ascontiguousarray(rgb, dtype=np.uint8), cv2.COLOR_RGB2GRAY)
@@ -91,14 +110,18 @@ def cams_to_mask(
     background: str = "none",
     rgb: np.ndarray | None = None,
     *,
-    white_threshold: int = 200,
-    min_size: int = 50,
+    white_threshold: int = WHITE_THRESHOLD,
+    min_size: int = MIN_WHITE_OBJECT_PX,
     power: float = 10.0,
+    tie_break: torch.Tensor | np.ndarray | None = None,
 ) -> np.ndarray:
-    """[B,N,H,W] fused CAMs (+ [B,N] image labels) -> uint8 [B,H,W] with 0 = background, k = class k.
+    """[B,N,H,W] fused CAMs (+ [B,N] image labels) -> uint8 [B,H,W]: 0 = background, k = class k, 255 = unsure.
 
-    Absent classes (label 0) can never win; ties go to the lowest present class. ``rgb`` (uint8
-    [B,H,W,3]) is needed by the white rules.
+    Absent classes (label 0) can never win. A tie between present classes (typically all clamped to 0
+    where the CAMs carry no signal) must not go to whichever class comes first, or that class wins
+    everywhere the model knows nothing: ``tie_break`` ([B,N,H,W], e.g. the raw fused CAM) decides it, and
+    a tie left after that is ``UNCERTAIN`` (255), which stage 2 and the metrics ignore. The background
+    rules still apply on top. ``rgb`` (uint8 [B,H,W,3]) is needed by the white rules.
     """
     if background not in BACKGROUNDS:
         raise CamError(f"background must be one of {BACKGROUNDS}, got {background!r}")
@@ -114,6 +137,15 @@ def cams_to_mask(
     scores = f * present[:, :, None, None]
     masked = scores.masked_fill(~present[:, :, None, None], -1.0)
     mask = masked.argmax(1) + 1
+    tied = (masked == masked.amax(1, keepdim=True)) & present[:, :, None, None]
+    if tie_break is not None:
+        t = torch.as_tensor(tie_break).detach().float().cpu()
+        if t.shape != f.shape:
+            raise CamError(f"tie_break must have the CAMs' shape {tuple(f.shape)}, got {tuple(t.shape)}")
+        t = t.masked_fill(~tied, -torch.inf)
+        mask = torch.where(tied.sum(1) > 1, t.argmax(1) + 1, mask)
+        tied &= t == t.amax(1, keepdim=True)
+    mask[tied.sum(1) > 1] = UNCERTAIN
     if "power" in background:
         bg = (1.0 - scores.amax(1)).clamp(0, 1) ** power
         mask = torch.where(bg > masked.amax(1), torch.zeros_like(mask), mask)
@@ -132,6 +164,19 @@ def cams_to_mask(
     return out
 
 
+def palette_lut(colors: Sequence[Sequence[int]]) -> np.ndarray:
+    """uint8 [256, 3] colour of every mask value: ``colors[k]`` for k, ``UNCERTAIN_COLOR`` for 255, black else.
+
+    Masks may carry ``UNCERTAIN`` whatever the class count, so every palette colours it.
+    """
+    lut = np.zeros((256, 3), np.uint8)
+    for k, c in enumerate(list(colors)[:256]):
+        lut[k] = [int(v) for v in c[:3]]
+    if len(colors) <= UNCERTAIN:
+        lut[UNCERTAIN] = UNCERTAIN_COLOR
+    return lut
+
+
 def write_palette_png(
     path: str | Path, mask: np.ndarray, colors: Sequence[Sequence[int]] | None = None
 ) -> Path:
@@ -146,12 +191,13 @@ def write_palette_png(
     colors = list(colors) if colors is not None else DEFAULT_PALETTE
     if len(colors) > 256:
         raise CamError(f"{path}: a PNG palette holds at most 256 colours, got {len(colors)}")
-    if m.size and int(m.max()) >= len(colors):
-        raise CamError(f"{path}: mask value {int(m.max())} has no colour (palette of {len(colors)})")
-    flat = [int(c) for rgb in colors for c in rgb[:3]]
+    values = np.unique(m)
+    stray = values[(values >= len(colors)) & (values != UNCERTAIN)]
+    if stray.size:
+        raise CamError(f"{path}: mask value {int(stray[-1])} has no colour (palette of {len(colors)})")
     m = np.ascontiguousarray(m)
     img = Image.frombytes("P", (m.shape[1], m.shape[0]), m.tobytes())
-    img.putpalette(flat + [0] * (768 - len(flat)))
+    img.putpalette(palette_lut(colors).ravel().tolist())
     p = Path(path)
     atomic_save(p, lambda tmp: img.save(tmp, format="PNG"))
     return p

@@ -16,8 +16,9 @@ def slide_mosaics(
     import cv2
 
     from pbip_engine.engine.metrics import read_mask
+    from pbip_engine.engine.pseudo.cams import palette_lut
 
-    palette = np.array([(255, 255, 255), *colors], dtype=np.uint8)
+    palette = palette_lut([(255, 255, 255), *colors])
     by_slide: dict[str, list[dict[str, Any]]] = {}
     for r in index:
         by_slide.setdefault(r["slide_id"], []).append(r)

@@ -16,14 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pbip_engine.engine.metrics import SegmentationMeter
+from pbip_engine.engine.metrics import IGNORE_INDEX, SegmentationMeter
 from pbip_engine.engine.nn.deeplab import DeepLab, segmenter_from_config
 from pbip_engine.engine.training.amp import autocast
 from pbip_engine.engine.training.checkpoint import load_weights, read_checkpoint
 from pbip_engine.engine.training.inputs import to_model_input, unwrap
 from pbip_engine.engine.training.task import TrainTask
 
-IGNORE_INDEX = 255
 KIND = "segmenter"
 
 

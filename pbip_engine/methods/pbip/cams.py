@@ -45,6 +45,7 @@ def predict_masks(
             out = model(inp["image"])
         h, w = inp["image"].shape[-2:]
         fused = fuse_cams(out["cams"], (h, w), cfg.eval_fuse_weights)
+        raw = fuse_cams(out["cams"], (h, w), cfg.eval_fuse_weights, normalize=False)
         if use_labels:
             if "labels" not in inp:
                 raise KeyError("use_labels=True needs 'labels' in the batch")
@@ -53,7 +54,7 @@ def predict_masks(
             labels = (torch.sigmoid(out["logits"][-1].float()) > label_gate).float()
         bg = background or cfg.eval_background
         rgb = rgb_uint8(batch, cfg.mean, cfg.std) if "white" in bg else None
-        masks = cams_to_mask(fused, labels, bg, rgb=rgb, **mask_kw)
+        masks = cams_to_mask(fused, labels, bg, rgb=rgb, tie_break=raw, **mask_kw)
         return masks, fused
     finally:
         model.train(was_training)
