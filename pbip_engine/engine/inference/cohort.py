@@ -131,7 +131,7 @@ def segment_cohort(
             try:
                 stats = stitch_and_write(slide, tiles, out_dir, card["class_names"], card["class_colors"],
                                          output_mpp or card["mpp"], mpp_override=mpp_override, tissue=p.tissue,
-                                         restrict_to_tissue=not whole_image, blend=blend)  # fmt: skip
+                                         restrict_to_tissue=not whole_image, all_tissue=whole_image, blend=blend)  # fmt: skip
                 stats["seconds"] = round(time.perf_counter() - t0, 3)
                 stats["tissue_mpix"] = float(p.tissue_mpix)
                 result: dict[str, Any] | Exception = stats

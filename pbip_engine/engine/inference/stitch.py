@@ -74,8 +74,12 @@ class Canvas:
         dtype: str = "float32",
         sigma_scale: float = 0.25,
         max_open_mb: float = 256.0,
+        all_tissue: bool = False,
     ) -> None:
         H, W = (int(v) for v in shape)
+        # Inputs known to be tissue everywhere (patch images such as GlaS): the argmax runs over the
+        # tissue classes only, so a covered pixel is never called background.
+        self.first_label = 1 if all_tissue and n_classes > 1 else 0
         if H < 1 or W < 1:
             raise StitchError(f"canvas shape must be positive, got {shape}")
         if n_classes < 1:
@@ -215,7 +219,8 @@ class Canvas:
         labels = np.zeros((h, w), np.uint8)
         # Chunk by chunk: temporaries stay O(C x h x chunk) even for a band across a 100k-px-wide slide.
         for mm, out, sl in parts:
-            lab = np.asarray(mm[(slice(0, self.n_classes), *sl)]).argmax(axis=0).astype(np.uint8)
+            logits = np.asarray(mm[(slice(self.first_label, self.n_classes), *sl)])
+            lab = (logits.argmax(axis=0) + self.first_label).astype(np.uint8)
             lab[np.asarray(mm[(self.n_classes, *sl)]) <= 0] = 0
             labels[out] = lab
         return labels

@@ -224,6 +224,7 @@ def stitch_and_write(
     mpp_override: float | None = None,
     tissue: TissueResult | None = None,
     restrict_to_tissue: bool = True,
+    all_tissue: bool = False,
     tissue_params: TissueParams | None = None,
     blend: str = "gaussian",
     chunk: int = 1024,
@@ -245,7 +246,8 @@ def stitch_and_write(
     ``size0`` in level-0 pixels and ``logits``/``probs`` ``[B,]C,h,w``, C = len(class_names) + 1), in any
     order; they are consumed once. ``output_mpp`` defaults to the slide's own (level 0). With
     ``restrict_to_tissue`` (default) pixels more than one tissue-mask pixel (8 µm by default) outside the
-    tissue mask are background: the plan's ``tissue`` is reused when given, else detected again. Returns
+    tissue mask are background: the plan's ``tissue`` is reused when given, else detected again.
+    ``all_tissue`` (whole patch images) takes the argmax over the tissue classes only. Returns
     statistics for the cohort table: per-class areas (µm²), tissue megapixels, tile count and timings
     split into wait (upstream inference, when the iterable is lazy), stitch and write.
     """
@@ -279,6 +281,7 @@ def stitch_and_write(
         blend=blend,
         dtype=canvas_dtype,
         max_open_mb=max_open_mb,
+        all_tissue=all_tissue,
     )  # type: ignore[arg-type]
     try:
         filled = fill_canvas(canvas, tile_results, r, slide_path, class_names)
