@@ -121,3 +121,37 @@ def test_pbip_predict_cams_matches_masks_and_flip_tta_is_mirror_consistent():
     tta = predict_cams(model, batch, cfg, "cpu", flip=True)
     torch.testing.assert_close(predict_cams(model, flipped, cfg, "cpu", flip=True).flip(-1), tta)
     assert not torch.allclose(tta, cams)
+
+
+def test_pseudo_stage_stitch_function_writes_one_label_per_pixel(tmp_path):
+    """The Ray Data ``map_groups`` function of the pseudo stage, called Ray-free on one slide's rows."""
+    from PIL import Image
+
+    from pbip_engine.engine.ingest.tile_slide import encode_jpeg
+    from pbip_engine.jobs.pseudo import stitch_slide
+    from pbip_engine.schemas.spec import parse_spec
+
+    raw = {
+        "run": {"name": "t", "output": "out"},
+        "data": {"synthetic": {"slides": 1, "size": 768}},
+        "classes": [{"name": "a", "color": [200, 0, 0]}, {"name": "b", "color": [0, 0, 200]}],
+        "pseudo": {"background": "none"},
+    }
+    spec = parse_spec(raw, tmp_path)
+    assert spec.pseudo.stitch and not spec.pseudo.flip  # the documented defaults
+    xs, ys, s0, cams, _ = _disagreeing_pair()
+    batch = {
+        "tile_id": np.array(["s:0_0", "s:4_0"], dtype=object),
+        "slide_id": np.array(["s", "s"], dtype=object),
+        "x": np.array(xs),
+        "y": np.array(ys),
+        "size0": np.array(s0),
+        "labels": np.array([[1, 1], [1, 1]], np.uint8),
+        "image": np.array([encode_jpeg(np.full((8, 8, 3), 120, np.uint8), 90)] * 2, dtype=object),
+        "cam": np.array([encode_cam(c) for c in cams], dtype=object),
+    }
+    rows = stitch_slide(batch, spec, str(tmp_path))
+    assert list(rows["mask_path"]) == ["masks/s/0_0.png", "masks/s/4_0.png"] and "cam" not in rows
+    a, b = (np.asarray(Image.open(tmp_path / p)) for p in rows["mask_path"])
+    np.testing.assert_array_equal(a[:, 4:], b[:, :4])
+    assert rows["mask"][0] == (tmp_path / rows["mask_path"][0]).read_bytes()

@@ -156,6 +156,12 @@ class PseudoSection(_Section):
     white_threshold: int = Field(200, ge=0, le=255)
     min_object: int = Field(50, ge=0)
     gamma: float = Field(10.0, gt=0)
+    stitch: bool = Field(
+        True,
+        description="average the CAMs of overlapping tiles per slide before the argmax (OEEM): one label "
+        "per pixel; false = each tile's own argmax",
+    )
+    flip: bool = Field(False, description="test-time flip: average each tile's CAMs with its mirror's")
     heatmaps: bool = True
 
 
