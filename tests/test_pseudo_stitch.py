@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from pbip_engine.engine.pseudo.cams import CamError, cams_to_mask
-from pbip_engine.engine.pseudo.stitch import decode_cam, encode_cam, stitch_cams, stitched_masks
+from pbip_engine.engine.pseudo.stitch import (
+    decode_cam,
+    encode_cam,
+    masks_as_votes,
+    stitch_cams,
+    stitched_masks,
+)
 
 
 def _disagreeing_pair() -> tuple[list[int], list[int], list[int], list[np.ndarray], np.ndarray]:
@@ -81,6 +87,20 @@ def test_stitch_without_overlap_is_the_per_tile_path():
         np.testing.assert_allclose(s, c * lab[:, None, None])
     masks = stitched_masks([0, 8], [0, 0], [8, 8], cams, labels, "none")
     np.testing.assert_array_equal(np.stack(masks), cams_to_mask(np.stack(cams), labels, "none"))
+
+
+def test_a_model_without_cams_stitches_its_masks_as_votes():
+    """Three tiles at stride 4 over a 16-px strip: in cols 4..7 A says 1, B says 2, C absent; B+C say 2 in 8..11."""
+    masks = np.array([np.full((8, 8), 1), np.full((8, 8), 2), np.full((8, 8), 2)], np.uint8)
+    masks[0][:, :2] = 0  # A's own background (e.g. glass) stays background where no other tile covers it
+    votes = masks_as_votes(masks, 2)
+    assert votes.shape == (3, 2, 8, 8) and votes[0, :, :, :2].max() == 0
+    a, b, c = stitched_masks(
+        [0, 4, 8], [0, 0, 0], [8, 8, 8], list(votes), np.ones((3, 2)), "power", power=1.0
+    )
+    assert (a[:, :2] == 0).all() and (a[:, 2:4] == 1).all()
+    np.testing.assert_array_equal(a[:, 4:], b[:, :4])  # a 1:1 tie goes to the lowest class, in both tiles
+    assert (b[:, 4:] == 2).all() and (c == 2).all()
 
 
 def test_cam_bytes_round_trip_as_float16():

@@ -74,7 +74,7 @@ class PseudoPredictor:
         self.stitch = stitch
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from pbip_engine.engine.pseudo.stitch import encode_cam
+        from pbip_engine.engine.pseudo.stitch import encode_cam, masks_as_votes
 
         decoded = decode_batch(batch)
         if not self.stitch:
@@ -83,10 +83,9 @@ class PseudoPredictor:
             )
         if hasattr(self.model, "predict_cams"):
             cams = self.model.predict_cams(decoded, self.options)
-        else:  # a method without CAMs to share: its per-tile masks vote (one-hot) in the overlaps
+        else:  # a method without CAMs to share: its per-tile masks vote in the overlaps
             masks = self.model.predict_masks(decoded, self.options)
-            n = decoded["labels"].shape[1]
-            cams = np.eye(n + 1, dtype=np.float32)[masks][..., 1:].transpose(0, 3, 1, 2)
+            cams = masks_as_votes(masks, decoded["labels"].shape[1])
         keep = ("tile_id", "slide_id", "x", "y", "size0", "labels", "image")
         return {**{k: batch[k] for k in keep}, "cam": np.array([encode_cam(c) for c in cams], dtype=object)}
 

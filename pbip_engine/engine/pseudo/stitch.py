@@ -45,6 +45,15 @@ def decode_cam(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(zlib.decompress(data)), allow_pickle=False).astype(np.float32)
 
 
+def masks_as_votes(masks: np.ndarray, n_classes: int) -> np.ndarray:
+    """uint8 ``B,H,W`` masks -> one-hot float ``B,N,H,W`` (background = all zeros).
+
+    For a CAM model that only makes masks: stitching its votes still gives one label per pixel (the
+    majority of the overlapping tiles), and the background rules read zero votes as "no class here".
+    """
+    return np.eye(n_classes + 1, dtype=np.float32)[np.asarray(masks)][..., 1:].transpose(0, 3, 1, 2)
+
+
 def _resize(cam: np.ndarray, side: int) -> np.ndarray:
     """``N,h,w`` -> ``N,side,side`` (bilinear; cv2 takes channels last and drops a single channel)."""
     if cam.shape[1:] == (side, side):
