@@ -168,7 +168,7 @@ def test_spec_method_union_follows_the_registry(toy_method, tmp_path):
 
 
 def test_a_method_without_a_bank_disables_the_bank_stage(toy_method, tmp_path):
-    from pbip_engine.jobs.stage import get_stage
+    from pbip_engine.jobs.stages import get_stage
 
     toy = parse_spec({**SPEC, "method": {"name": "toy"}}, tmp_path)
     pbip = parse_spec(SPEC, tmp_path)

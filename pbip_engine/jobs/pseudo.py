@@ -1,6 +1,9 @@
 """``pseudo`` stage: ClassNet CAMs -> per-tile pseudo masks (palettised PNG + Parquet index) on an actor pool.
 
-Masks are restricted to each tile's image-level classes; background follows ``pseudo.background``.
+Masks are restricted to each tile's image-level classes; background follows ``pseudo.background``. With
+``pseudo.stitch`` (default) the actors return CAMs, and the CAMs of overlapping tiles are averaged per slide
+before the argmax (``engine/pseudo/stitch.py``), so a pixel under several tiles gets one label, not one
+per tile.
 Where ground truth exists (the synthetic cohort; patch datasets that ship masks, e.g. GlaS), the pseudo masks are scored against it, and a
 per-slide mosaic of the masks is written for QA.
 """
@@ -21,52 +24,92 @@ from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_st
 COLUMNS = ["tile_id", "slide_id", "x", "y", "size0", "image", "labels", "labelled"]
 
 
-class PseudoPredictor:
-    """Ray Data callable: one trained stage-1 model per actor; writes each tile's mask PNG, returns the index rows."""
+def _mask_rows(batch: dict[str, Any], masks: Any, out_dir: Path, colors: list) -> dict[str, Any]:
+    """Write each tile's mask PNG; the samples/ rows (tile image + mask bytes) that stage 2 trains on."""
+    from pbip_engine.engine.pseudo.cams import write_palette_png
 
-    def __init__(self, spec: Any, model_path: str, bank_dir: str | None, out_dir: str) -> None:
+    paths, pngs = [], []
+    for sid, x, y, m in zip(batch["slide_id"], batch["x"], batch["y"], masks, strict=True):
+        rel = mask_relpath(str(sid), int(x), int(y))
+        (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_palette_png(out_dir / rel, m, colors)
+        paths.append(rel)
+        pngs.append((out_dir / rel).read_bytes())
+    return {
+        **{k: batch[k] for k in ("tile_id", "slide_id", "x", "y", "size0")},
+        "mask_path": np.array(paths, dtype=object),
+        "labels": batch["labels"],
+        "image": batch["image"],  # the stage-2 training samples travel with their masks
+        "mask": np.array(pngs, dtype=object),
+    }
+
+
+def _options(spec: Any) -> Any:
+    from pbip_engine.methods import PseudoOptions
+
+    p = spec.pseudo
+    return PseudoOptions(p.background, p.white_threshold, p.min_object, p.gamma, p.flip)
+
+
+class PseudoPredictor:
+    """Ray Data callable: one trained stage-1 model per actor.
+
+    Per tile it writes the mask PNG and returns the samples rows, or with ``stitch`` returns the tile's CAMs
+    (compressed float16) for :func:`stitch_slide`, which needs every tile of a slide before any argmax.
+    """
+
+    def __init__(self, spec: Any, model_path: str, bank_dir: str | None, out_dir: str, stitch: bool) -> None:
         import torch
 
-        from pbip_engine.methods import PseudoOptions, Stage1Inputs, get_method
+        from pbip_engine.methods import Stage1Inputs, get_method
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         method = get_method(spec.method.name)
         self.model = method.load_cam_model(
             spec.method, Path(model_path), Stage1Inputs.from_spec(spec, bank_dir), self.device
         )
-        p = spec.pseudo
-        self.options = PseudoOptions(p.background, p.white_threshold, p.min_object, p.gamma)
+        self.options = _options(spec)
         self.out_dir = Path(out_dir)
         self.colors = [(255, 255, 255), *spec.class_colors]
+        self.stitch = stitch
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from pbip_engine.engine.pseudo.cams import write_palette_png
+        from pbip_engine.engine.pseudo.stitch import encode_cam, masks_as_votes
 
-        masks = self.model.predict_masks(decode_batch(batch), self.options)
-        paths, pngs = [], []
-        for sid, x, y, m in zip(batch["slide_id"], batch["x"], batch["y"], masks, strict=True):
-            rel = mask_relpath(str(sid), int(x), int(y))
-            (self.out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-            write_palette_png(self.out_dir / rel, m, self.colors)
-            paths.append(rel)
-            pngs.append((self.out_dir / rel).read_bytes())
-        return {
-            "tile_id": batch["tile_id"],
-            "slide_id": batch["slide_id"],
-            "x": batch["x"],
-            "y": batch["y"],
-            "size0": batch["size0"],
-            "mask_path": np.array(paths, dtype=object),
-            "labels": batch["labels"],
-            "image": batch["image"],  # the stage-2 training samples travel with their masks
-            "mask": np.array(pngs, dtype=object),
-        }
+        decoded = decode_batch(batch)
+        if not self.stitch:
+            return _mask_rows(
+                batch, self.model.predict_masks(decoded, self.options), self.out_dir, self.colors
+            )
+        if hasattr(self.model, "predict_cams"):
+            cams = self.model.predict_cams(decoded, self.options)
+        else:  # a method without CAMs to share: its per-tile masks vote in the overlaps
+            masks = self.model.predict_masks(decoded, self.options)
+            cams = masks_as_votes(masks, decoded["labels"].shape[1])
+        keep = ("tile_id", "slide_id", "x", "y", "size0", "labels", "image")
+        return {**{k: batch[k] for k in keep}, "cam": np.array([encode_cam(c) for c in cams], dtype=object)}
+
+
+def stitch_slide(batch: dict[str, Any], spec: Any, out_dir: str) -> dict[str, Any]:
+    """Ray Data ``map_groups`` function: one slide's tile CAMs -> stitched masks -> the samples rows."""
+    from pbip_engine.engine.pseudo.stitch import decode_cam, stitched_masks
+
+    o = _options(spec)
+    rgbs = decode_batch(batch)["image"] if "white" in o.background else None
+    masks = stitched_masks(
+        [int(v) for v in batch["x"]], [int(v) for v in batch["y"]], [int(v) for v in batch["size0"]],
+        [decode_cam(c) for c in batch["cam"]], np.stack([np.asarray(v, np.float32) for v in batch["labels"]]),
+        o.background, rgbs, white_threshold=o.white_threshold, min_size=o.min_object, power=o.gamma,
+    )  # fmt: skip
+    return _mask_rows(batch, masks, Path(out_dir), [(255, 255, 255), *spec.class_colors])
 
 
 @register_stage
 class PseudoStage(Stage):
     name = "pseudo"
-    version = 4  # v2: samples/ Parquet (image + mask); v3: scored against patch masks; v4: method plug-ins
+    # v2: samples/ Parquet (image + mask); v3: scored against patch masks; v4: method plug-ins;
+    # v5: CAMs stitched across overlapping tiles (pseudo.stitch), flip TTA (pseudo.flip)
+    version = 5
     deps = ("tile", "bank", "classnet")
     sections = ("classes", "method", "pseudo")
 
@@ -94,11 +137,16 @@ class PseudoStage(Stage):
                 "model_path": str(model_path),
                 "bank_dir": str(ctx.stage_dir("bank")) if "bank" in self.dependencies(spec) else None,
                 "out_dir": str(ctx.work_dir),
+                "stitch": spec.pseudo.stitch,
             },
             batch_size=32,
             batch_format="numpy",
             **actor_pool_options(spec.resources),
         )
+        if spec.pseudo.stitch:  # every tile of a slide in one call: overlaps need all their tiles' CAMs
+            ds = ds.groupby("slide_id").map_groups(
+                stitch_slide, fn_kwargs={"spec": spec, "out_dir": str(ctx.work_dir)}, batch_format="numpy"
+            )
         write_parquet_fresh(ds, ctx.work_dir / "samples")  # masks/ PNGs are rewritten in place
         cols = ["tile_id", "slide_id", "x", "y", "size0", "mask_path", "labels"]
         index = (

@@ -61,19 +61,31 @@ class Stage1Inputs:
 
 @dataclass
 class PseudoOptions:
-    """How CAMs become masks (spec ``pseudo:``): background rule and its parameters."""
+    """How CAMs become masks (spec ``pseudo:``): background rule and its parameters.
+
+    ``flip`` averages each tile's CAMs with those of its horizontal mirror (flipped back): OEEM's test-time
+    flip, which evens out a CNN's left/right bias at tile borders for one extra forward pass.
+    """
 
     background: str = "white"
     white_threshold: int = WHITE_THRESHOLD
     min_object: int = MIN_WHITE_OBJECT_PX  # px of the tile at tiling.mpp
     gamma: float = 10.0
+    flip: bool = False
 
 
 class CamModel(Protocol):
-    """A trained stage-1 model as the pseudo stage uses it."""
+    """A trained stage-1 model as the pseudo stage uses it.
+
+    ``predict_cams`` is what lets the pseudo stage stitch overlapping tiles into one CAM per slide before the
+    argmax (``pseudo.stitch``); a model without it gets per-tile masks from ``predict_masks``.
+    """
 
     def predict_masks(self, batch: dict[str, Any], options: PseudoOptions) -> np.ndarray:
         """uint8 ``B,H,W`` masks (0 = background, k = class k) for uint8 ``B,H,W,3`` images + multi-hot labels."""
+
+    def predict_cams(self, batch: dict[str, Any], options: PseudoOptions) -> np.ndarray:
+        """float ``B,N,H,W`` class maps in [0, 1] at the images' size, before label restriction and background."""
 
 
 @dataclass(frozen=True)

@@ -167,6 +167,12 @@ class PseudoSection(_Section):
         "to keep an area in µm²)",
     )
     gamma: float = Field(10.0, gt=0)
+    stitch: bool = Field(
+        True,
+        description="average the CAMs of overlapping tiles per slide before the argmax (OEEM): one label "
+        "per pixel; false = each tile's own argmax",
+    )
+    flip: bool = Field(False, description="test-time flip: average each tile's CAMs with its mirror's")
     heatmaps: bool = True
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,62 @@ from pbip_engine.engine.training.inputs import rgb_uint8, to_model_input
 from pbip_engine.methods.base import PseudoOptions
 from pbip_engine.methods.pbip.classnet import ClassNetConfig, build_classnet, load_prototypes_from_bank
 from pbip_engine.methods.pbip.task import KIND
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+# Weight of the raw CAM folded into the normalised one: it only decides between classes whose
+# normalised CAMs are (nearly) equal, e.g. both 0 where min-max normalisation flattened them.
+TIE_EPS = 1e-3
+
+
+def _fused(model: nn.Module, image: torch.Tensor, cfg: ClassNetConfig, device: torch.device | str):
+    """(min-max normalised fused CAMs, raw fused CAMs, per-level logits)."""
+    with autocast(device, cfg.amp):
+        out = model(image)
+    size = tuple(image.shape[-2:])
+    fused = fuse_cams(out["cams"], size, cfg.eval_fuse_weights)
+    raw = fuse_cams(out["cams"], size, cfg.eval_fuse_weights, normalize=False)
+    return fused, raw, out["logits"]
+
+
+def _with_tie_break(fused: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    """Fused CAMs in [0, 1] whose exact ties are ordered by the raw CAM (moves values by at most TIE_EPS).
+
+    Stitching averages tile CAMs before the argmax and has no raw CAM to break ties with, so the
+    order is carried inside the values themselves.
+    """
+    return fused * (1 - TIE_EPS) + TIE_EPS * torch.sigmoid(raw.float())
+
+
+@torch.inference_mode()
+def predict_cams(
+    model: nn.Module,
+    batch: dict[str, Any],
+    cfg: ClassNetConfig,
+    device: torch.device | str,
+    *,
+    flip: bool = False,
+) -> torch.Tensor:
+    """Fused CAMs ``B,N,H,W`` in [0, 1], no label restriction; ``flip`` averages in the mirrored image's CAMs.
+
+    Kept apart from the argmax so that the pseudo stage can average overlapping tiles' CAMs first.
+    """
+    with _eval_mode(model):
+        image = to_model_input(batch, cfg.mean, cfg.std, device)["image"]
+        fused = _with_tie_break(*_fused(model, image, cfg, device)[:2])
+        if flip:
+            mirrored = _with_tie_break(*_fused(model, image.flip(-1), cfg, device)[:2])
+            fused = (fused + mirrored.flip(-1)) / 2
+        return fused
 
 
 @torch.inference_mode()
@@ -37,27 +94,19 @@ def predict_masks(
     ``use_labels=True`` restricts to the batch's image labels (PBIP's "oracle" labels at val/test, the
     tile labels on train); otherwise the last level's sigmoid > ``label_gate`` decides.
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         inp = to_model_input(batch, cfg.mean, cfg.std, device)
-        with autocast(device, cfg.amp):
-            out = model(inp["image"])
-        h, w = inp["image"].shape[-2:]
-        fused = fuse_cams(out["cams"], (h, w), cfg.eval_fuse_weights)
-        raw = fuse_cams(out["cams"], (h, w), cfg.eval_fuse_weights, normalize=False)
+        fused, raw, logits = _fused(model, inp["image"], cfg, device)
         if use_labels:
             if "labels" not in inp:
                 raise KeyError("use_labels=True needs 'labels' in the batch")
             labels = inp["labels"]
         else:
-            labels = (torch.sigmoid(out["logits"][-1].float()) > label_gate).float()
+            labels = (torch.sigmoid(logits[-1].float()) > label_gate).float()
         bg = background or cfg.eval_background
         rgb = rgb_uint8(batch, cfg.mean, cfg.std) if "white" in bg else None
         masks = cams_to_mask(fused, labels, bg, rgb=rgb, tie_break=raw, **mask_kw)
         return masks, fused
-    finally:
-        model.train(was_training)
 
 
 def evaluate_cams(
@@ -106,8 +155,11 @@ class PbipCamModel:
         self.model, self.cfg, self.device = model.to(device).eval(), cfg, device
 
     def predict_masks(self, batch: dict[str, Any], options: PseudoOptions) -> np.ndarray:
-        masks, _ = predict_masks(
-            self.model, batch, self.cfg, self.device, background=options.background,
+        rgb = rgb_uint8(batch, self.cfg.mean, self.cfg.std) if "white" in options.background else None
+        return cams_to_mask(
+            self.predict_cams(batch, options), batch["labels"], options.background, rgb=rgb,
             white_threshold=options.white_threshold, min_size=options.min_object, power=options.gamma,
         )  # fmt: skip
-        return masks
+
+    def predict_cams(self, batch: dict[str, Any], options: PseudoOptions) -> np.ndarray:
+        return predict_cams(self.model, batch, self.cfg, self.device, flip=options.flip).float().cpu().numpy()

@@ -1,0 +1,135 @@
+"""Pseudo masks from CAMs stitched across overlapping tiles: one label per pixel, not one per tile.
+
+Tiles overlap (a grid stride below the tile size; GlaS patches of 112 px every 56 px), so a pixel lies
+under up to four tiles. Taking each tile's argmax on its own gives that pixel up to four labels, and stage
+2 trains on all of them. OEEM instead averages the raw CAMs of overlapping patches into one whole-image
+CAM and takes the argmax there; this module does that per slide (or per source image of a patch set):
+
+1. each tile's CAM (``N,h,w`` in [0, 1]) is zeroed for the classes not in that tile's labels, resized to
+   the canvas scale and added at the tile's level-0 position, with a per-pixel count;
+2. each tile's area of the averaged canvas is cut out again and becomes its mask with ``cams_to_mask``
+   (argmax over the tile's own labels, then the ``none`` / ``white`` / ``power`` background rule).
+
+Zeroing absent classes before averaging is what keeps a tile's labels meaningful: a neighbour labelled
+with a class this tile lacks can lower this tile's scores there but never put that class in its mask,
+and every tile whose labels include a pixel's winning class gives that pixel the same label.
+
+Memory: the canvas is float32 ``N x H x W`` at the tiles' pixel scale over the bounding box of one
+slide's tiles (those passed in: the labelled ones), i.e. 4 classes on a 1536 x 1536 px demo slide at tile
+scale are 38 MB, a GlaS image less. That is fine for the cohorts here; a whole-slide cohort with
+slide-wide labelled regions (e.g. 40k x 40k px at tile scale) would need the chunked on-disk canvas of
+``engine/inference/stitch.py`` instead.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+from pbip_engine.engine.pseudo.cams import CamError, cams_to_mask
+
+
+def encode_cam(cam: np.ndarray) -> bytes:
+    """``N,h,w`` CAM -> compressed float16 ``.npy`` bytes, so tiles' CAMs can travel as a binary column."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(cam, dtype=np.float16), allow_pickle=False)
+    return zlib.compress(buf.getvalue(), 3)
+
+
+def decode_cam(data: bytes) -> np.ndarray:
+    """Inverse of :func:`encode_cam`, as float32."""
+    return np.load(io.BytesIO(zlib.decompress(data)), allow_pickle=False).astype(np.float32)
+
+
+def masks_as_votes(masks: np.ndarray, n_classes: int) -> np.ndarray:
+    """uint8 ``B,H,W`` masks -> one-hot float ``B,N,H,W`` (background = all zeros).
+
+    For a CAM model that only makes masks: stitching its votes still gives one label per pixel (the
+    majority of the overlapping tiles), and the background rules read zero votes as "no class here".
+    """
+    return np.eye(n_classes + 1, dtype=np.float32)[np.asarray(masks)][..., 1:].transpose(0, 3, 1, 2)
+
+
+def _resize(cam: np.ndarray, side: int) -> np.ndarray:
+    """``N,h,w`` -> ``N,side,side`` (bilinear; cv2 takes channels last and drops a single channel)."""
+    if cam.shape[1:] == (side, side):
+        return cam
+    out = cv2.resize(
+        np.ascontiguousarray(cam.transpose(1, 2, 0)), (side, side), interpolation=cv2.INTER_LINEAR
+    )
+    return out.reshape(side, side, cam.shape[0]).transpose(2, 0, 1)
+
+
+def stitch_cams(
+    xs: Sequence[int],
+    ys: Sequence[int],
+    sizes0: Sequence[int],
+    cams: Sequence[np.ndarray],
+    labels: np.ndarray,
+) -> list[np.ndarray]:
+    """Each tile's area of the label-restricted average of all tiles' CAMs, at the tile's own ``N,h,w``.
+
+    ``xs, ys, sizes0``: the tiles' level-0 positions and extents (one slide); ``cams``: ``N,h,w`` each;
+    ``labels``: multi-hot ``T,N``. The canvas scale is the finest tile scale (``h / size0``).
+    """
+    t = len(cams)
+    if not t:
+        return []
+    labels = np.asarray(labels, dtype=np.float32)
+    if not (len(xs) == len(ys) == len(sizes0) == t == labels.shape[0]):
+        raise CamError(
+            f"stitch: {len(xs)} x, {len(ys)} y, {len(sizes0)} sizes, {t} CAMs, {len(labels)} labels"
+        )
+    n = cams[0].shape[0]
+    if labels.shape[1] != n or any(c.ndim != 3 or c.shape[0] != n for c in cams):
+        raise CamError(f"stitch: every CAM must be N,h,w with N = {labels.shape[1]} (the labels' width)")
+    scale = max(c.shape[1] / s for c, s in zip(cams, sizes0, strict=True))
+    x0, y0 = min(xs), min(ys)
+    pos = [(round((x - x0) * scale), round((y - y0) * scale), max(1, round(s * scale)))
+           for x, y, s in zip(xs, ys, sizes0, strict=True)]  # fmt: skip
+    w = max(px + e for px, _py, e in pos)
+    h = max(py + e for _px, py, e in pos)
+    total = np.zeros((n, h, w), np.float32)
+    count = np.zeros((h, w), np.float32)
+    for (px, py, e), cam, lab in zip(pos, cams, labels, strict=True):
+        total[:, py : py + e, px : px + e] += _resize(cam.astype(np.float32), e) * (lab > 0.5)[:, None, None]
+        count[py : py + e, px : px + e] += 1.0
+    mean = total / np.maximum(count, 1.0)
+    return [
+        _resize(mean[:, py : py + e, px : px + e], cam.shape[1])
+        for (px, py, e), cam in zip(pos, cams, strict=True)
+    ]
+
+
+def stitched_masks(
+    xs: Sequence[int],
+    ys: Sequence[int],
+    sizes0: Sequence[int],
+    cams: Sequence[np.ndarray],
+    labels: np.ndarray,
+    background: str = "none",
+    rgbs: Sequence[np.ndarray] | None = None,
+    *,
+    white_threshold: int = 200,
+    min_size: int = 50,
+    power: float = 10.0,
+) -> list[np.ndarray]:
+    """uint8 ``h,w`` pseudo mask per tile (0 = background, k = class k) from the stitched CAMs of one slide.
+
+    ``rgbs`` (uint8 ``h,w,3`` per tile) is needed by the ``white`` rules, as in ``cams_to_mask``.
+    """
+    labels = np.asarray(labels, dtype=np.float32)
+    if "white" in background and rgbs is None:
+        raise CamError(f"background={background!r} needs the tiles' RGB images (rgbs=...)")
+    out = []
+    for i, cam in enumerate(stitch_cams(xs, ys, sizes0, cams, labels)):
+        rgb = None if rgbs is None else np.asarray(rgbs[i])[None]
+        out.append(
+            cams_to_mask(cam[None], labels[i : i + 1], background, rgb=rgb,
+                         white_threshold=white_threshold, min_size=min_size, power=power)[0]
+        )  # fmt: skip
+    return out

@@ -1,0 +1,199 @@
+"""Pseudo masks from CAMs stitched across overlapping tiles (issue 15, item 3): one label per pixel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pbip_engine.engine.pseudo.cams import CamError, cams_to_mask
+from pbip_engine.engine.pseudo.stitch import (
+    decode_cam,
+    encode_cam,
+    masks_as_votes,
+    stitch_cams,
+    stitched_masks,
+)
+
+
+def _disagreeing_pair() -> tuple[list[int], list[int], list[int], list[np.ndarray], np.ndarray]:
+    """Two 8-px tiles at x = 0 and x = 4 (stride 4): in the overlap (cols 4..7) tile A says class 1, B class 2."""
+    a = np.zeros((2, 8, 8), np.float32)
+    a[0, :, :] = 0.6  # A: class 1 everywhere, weakly
+    a[1, :, :] = 0.2
+    b = np.zeros((2, 8, 8), np.float32)
+    b[0, :, :] = 0.1
+    b[1, :, :] = 0.9  # B: class 2 everywhere, strongly
+    return [0, 4], [0, 0], [8, 8], [a, b], np.ones((2, 2), np.float32)
+
+
+def test_overlap_gets_one_label_from_every_tile():
+    xs, ys, s0, cams, labels = _disagreeing_pair()
+    per_tile = cams_to_mask(np.stack(cams), labels, "none")
+    assert (per_tile[0][:, 4:] != per_tile[1][:, :4]).all()  # the old path: two labels for the same pixels
+    a, b = stitched_masks(xs, ys, s0, cams, labels, "none")
+    assert a.shape == b.shape == (8, 8) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a[:, 4:], b[:, :4])
+    assert (a[:, 4:] == 2).all()  # mean CAM in the overlap: class 1 0.35, class 2 0.55
+    assert (a[:, :4] == 1).all() and (b[:, 4:] == 2).all()  # outside the overlap each tile keeps its own
+
+
+def test_overlap_at_a_coarser_tile_scale_and_in_two_dimensions():
+    """Level-0 positions at twice the tile's pixel scale (size0 16, 8-px CAMs), four tiles around a corner."""
+    rng = np.random.default_rng(0)
+    cams = [rng.random((3, 8, 8)).astype(np.float32) for _ in range(4)]
+    xs, ys = [100, 108, 100, 108], [40, 40, 48, 48]
+    labels = np.ones((4, 3), np.float32)
+    masks = stitched_masks(xs, ys, [16] * 4, cams, labels, "none")
+    canvas = {}
+    for m, x, y in zip(masks, xs, ys, strict=True):
+        for r in range(8):
+            for c in range(8):
+                canvas.setdefault(((y - 40) // 2 + r, (x - 100) // 2 + c), set()).add(int(m[r, c]))
+    assert len(canvas) == 12 * 12 and all(len(v) == 1 for v in canvas.values())
+
+
+def test_a_class_absent_from_a_tile_never_appears_in_its_mask():
+    xs, ys, s0, cams, _ = _disagreeing_pair()
+    labels = np.array([[1, 0], [1, 1]], np.float32)  # A has no class 2, B's strong class 2 spills over
+    a, b = stitched_masks(xs, ys, s0, cams, labels, "none")
+    assert set(np.unique(a)) == {1}
+    # B's overlap averages with A's zeroed class 2: class 1 (0.6+0.1)/2 = 0.35 vs class 2 0.9/2 = 0.45
+    assert (b[:, :4] == 2).all()
+    none = stitched_masks(xs, ys, s0, cams, np.array([[0, 0], [0, 1]], np.float32), "none")
+    assert none[0].max() == 0 and set(np.unique(none[1])) == {2}  # unlabelled tile -> all background
+
+
+def test_background_rules_still_apply():
+    xs, ys, s0, cams, labels = _disagreeing_pair()
+    rgbs = [np.full((8, 8, 3), 120, np.uint8) for _ in range(2)]
+    rgbs[1][:, 6:] = 250  # glass in B's right quarter (outside the overlap)
+    a, b = stitched_masks(xs, ys, s0, cams, labels, "white", rgbs, min_size=4)
+    assert (b[:, 6:] == 0).all() and (b[:, :6] > 0).all() and (a > 0).all()
+    _, b_none = stitched_masks(xs, ys, s0, cams, labels, "none", rgbs)
+    assert (b_none > 0).all()
+    weak = [c * 0.1 for c in cams]  # low CAMs everywhere: the power rule's background wins
+    assert all((m == 0).all() for m in stitched_masks(xs, ys, s0, weak, labels, "power", power=2.0))
+    with pytest.raises(CamError, match="RGB"):
+        stitched_masks(xs, ys, s0, cams, labels, "white")
+
+
+def test_stitch_without_overlap_is_the_per_tile_path():
+    rng = np.random.default_rng(1)
+    cams = [rng.random((3, 8, 8)).astype(np.float32) for _ in range(2)]
+    labels = np.array([[1, 1, 0], [0, 1, 1]], np.float32)
+    stitched = stitch_cams([0, 8], [0, 0], [8, 8], cams, labels)
+    for s, c, lab in zip(stitched, cams, labels, strict=True):
+        np.testing.assert_allclose(s, c * lab[:, None, None])
+    masks = stitched_masks([0, 8], [0, 0], [8, 8], cams, labels, "none")
+    np.testing.assert_array_equal(np.stack(masks), cams_to_mask(np.stack(cams), labels, "none"))
+
+
+def test_a_model_without_cams_stitches_its_masks_as_votes():
+    """Three tiles at stride 4 over a 16-px strip: in cols 4..7 A says 1, B says 2, C absent; B+C say 2 in 8..11."""
+    masks = np.array([np.full((8, 8), 1), np.full((8, 8), 2), np.full((8, 8), 2)], np.uint8)
+    masks[0][:, :2] = 0  # A's own background (e.g. glass) stays background where no other tile covers it
+    votes = masks_as_votes(masks, 2)
+    assert votes.shape == (3, 2, 8, 8) and votes[0, :, :, :2].max() == 0
+    a, b, c = stitched_masks(
+        [0, 4, 8], [0, 0, 0], [8, 8, 8], list(votes), np.ones((3, 2)), "power", power=1.0
+    )
+    assert (a[:, :2] == 0).all() and (a[:, 2:4] == 1).all()
+    np.testing.assert_array_equal(a[:, 4:], b[:, :4])  # a 1:1 tie goes to the lowest class, in both tiles
+    assert (b[:, 4:] == 2).all() and (c == 2).all()
+
+
+def test_cam_bytes_round_trip_as_float16():
+    cam = np.random.default_rng(2).random((4, 16, 16)).astype(np.float32)
+    data = encode_cam(cam)
+    assert isinstance(data, bytes) and len(data) < cam.nbytes
+    np.testing.assert_allclose(decode_cam(data), cam, atol=1e-3)
+
+
+class _LopsidedCams(torch.nn.Module):
+    """CAMs that depend on the column (not mirror-symmetric), so a flip average is visible."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        ramp = torch.linspace(0, 1, x.shape[-1])[None, None, None, :]
+        c1 = x[:, :1] * ramp + 1
+        c2 = x[:, 2:3] * (1 - ramp) + 1
+        cams = torch.cat([c1, c2], 1)
+        return {"cams": [cams], "logits": [cams.mean((2, 3))]}
+
+
+def test_pbip_predict_cams_matches_masks_and_flip_tta_is_mirror_consistent():
+    from pbip_engine.methods.pbip.cams import predict_cams, predict_masks
+    from pbip_engine.methods.pbip.classnet import ClassNetConfig
+
+    cfg = ClassNetConfig(pretrained=False, amp=False, levels=(1,), eval_fuse_weights=(1.0,))
+    model = _LopsidedCams()
+    rng = np.random.default_rng(3)
+    batch = {
+        "image": rng.integers(0, 255, (2, 12, 12, 3), dtype=np.uint8),
+        "labels": np.ones((2, 2), np.float32),
+    }
+    cams = predict_cams(model, batch, cfg, "cpu")
+    assert cams.shape == (2, 2, 12, 12) and float(cams.min()) >= 0 and float(cams.max()) <= 1 + 1e-6
+    masks, fused = predict_masks(model, batch, cfg, "cpu", "none")
+    # predict_cams folds the raw-CAM tie order into the values, moving them by at most TIE_EPS.
+    torch.testing.assert_close(fused, cams, atol=1e-3, rtol=0)
+    np.testing.assert_array_equal(masks, cams_to_mask(cams, batch["labels"], "none"))
+    flipped = {**batch, "image": batch["image"][:, :, ::-1].copy()}
+    tta = predict_cams(model, batch, cfg, "cpu", flip=True)
+    torch.testing.assert_close(predict_cams(model, flipped, cfg, "cpu", flip=True).flip(-1), tta)
+    assert not torch.allclose(tta, cams)
+
+
+def test_pseudo_stage_stitch_function_writes_one_label_per_pixel(tmp_path):
+    """The Ray Data ``map_groups`` function of the pseudo stage, called Ray-free on one slide's rows."""
+    from PIL import Image
+
+    from pbip_engine.engine.ingest.tile_slide import encode_jpeg
+    from pbip_engine.jobs.pseudo import stitch_slide
+    from pbip_engine.schemas.spec import parse_spec
+
+    raw = {
+        "run": {"name": "t", "output": "out"},
+        "data": {"synthetic": {"slides": 1, "size": 768}},
+        "classes": [{"name": "a", "color": [200, 0, 0]}, {"name": "b", "color": [0, 0, 200]}],
+        "pseudo": {"background": "none"},
+    }
+    spec = parse_spec(raw, tmp_path)
+    assert spec.pseudo.stitch and not spec.pseudo.flip  # the documented defaults
+    xs, ys, s0, cams, _ = _disagreeing_pair()
+    batch = {
+        "tile_id": np.array(["s:0_0", "s:4_0"], dtype=object),
+        "slide_id": np.array(["s", "s"], dtype=object),
+        "x": np.array(xs),
+        "y": np.array(ys),
+        "size0": np.array(s0),
+        "labels": np.array([[1, 1], [1, 1]], np.uint8),
+        "image": np.array([encode_jpeg(np.full((8, 8, 3), 120, np.uint8), 90)] * 2, dtype=object),
+        "cam": np.array([encode_cam(c) for c in cams], dtype=object),
+    }
+    rows = stitch_slide(batch, spec, str(tmp_path))
+    assert list(rows["mask_path"]) == ["masks/s/0_0.png", "masks/s/4_0.png"] and "cam" not in rows
+    a, b = (np.asarray(Image.open(tmp_path / p)) for p in rows["mask_path"])
+    np.testing.assert_array_equal(a[:, 4:], b[:, :4])
+    assert rows["mask"][0] == (tmp_path / rows["mask_path"][0]).read_bytes()
+
+
+class _FlatCams(torch.nn.Module):
+    """Constant CAMs: min-max normalisation flattens both classes to 0, only the raw values differ."""
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        cams = torch.stack([torch.full((b, h, w), 0.2), torch.full((b, h, w), 0.7)], 1)
+        return {"cams": [cams], "logits": [cams.mean((2, 3))]}
+
+
+def test_stitched_path_keeps_the_raw_cam_tie_order():
+    """Where normalised CAMs tie, the CAMs the stitcher averages still rank classes by the raw CAM."""
+    from pbip_engine.methods.pbip.cams import predict_cams
+    from pbip_engine.methods.pbip.classnet import ClassNetConfig
+
+    cfg = ClassNetConfig(pretrained=False, amp=False, levels=(1,), eval_fuse_weights=(1.0,))
+    batch = {"image": np.zeros((1, 8, 8, 3), np.uint8), "labels": np.ones((1, 2), np.float32)}
+    cams = predict_cams(_FlatCams(), batch, cfg, "cpu")
+    assert float(cams.max()) < 1e-2  # both flattened to ~0 ...
+    assert (cams_to_mask(cams, batch["labels"], "none") == 2).all()  # ... yet class 2 (raw 0.7) wins
