@@ -148,21 +148,12 @@ class SegmentPredictor:
             [-m / s for m, s in zip(self.mean, self.std, strict=True)], device=self.device
         ).view(1, 3, 1, 1)
 
-    def _autocast(self) -> Any:
-        """bf16 autocast on CUDA (fp16 where bf16 is missing), nothing elsewhere: train_classnet's policy."""
-        import contextlib
-
-        import torch
-
-        if not self.amp:
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast(device_type="cuda", dtype=dtype)
-
     def predict(self, images: np.ndarray) -> np.ndarray:
         """uint8 ``B,h,w,3`` -> float16 ``B,C,h',w'`` (logits or probabilities)."""
         import torch
         import torch.nn.functional as F
+
+        from pbip_engine.engine.training.amp import autocast
 
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
@@ -177,7 +168,7 @@ class SegmentPredictor:
                 x = x.permute(0, 3, 1, 2).float() * self._scale + self._shift
                 if self.device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
-                with self._autocast():
+                with autocast(self.device, self.amp):
                     y = self.model(x)
                 y = y.float()
                 if self.output_scale < 1.0:
