@@ -1,18 +1,29 @@
 """The whole GlaS weak-supervision protocol on one device, Ray-free: bank -> ClassNet -> whole-image CAM
 pseudo masks -> DeepLab on pseudo masks -> testA with TTA, plus the control (DeepLab on the true masks).
 
-    python bench/gpu_glas.py --device cuda --out glas_gpu.json     # one H200: < 8 min, bf16
-    python bench/gpu_glas.py --tiny --device cpu --out /tmp/g.json  # a handful of images: ~1-2 min on 2 cores
+    python bench/gpu_glas.py --device cuda --out gpu_glas.json      # one H200, bf16 (budget: < 8 min)
+    python bench/gpu_glas.py --tiny --device cpu --out /tmp/g.json  # 2+2 images: ~70 s of CPU on 2 cores
 
-GPU command (one call, together with bench/gpu_throughput.py in <= 9 min)::
+GPU command (one call, both scripts; budget <= 9 min together, not yet measured on a GPU)::
 
     python bench/gpu_glas.py --device cuda --out gpu_glas.json && \\
     python bench/gpu_throughput.py --device cuda --out gpu_throughput.json
 
-It prints one line per step (data, bank, stage 1, pseudo masks, stage 2, test, control, total) with the
-step's figure and seconds, and writes every figure to ``--out``: bank zero-shot macro F1, train pseudo-mask
-mIoU, stage-2 testA mIoU, control testA mIoU, per-step timings, device and settings. CI never depends on
-it: ``tests/test_gpu_bench.py`` (marked slow) only runs ``--tiny --device cpu`` and checks the JSON.
+It prints one line per step, with the step's figure, wall and CPU seconds (here from the ``--tiny`` CPU run)::
+
+    [  10.1 s] data: 2 train + 2 testA images, 234 patches at 112 px on cpu (10.1 s, cpu 2.1 s)
+    [  49.6 s] bank: K=[2, 3] from 50 single-label patches, zero-shot macro F1 1.000 (39.4 s, cpu 6.7 s)
+    [ 264.5 s] stage1: ClassNet 1 epochs, loss 1.9639, 0.2 img/s (214.9 s, cpu 28.5 s)
+    [ 296.4 s] pseudo: train pseudo masks mIoU 0.3947 (IoU [0.1883, 0.6011]) (31.9 s, cpu 4.7 s)
+    [ 334.2 s] stage2: DeepLab on pseudo masks: 2 it, loss 1.4136, testA mIoU 0.3259 (...) (37.8 s, cpu 12.5 s)
+    [ 366.9 s] control: DeepLab on TRUE masks (control): 2 it, ..., testA mIoU 0.1741 (...) (32.7 s, cpu 11.8 s)
+    total: 366.9 s; pseudo 0.3947, stage 2 0.3259, control 0.1741
+
+and writes every figure to ``--out``: ``bank_macro_f1`` (zero-shot, held-out single-label patches),
+``pseudo_miou`` (train), ``stage2_testA_miou``, ``control_testA_miou``, per-class IoUs, ``timings_s`` /
+``cpu_s`` per step, device, peak GPU memory and every setting. If the GPU run is over budget, lower
+``--epochs`` / ``--iters`` (the two big steps) or drop ``--cam-scales``. CI never depends on it:
+``tests/test_gpu_bench.py`` (marked slow) only runs ``--tiny --device cpu`` and checks the JSON.
 
 Protocol (QUALITY_AUDIT.md "A GPU run worth preparing", METHODS.md §4.3/§8):
 

@@ -1,9 +1,9 @@
 """End-to-end throughput of the engine's GPU paths, each against its bare forward measured in the same run.
 
-    python bench/gpu_throughput.py --device cuda --out gpu_throughput.json   # one H200, ~1-2 min
+    python bench/gpu_throughput.py --device cuda --out gpu_throughput.json   # one H200, ~1-2 min (estimate)
     python bench/gpu_throughput.py --tiny --device cpu                       # a few tiles: a CPU check
 
-GPU command (one call, together with bench/gpu_glas.py in <= 9 min)::
+GPU command (one call, both scripts; budget <= 9 min together, not yet measured on a GPU)::
 
     python bench/gpu_glas.py --device cuda --out gpu_glas.json && \\
     python bench/gpu_throughput.py --device cuda --out gpu_throughput.json
@@ -21,6 +21,15 @@ Rows (one printed line each: end-to-end rate, bare rate, ratio; every figure als
 * ``segment``: tiles/s of plan -> ``iter_tile_pixels`` -> ``SegmentPredictor`` -> ``fill_canvas`` (Gaussian
   blending into the on-disk ``Canvas``) over a synthetic image slide vs the segmenter's bare forward on the
   same number of device tiles.
+
+It prints one line per row and a total, e.g. from the ``--tiny`` CPU run (loaded 2-core host, noise)::
+
+    embed_efficientnet_lite0: 0.7 tiles/s end to end vs 0.8 tiles/s bare forward = 0.86
+    embed_timm_vit_base_patch16_224: 3.2 tiles/s end to end vs 5.8 tiles/s bare forward = 0.56
+    stage1_pbip: 1.8 images/s end to end vs 1.5 images/s bare forward = 1.24
+    stage2_segmenter: 1.3 images/s end to end vs 0.3 images/s bare forward = 4.56
+    segment: 1.5 tiles/s end to end vs 1.6 tiles/s bare forward = 0.93
+    total: 122.7 s on x86_64
 
 A ratio near 1 means the engine adds little to the model; well below 1 names the part to fix. CI never
 depends on this script: ``tests/test_gpu_bench.py`` (marked slow) only runs ``--tiny --device cpu``.
