@@ -21,8 +21,10 @@ It prints one line per step, with the step's figure, wall and CPU seconds (here 
 
 and writes every figure to ``--out``: ``bank_macro_f1`` (zero-shot, held-out single-label patches),
 ``pseudo_miou`` (train), ``stage2_testA_miou``, ``control_testA_miou``, per-class IoUs, ``timings_s`` /
-``cpu_s`` per step, device, peak GPU memory and every setting. If the GPU run is over budget, lower
-``--epochs`` / ``--iters`` (the two big steps) or drop ``--cam-scales``. CI never depends on it:
+``cpu_s`` per step, device, peak GPU memory and every setting. So that the one GPU call cannot overrun,
+stage 1 and each stage-2 run have a time budget (``--stage1-budget-s`` 170, ``--stage2-budget-s`` 100):
+after each epoch (stage 2: every 250 iterations) the remaining epochs are capped to fit it, the poly decay
+re-targeted, and the JSON records ``epochs_run`` / ``iters_run``; ``0`` turns a cap off. CI never depends on it:
 ``tests/test_gpu_bench.py`` (marked slow) only runs ``--tiny --device cpu`` and checks the JSON.
 
 Protocol (QUALITY_AUDIT.md "A GPU run worth preparing", METHODS.md §4.3/§8):
@@ -31,7 +33,7 @@ Protocol (QUALITY_AUDIT.md "A GPU run worth preparing", METHODS.md §4.3/§8):
   images are held on the device as uint8; every augmentation runs there
   (``engine.training.device_augment``, new: dihedral per sample, random scaled crops, colour jitter);
 * (a) bank: single-label patches embedded with efficientnet_lite0, ``build_bank`` K=3, N_K=100;
-* (b) stage 1: PBIP ClassNet (``PbipTask`` through ``engine.training.loop.Trainer.fit``), ``--input-px``
+* (b) stage 1: PBIP ClassNet (``PbipTask`` through ``engine.training.loop.Trainer.train_epoch``), ``--input-px``
   network input (224 = OEEM's), AdamW, projectors and logit scales at 10x the backbone rate, poly decay;
 * (c) pseudo masks: ClassNet run fully convolutionally on each whole train image at ``--cam-scales`` (relative
   to the stage-1 magnification) + horizontal flip, levels fused by ``engine.pseudo.cams.fuse_cams``,
@@ -39,7 +41,7 @@ Protocol (QUALITY_AUDIT.md "A GPU run worth preparing", METHODS.md §4.3/§8):
   argmax; scored against the train masks (gland = 1, non-gland = 2, one confusion matrix, 2-class mIoU);
 * (d) stage 2: ``build_segmenter`` (DeepLab-v3+ at OS 16 by default; ASPP rates fitted to the crop) on random
   ``--crop`` crops of whole train images with the pseudo masks (zoom 0.75-2, dihedral, colour jitter),
-  ``SegmentationTask`` (backbone lr, head 10x) through ``Trainer.fit`` for ``--iters`` iterations, poly;
+  ``SegmentationTask`` (backbone lr, head 10x) through ``Trainer.train_epoch`` for ``--iters`` iterations, poly;
 * (e) testA whole images with flip + ``--tta-scales``, argmax over the two tissue classes, 2-class mIoU;
 * (f) control: the same stage 2 on the true train masks.
 """
@@ -50,7 +52,7 @@ import argparse
 import inspect
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +131,28 @@ class Clock:
             flush=True,
         )
         return dt
+
+
+def train_budgeted(trainer: Trainer, batches: Callable[[int], Iterator[dict]], steps: int, epochs: int,
+                   budget_s: float, name: str) -> tuple[list[dict[str, Any]], int]:  # fmt: skip
+    """``Trainer.train_epoch`` for ``epochs`` epochs of ``steps`` steps, poly decay over the whole run.
+
+    With ``budget_s`` > 0, the epochs are capped after each one so that the run ends within the budget
+    (measured pace, warm-up included, so it errs short); the poly schedule is re-targeted at the new end.
+    A GPU run then finishes whatever the device's speed; the JSON records the epochs that ran.
+    """
+    t0, step, hist, e = time.perf_counter(), 0, [], 0
+    while e < epochs:
+        e += 1
+        stats = trainer.train_epoch(batches(e), e, step, epochs * steps)
+        step += int(stats["steps"])
+        hist.append({**stats, "epoch": e, "step": step})
+        if budget_s > 0 and e < epochs:
+            fit = max(e, int(budget_s / ((time.perf_counter() - t0) / e)))
+            if fit < epochs:
+                print(f"    {name}: {budget_s:.0f} s budget -> {fit} of {epochs} epochs", flush=True)
+                epochs = fit
+    return hist, epochs
 
 
 def to_device_u8(arr: np.ndarray, dev: torch.device) -> torch.Tensor:
@@ -239,7 +263,7 @@ def train_stage1(patches, labels, bank, enc, args, dev):
             img, _ = dihedral_batch(patches[idx], None, g)
             yield {"image": img, "labels": labels[idx]}
 
-    hist = trainer.fit(batches, steps_per_epoch=steps)
+    hist, _ = train_budgeted(trainer, batches, steps, args.epochs, args.stage1_budget_s, "stage1")
     return task.model, cfg, hist
 
 
@@ -322,16 +346,20 @@ def train_stage2(images, masks, args, dev, tag: str):
     trainer = Trainer(task, loop, NullStore(), device=dev, log_fn=None)
     g = torch.Generator().manual_seed(args.seed)
 
+    chunk = min(args.iters, 250)  # iterations per "epoch": the budget is re-checked every chunk
+
     def batches(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-        for _ in range(args.iters):
+        for _ in range(chunk):
             img, msk = random_scaled_crops(
                 images, masks, args.seg_batch, args.crop, (args.zoom_min, args.zoom_max), g
             )
             img, msk = dihedral_batch(img, msk, g)
             yield {"image": colour_jitter(img, generator=g), "mask": msk}
 
-    hist = trainer.fit(batches, steps_per_epoch=args.iters)
-    return task.model, hist[-1]
+    hist, n = train_budgeted(
+        trainer, batches, chunk, math.ceil(args.iters / chunk), args.stage2_budget_s, tag
+    )
+    return task.model, {**hist[-1], "iters": n * chunk}
 
 
 @torch.inference_mode()
@@ -392,6 +420,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--k", type=int, default=3)
     g.add_argument("--n-k", type=int, default=100)
     g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--stage1-budget-s", type=float, default=170.0, help="cap the epochs to fit (0 = no cap)")
     g.add_argument("--cls-batch", type=int, default=64)
     g.add_argument("--cls-lr", type=float, default=1e-4)
     g.add_argument("--cls-wd", type=float, default=1e-3)
@@ -406,7 +435,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--crop", type=int, default=256)
     g.add_argument("--zoom-min", type=float, default=0.75)
     g.add_argument("--zoom-max", type=float, default=2.0)
-    g.add_argument("--iters", type=int, default=2500)
+    g.add_argument("--iters", type=int, default=3000)
+    g.add_argument("--stage2-budget-s", type=float, default=100.0, help="per run; caps --iters (0 = no cap)")
     g.add_argument("--seg-batch", type=int, default=16)
     g.add_argument("--seg-lr", type=float, default=1e-4, help="backbone; the head gets --head-lr-mult x")
     g.add_argument("--seg-wd", type=float, default=1e-4)
@@ -450,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t = time.perf_counter()
     model, cfg, hist = train_stage1(patches, labels, bank, enc, args, dev)
     last = hist[-1]
-    res["stage1"] = {"epochs": len(hist), "loss": last["loss"], "l_cls": last.get("l_cls"),
+    res["stage1"] = {"epochs_run": len(hist), "loss": last["loss"], "l_cls": last.get("l_cls"),
                      "l_sim": last.get("l_sim"), "images_per_s": last["images_per_s"], "steps": last["step"]}  # fmt: skip
     clock.step(
         "stage1", t, f"ClassNet {len(hist)} epochs, loss {last['loss']:.4f}, {last['images_per_s']:.1f} img/s"
@@ -475,10 +505,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         score = test_segmenter(seg, te_imgs, te_masks, args, dev)
         sync(dev)
         res[f"{tag}_testA_miou"] = score["miou"]
-        res[tag] = {**score, "train_loss": last["loss"], "images_per_s": last["images_per_s"], "train_s": t_train,
+        res[tag] = {**score, "iters_run": last["iters"], "train_loss": last["loss"], "images_per_s": last["images_per_s"], "train_s": t_train,
                     "test_s": time.perf_counter() - t2, "aspp_rates": unwrap(seg).config.get("aspp_rates")}  # fmt: skip
         what = "pseudo masks" if tag == "stage2" else "TRUE masks (control)"
-        clock.step(tag, t, f"DeepLab on {what}: {args.iters} it, loss {last['loss']:.4f}, testA mIoU "
+        clock.step(tag, t, f"DeepLab on {what}: {last['iters']} it, loss {last['loss']:.4f}, testA mIoU "
                    f"{score['miou']:.4f} (IoU {np.round(score['iou'], 4).tolist()})")  # fmt: skip
         del seg
 
