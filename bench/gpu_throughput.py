@@ -8,6 +8,8 @@ GPU command (one call, both scripts; budget <= 9 min together, not yet measured 
     python bench/gpu_glas.py --device cuda --out gpu_glas.json && \\
     python bench/gpu_throughput.py --device cuda --out gpu_throughput.json
 
+(on this project's device machine: ``bash bench/gpu_bundle.sh`` prints the full command, see gpu_glas.py)
+
 Rows (one printed line each: end-to-end rate, bare rate, ratio; every figure also in ``--out``):
 
 * ``embed_<encoder>``: tiles/s through ``engine.embed.embedder.Embedder`` on a TILES batch of JPEG bytes
