@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -95,31 +94,6 @@ N_CLASSES = len(CLASSES)  # gland = 1, non_gland = 2; no background on GlaS
 
 
 # ------------------------------------------------------------------------------------------- plumbing
-
-
-class Stage1Task(PbipTask):
-    """PbipTask whose freshly initialised parts (projectors, logit scales) train at ``head_lr_mult`` x."""
-
-    def __init__(self, *args: Any, head_lr_mult: float = 10.0, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.head_lr_mult = head_lr_mult
-
-    def param_groups(self) -> list[dict[str, Any]]:
-        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
-        for name, p in unwrap(self.model).named_parameters():
-            if p.requires_grad:
-                head = not name.startswith("backbone.")
-                decay = p.ndim >= 2 and "logit_scale" not in name
-                groups.setdefault((head, decay), []).append(p)
-        out = []
-        for (head, decay), params in groups.items():
-            g: dict[str, Any] = {"params": params, "name": f"{'head' if head else 'backbone'}_{decay}"}
-            if head:
-                g["lr_mult"] = self.head_lr_mult
-            if not decay:
-                g["weight_decay"] = 0.0
-            out.append(g)
-        return out
 
 
 class Clock:
@@ -249,9 +223,9 @@ def make_bank(patches: torch.Tensor, labels: torch.Tensor, args, dev: torch.devi
 
 def train_stage1(patches, labels, bank, enc, args, dev):
     cfg = ClassNetConfig(lr=args.cls_lr, weight_decay=args.cls_wd, epochs=args.epochs, batch_size=args.cls_batch,
-                         use_sim=args.sim, sim_size=args.sim_size, amp=True)  # fmt: skip
+                         use_sim=args.sim, sim_size=args.sim_size, new_parts_lr_mult=args.head_lr_mult, amp=True)  # fmt: skip
     model = build_classnet(cfg, bank.prototypes, bank.k, N_CLASSES)
-    task = Stage1Task(model, cfg, enc if args.sim else None, head_lr_mult=args.head_lr_mult)
+    task = PbipTask(model, cfg, enc if args.sim else None)  # projectors + logit scales: new_parts_lr_mult
     loop = LoopConfig(epochs=args.epochs, lr=args.cls_lr, weight_decay=args.cls_wd, schedule="poly", amp=True,
                       augment=False, seed=args.seed)  # fmt: skip
     trainer = Trainer(task, loop, NullStore(), device=dev, log_fn=None)
@@ -330,31 +304,8 @@ def pseudo_masks(model, cfg, images, masks, args, dev):
 
 def make_segmenter(args) -> torch.nn.Module:
     """DeepLab for 2 tissue classes (+ the never-targeted background 0), ASPP rates fitted to the crop."""
-    kw: dict[str, Any] = {"output_stride": args.output_stride}
-    if "crop_px" in inspect.signature(build_segmenter).parameters:
-        kw["crop_px"] = args.crop
-    model = build_segmenter(args.arch, N_CLASSES + 1, "efficientnet_lite0", pretrained=True, **kw)
-    if "crop_px" not in kw:  # an engine without crop-fitted rates: fit them here (issue 15, item 2)
-        model = _fit_aspp(model, args.crop)
-    return model
-
-
-def _fit_aspp(model, crop: int):
-    from pbip_engine.engine.nn import deeplab as D
-
-    feat = math.ceil(crop / model.config["output_stride"])
-    limit = max(1, feat // 2)
-    old = [b[0].dilation[0] if isinstance(b, torch.nn.Sequential) else b.dilation[0]
-           for b in (model.aspp.branches if model.head_type == "deeplabv2" else model.aspp.branches[1:-1])]  # fmt: skip
-    top = max(old)
-    rates = tuple(sorted({max(1, round(r * min(1.0, limit / top))) for r in old}))
-    chans = D.feature_channels(model.backbone)[-1]
-    if model.head_type == "deeplabv2":
-        model.aspp = D.ASPPv2(chans, model.config["n_classes"], rates)
-    else:
-        model.aspp = D.ASPPv3(chans, 256, rates)
-    model.config["aspp_rates"] = list(rates)
-    return model
+    return build_segmenter(args.arch, N_CLASSES + 1, "efficientnet_lite0", pretrained=True,
+                           output_stride=args.output_stride, crop_px=args.crop)  # fmt: skip
 
 
 def train_stage2(images, masks, args, dev, tag: str):
