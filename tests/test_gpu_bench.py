@@ -1,0 +1,73 @@
+"""bench/gpu_glas.py and bench/gpu_throughput.py run end to end on CPU (``--tiny``) and write complete JSON.
+
+The real runs need a GPU and are never part of CI; this only proves the scripts work the first time one is
+available. GlaS data are resolved relative to the repository (``../shared/data/glas``); without them the
+GlaS test is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GLAS = REPO.parent / "shared" / "data" / "glas"
+
+pytestmark = pytest.mark.slow
+
+
+def _run(script: str, out: Path, *extra: str, timeout: int = 600) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / script),
+            "--tiny",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def _unit(v: object) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and 0.0 <= v <= 1.0
+
+
+def test_gpu_glas_tiny(tmp_path: Path) -> None:
+    if not (GLAS / "labels.csv").is_file():
+        pytest.skip(f"GlaS data not found at {GLAS}")
+    res = _run("gpu_glas.py", tmp_path / "glas.json", "--data", str(GLAS))
+    for key in ("pseudo_miou", "stage2_testA_miou", "control_testA_miou", "bank_macro_f1"):
+        assert _unit(res[key]), (key, res[key])
+    for key in ("data", "bank", "stage1", "pseudo", "stage2", "control"):
+        assert res["timings_s"][key] > 0, key
+    assert res["device"] == "cpu" and res["settings"]["tiny"] is True
+    assert res["n_train_images"] > 0 and res["n_test_images"] > 0
+    assert len(res["pseudo"]["iou"]) == 2 and len(res["stage2"]["iou"]) == 2
+
+
+def test_gpu_throughput_tiny(tmp_path: Path) -> None:
+    res = _run("gpu_throughput.py", tmp_path / "tp.json")
+    expected = {"embed_efficientnet_lite0", "embed_timm_vit_base_patch16_224", "stage1_pbip",
+                "stage2_segmenter", "segment"}  # fmt: skip
+    assert set(res["rows"]) == expected
+    for name, r in res["rows"].items():
+        for key in ("end_to_end", "bare", "ratio"):
+            v = r[key]
+            assert isinstance(v, (int, float)) and math.isfinite(v) and v > 0, (name, key, v)
