@@ -152,11 +152,12 @@ segmenter_cmd = _stage_command("segmenter", "Train the stage-2 DeepLab on the ps
 @click.option("--address", default=None, help="Ray cluster address (default: run in this process)")
 @click.option("--overlap", default=0.25, show_default=True, type=click.FloatRange(0, 0.9))
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--tta/--no-tta", default=True, show_default=True, help="average logits over tile mirrors")
 @click.option(
     "--tile-px", default=None, type=click.IntRange(16), help="inference tile (default: the training crop)"
 )
 def segment(model_dir: str, slides: str | None, images: str | None, mpp: float | None, out: str,
-            address: str | None, overlap: float, batch_size: int, tile_px: int | None) -> None:  # fmt: skip
+            address: str | None, overlap: float, batch_size: int, tta: bool, tile_px: int | None) -> None:  # fmt: skip
     """Segment new slides or images with a trained run: OME-TIFF masks, GeoJSON, overlays."""
     from pbip_engine.jobs.infer import segment_cli
     from pbip_engine.schemas.spec import expand_slides
@@ -167,7 +168,7 @@ def segment(model_dir: str, slides: str | None, images: str | None, mpp: float |
         raise click.ClickException("--images needs --mpp (plain images carry no physical pixel size)")
     try:
         inputs = expand_slides([slides or images], "--slides" if slides else "--images")
-        res = segment_cli(Path(model_dir), inputs, Path(out), mpp, address, overlap, batch_size, tile_px)
+        res = segment_cli(Path(model_dir), inputs, Path(out), mpp, address, overlap, batch_size, tile_px, tta)
     except (SpecError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     failed = {k: v["reason"] for k, v in res.items() if v["status"] != "done"}

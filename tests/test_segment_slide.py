@@ -370,3 +370,26 @@ def test_small_image_is_padded_by_reflection_not_glass(tmp_path):
     np.testing.assert_array_equal(px[:40, :50], small)
     assert px.max() < 200, "the pad shows artificial glass"
     np.testing.assert_array_equal(px, cv2.copyMakeBorder(small, 0, 24, 0, 14, cv2.BORDER_REFLECT_101))
+
+
+def test_tta_averages_the_tile_and_its_mirrors():
+    """TTA logits = mean of the tile's and its two mirrors' logits mapped back; a 1x1 model is unchanged."""
+    torch.manual_seed(0)
+    lopsided = nn.Conv2d(3, 3, 3, padding=1)  # not mirror-equivariant
+    lopsided.config = {"n_classes": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
+    imgs = np.random.default_rng(0).integers(0, 255, (2, 16, 16, 3), dtype=np.uint8)
+    plain = SegmentPredictor(lopsided, device="cpu").predict(imgs).astype(np.float32)
+    tta = SegmentPredictor(lopsided, device="cpu", tta=True).predict(imgs).astype(np.float32)
+
+    def view(a, axis):
+        return SegmentPredictor(lopsided, device="cpu").predict(np.ascontiguousarray(np.flip(a, axis)))
+
+    expected = (plain + np.flip(view(imgs, 2), 3) + np.flip(view(imgs, 1), 2)) / 3
+    np.testing.assert_allclose(tta, expected, atol=2e-2)
+    assert np.abs(tta - plain).max() > 0.05  # the mirrors really were averaged in
+    color = ColorNet()
+    np.testing.assert_allclose(
+        SegmentPredictor(color, device="cpu", tta=True).predict(imgs).astype(np.float32),
+        SegmentPredictor(color, device="cpu").predict(imgs).astype(np.float32),
+        atol=2e-2,
+    )

@@ -23,7 +23,7 @@ from pbip_engine.schemas.spec import ResourcesSection, expand_slides
 
 
 def _result_stream(plans: list[Any], overrides: dict[str, float], *, model_path: Path, batch_size: int,
-                   resources: ResourcesSection, tile_px: int) -> Iterator[dict[str, Any]]:  # fmt: skip
+                   resources: ResourcesSection, tile_px: int, tta: bool) -> Iterator[dict[str, Any]]:  # fmt: skip
     """Every plan's tiles through one Ray Data reader -> predictor actor pool, results in plan order.
 
     One pipeline for the cohort: the model is loaded once per actor, not once per slide, and the pool
@@ -42,7 +42,7 @@ def _result_stream(plans: list[Any], overrides: dict[str, float], *, model_path:
                         batch_size=batch_size, concurrency=(1, resources.autoscale.max), num_cpus=0.5)  # fmt: skip
     ds = ds.map_batches(
         SegmentPredictor,
-        fn_constructor_kwargs={"model": str(model_path)},
+        fn_constructor_kwargs={"model": str(model_path), "tta": tta},
         batch_size=batch_size,
         batch_format="numpy",
         **actor_pool_options(resources),
@@ -64,6 +64,7 @@ def segment_slides(
     output_mpp: float | None = None,
     whole_image: bool = False,
     tile_px: int | None = None,
+    tta: bool = False,
 ) -> Iterator[tuple[Path, dict[str, Any] | Exception]]:
     """The engine's cohort loop over a Ray Data actor pool when ``resources`` is given, else in process.
 
@@ -73,10 +74,15 @@ def segment_slides(
 
     px = inference_tile_px(card, tile_px)
     if resources is None:
-        stream = local_stream(model_path, batch_size, px)
+        stream = local_stream(model_path, batch_size, px, tta)
     else:
         stream = functools.partial(
-            _result_stream, model_path=model_path, batch_size=batch_size, resources=resources, tile_px=px
+            _result_stream,
+            model_path=model_path,
+            batch_size=batch_size,
+            resources=resources,
+            tile_px=px,
+            tta=tta,
         )
     return segment_cohort(
         slides,
@@ -148,7 +154,7 @@ class SegmentStage(Stage):
                                      resources=spec.resources, output_mpp=spec.segment.output_mpp,
                                      mpp_override=spec.segment.input_mpp,
                                      whole_image=spec.segment.whole_image,
-                                     tile_px=spec.segment.tile_px)  # fmt: skip
+                                     tile_px=spec.segment.tile_px, tta=spec.segment.tta)  # fmt: skip
             for slide, result in results:
                 sid = slide_id_of(slide)
                 if isinstance(result, Exception):  # one slide fails alone
@@ -186,7 +192,8 @@ class SegmentStage(Stage):
 
 
 def segment_cli(model_dir: Path, inputs: list[Path], out: Path, mpp: float | None, address: str | None,
-                overlap: float, batch_size: int, tile_px: int | None = None) -> dict[str, Any]:  # fmt: skip
+                overlap: float, batch_size: int, tile_px: int | None = None,
+                tta: bool = False) -> dict[str, Any]:  # fmt: skip
     """``pbip-engine segment``: a finished run's segmenter on new slides or plain images."""
     card_path = model_dir / "segmenter" / MODEL_CARD
     seg = model_dir / "segmenter" / "best.pt"
@@ -212,7 +219,7 @@ def segment_cli(model_dir: Path, inputs: list[Path], out: Path, mpp: float | Non
             continue
         for p, r in segment_slides(group, seg, card, out, overlap=overlap, blend="gaussian",
                                    batch_size=batch_size, resources=res, mpp_override=mpp,
-                                   whole_image=whole, tile_px=tile_px):  # fmt: skip
+                                   whole_image=whole, tile_px=tile_px, tta=tta):  # fmt: skip
             if isinstance(r, Exception):
                 results[p.stem] = {"status": "failed", "reason": f"{type(r).__name__}: {r}"}
             else:

@@ -206,6 +206,7 @@ class SegmentSection(_Section):
         ge=16,
         description="inference tile edge at the model's µm/px; default: the crop stage 2 trained on",
     )
+    tta: bool = Field(True, description="average each tile's logits with its two mirrors (3 passes per tile)")
     blend: Literal["gaussian", "average"] = "gaussian"
     output_mpp: float | None = Field(None, gt=0, description="mask µm/px; default = the model's tile µm/px")
     batch_size: int = Field(16, ge=1)

@@ -49,14 +49,14 @@ def inference_tile_px(card: dict[str, Any], override: int | None = None) -> int:
     return int(card.get("tile_px") or LEGACY_TILE_PX)
 
 
-def local_stream(model_path: Path, batch_size: int, tile_px: int) -> ResultStream:
+def local_stream(model_path: Path, batch_size: int, tile_px: int, tta: bool = False) -> ResultStream:
     """The reader and predictor in this process, batch by batch (``pbip-engine segment`` without Ray)."""
 
     def stream(plans: list[Any], overrides: dict[str, float]) -> Iterator[dict[str, Any]]:
         from pbip_engine.engine.inference.segment_slide import SegmentPredictor, TileReader
 
         tables = [p.tile_table() for p in plans]
-        reader, predictor = TileReader(tile_px, overrides), SegmentPredictor(str(model_path))
+        reader, predictor = TileReader(tile_px, overrides), SegmentPredictor(str(model_path), tta=tta)
         for t in tables:
             for i in range(0, len(t["x"]), batch_size):
                 yield predictor(reader({k: v[i : i + batch_size] for k, v in t.items()}))

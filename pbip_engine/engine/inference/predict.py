@@ -105,7 +105,9 @@ class SegmentPredictor:
     key passed through (tile coordinates, slide path). ``output="probs"`` returns softmax probabilities
     under the key ``"probs"`` instead. ``output_scale`` < 1 downsamples the maps on the device
     (h' = round(h * output_scale)) so less data leaves the GPU when the output mpp is coarser than the
-    model's. Normalisation uses the model's own ``mean``/``std``.
+    model's. Normalisation uses the model's own ``mean``/``std``. ``tta`` averages the logits of the
+    tile and its horizontal and vertical mirrors (mapped back): tissue has no orientation, and the
+    average smooths decisions that flip with the view, at three forward passes per tile.
     """
 
     def __init__(
@@ -118,6 +120,7 @@ class SegmentPredictor:
         output_scale: float = 1.0,
         micro_batch: int | None = None,
         channels_last: bool = True,
+        tta: bool = False,
     ) -> None:
         import torch
 
@@ -141,6 +144,7 @@ class SegmentPredictor:
         self.output = output
         self.output_scale = float(output_scale)
         self.micro_batch = micro_batch
+        self.tta = bool(tta)
         if channels_last and self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self._scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], device=self.device).view(1, 3, 1, 1)
@@ -169,8 +173,11 @@ class SegmentPredictor:
                 if self.device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast(self.device, self.amp):
-                    y = self.model(x)
-                y = y.float()
+                    y = self.model(x).float()
+                    if self.tta:
+                        for dim in (-1, -2):
+                            y = y + self.model(x.flip(dim)).float().flip(dim)
+                        y = y / 3
                 if self.output_scale < 1.0:
                     size = [max(1, round(s * self.output_scale)) for s in y.shape[-2:]]
                     y = F.interpolate(y, size=size, mode="bilinear", align_corners=False, antialias=True)
