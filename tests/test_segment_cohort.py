@@ -121,9 +121,11 @@ def test_inference_context_equals_the_training_context(cohort, tmp_path, monkeyp
     spec = parse_spec(
         {"run": {"name": "t", "output": "o"}, "data": {"synthetic": {"slides": 1}}, "tiling": {"tile_px": 96},
          "classes": [{"name": "red", "color": [200, 0, 0]}]}, tmp_path)  # fmt: skip
-    assert model_card(spec)["tile_px"] == 96 == inference_tile_px(model_card(spec))
+    assert model_card(spec, "deeplabv2")["tile_px"] == 96 == inference_tile_px(model_card(spec, "deeplabv2"))
     assert inference_tile_px({"mpp": 1.0}) == LEGACY_TILE_PX  # a card written before tile_px
-    assert inference_tile_px(model_card(spec), 128) == 128  # segment.tile_px / --tile-px override
+    assert (
+        inference_tile_px(model_card(spec, "deeplabv2"), 128) == 128
+    )  # segment.tile_px / --tile-px override
     seen: list[tuple[int, ...]] = []
     real_reader = seg_engine.TileReader
 
@@ -139,3 +141,26 @@ def test_inference_context_equals_the_training_context(cohort, tmp_path, monkeyp
     assert isinstance(results[0][1], dict) and seen and set(seen) == {(64, 64)}
     got = tifffile.imread(tmp_path / "a.mask.ome.tif", level=0)
     assert (got == cohort[1][::4, ::4]).mean() > 0.97  # small tiles stitch without seams
+
+
+def test_slide_by_slide_retry_keeps_the_inference_tile(cohort, tmp_path, monkeypatch, _setup):
+    """After the shared stream breaks, the per-slide retries still read at the card's tile_px."""
+    slides, _ = cohort
+    seen: set[tuple[int, ...]] = set()
+    real_reader = seg_engine.TileReader
+
+    class FlakyRecording(real_reader):
+        def __call__(self, batch):
+            if any(str(p).endswith("b.tif") for p in batch["slide_path"]):
+                raise OSError("simulated unreadable tile in b.tif")
+            out = super().__call__(batch)
+            seen.add(tuple(out["image"].shape[1:3]))
+            return out
+
+    card = {**CARD, "tile_px": 64}
+    ((_, alone),) = segment_slides(slides[3:], Path("m.pt"), card, tmp_path / "alone", **_kw())
+    monkeypatch.setattr(seg_engine, "TileReader", FlakyRecording)
+    results = {p.name: r for p, r in segment_slides(slides[2:], Path("m.pt"), card, tmp_path, **_kw())}
+    assert isinstance(results["b.tif"], OSError) and isinstance(results["c.tif"], dict)
+    assert seen == {(64, 64)}
+    assert results["c.tif"]["n_tiles"] == alone["n_tiles"]  # planned at 64 px too, not at 512

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from pbip_engine.jobs.resources import compute_threads, failure_config, scaling_config
+from pbip_engine.jobs.resources import compute_threads, failure_config, read_options, scaling_config
 from pbip_engine.schemas.spec import ResourcesSection
 
 CKPT_FILE = "checkpoint.pt"
@@ -57,6 +57,20 @@ class RayStore:
             write(Path(d) / CKPT_FILE)
             (Path(d) / HISTORY_FILE).write_text(json.dumps(history))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+
+
+def holdout_split(ds: Any, ids: Iterable[str], fraction: float) -> tuple[dict[str, Any], int]:
+    """``{"train", "val"}`` datasets split by the tile-id hash, and the number of training rows.
+
+    ``ids`` are the dataset's tile ids read cheaply (one Parquet column), so the training length that the
+    poly schedule needs is known without reading the images twice.
+    """
+    from pbip_engine.engine.training.split import is_validation
+
+    datasets = {"train": ds.filter(lambda r: not is_validation(r["tile_id"], fraction), **read_options())}
+    if fraction > 0:
+        datasets["val"] = ds.filter(lambda r: is_validation(r["tile_id"], fraction), **read_options())
+    return datasets, sum(1 for t in ids if not is_validation(t, fraction))
 
 
 def shard_batches(shard: Any, batch_size: int, convert: Callable[[dict[str, Any]], dict[str, Any]], *,

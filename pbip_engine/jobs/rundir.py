@@ -67,13 +67,13 @@ def mask_relpath(slide_id: str, x: int, y: int) -> str:
     return f"masks/{slide_id}/{x}_{y}.png"
 
 
-def model_card(spec: JobSpec) -> dict[str, Any]:
-    """What ``pbip-engine segment`` needs to use a trained model without the spec."""
+def model_card(spec: JobSpec, arch: str) -> dict[str, Any]:
+    """What ``pbip-engine segment`` needs to use a trained model without the spec (``arch``: as trained)."""
     return {
         "mpp": spec.tiling.mpp,
         "tile_px": spec.tiling.tile_px,  # the crop stage 2 trains on = the inference context
         "class_names": spec.class_names,
         "class_colors": [list(c) for c in spec.class_colors],
-        "arch": spec.segmenter.arch,
+        "arch": arch,
         "backbone": spec.segmenter.backbone,
     }

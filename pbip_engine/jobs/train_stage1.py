@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from pbip_engine.engine.training.batches import decode_batch
-from pbip_engine.jobs.ray_train import fit_on_ray
+from pbip_engine.jobs.ray_train import fit_on_ray, holdout_split
 from pbip_engine.jobs.resources import read_options
 from pbip_engine.jobs.rundir import tile_files
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
@@ -42,25 +42,24 @@ class ClassNetStage(Stage):
     sections = ("classes", "encoder", "method", "stage1")
 
     def run(self, ctx: StageContext) -> StageResult:
+        import pyarrow.dataset as pads
         import ray
 
-        from pbip_engine.engine.training.split import is_validation
-
         spec = ctx.spec
-        files = tile_files(ctx.stage_dir("tile"))
+        files = [str(f) for f in tile_files(ctx.stage_dir("tile"))]
         ctx.ray()
-        ds = ray.data.read_parquet([str(f) for f in files], columns=TRAIN_COLUMNS, **read_options())
+        ds = ray.data.read_parquet(files, columns=TRAIN_COLUMNS, **read_options())
         ds = ds.filter(lambda row: bool(row["labelled"]), **read_options())  # fuses into the read
-        frac = spec.stage1.val_fraction
-        datasets = {"train": ds.filter(lambda r: not is_validation(r["tile_id"], frac), **read_options())}
-        if frac > 0:
-            datasets["val"] = ds.filter(lambda r: is_validation(r["tile_id"], frac), **read_options())
+        rows = pads.dataset(files, format="parquet").to_table(columns=["tile_id", "labelled"]).to_pylist()
+        labelled = [r["tile_id"] for r in rows if r["labelled"]]
+        datasets, n_train = holdout_split(ds, labelled, spec.stage1.val_fraction)
         bank = ctx.stage_dir("bank") if "bank" in self.dependencies(spec) else None
         config = {
             "spec": spec,
             "bank_dir": str(bank) if bank else None,
             "loop": loop_config(spec),
             "batch_size": spec.stage1.batch_size,
+            "n_train": n_train,  # the poly schedule's length from the first epoch on
             "run_config": {"method": spec.method.model_dump(mode="json"), "classes": spec.class_names},
         }
         history = fit_on_ray(

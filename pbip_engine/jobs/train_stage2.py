@@ -6,7 +6,7 @@ from typing import Any
 
 from pbip_engine.engine.training.batches import decode_samples
 from pbip_engine.jobs.manifest import write_json_atomic
-from pbip_engine.jobs.ray_train import fit_on_ray
+from pbip_engine.jobs.ray_train import fit_on_ray, holdout_split
 from pbip_engine.jobs.resources import read_options
 from pbip_engine.jobs.rundir import MODEL_CARD, model_card
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
@@ -39,20 +39,18 @@ class SegmenterStage(Stage):
     sections = ("classes", "method", "segmenter")
 
     def run(self, ctx: StageContext) -> StageResult:
+        import pyarrow.dataset as pads
         import ray
-
-        from pbip_engine.engine.training.split import is_validation
 
         spec = ctx.spec
         s = spec.segmenter
         samples = ctx.stage_dir("pseudo") / "samples"
         ctx.ray()
         ds = ray.data.read_parquet(str(samples), columns=SAMPLE_COLUMNS, **read_options())
-        frac = s.val_fraction
-        datasets = {"train": ds.filter(lambda r: not is_validation(r["tile_id"], frac), **read_options())}
-        if frac > 0:
-            datasets["val"] = ds.filter(lambda r: is_validation(r["tile_id"], frac), **read_options())
-        n = datasets["train"].count()
+        ids = (
+            pads.dataset(str(samples), format="parquet").to_table(columns=["tile_id"])["tile_id"].to_pylist()
+        )
+        datasets, n = holdout_split(ds, ids, s.val_fraction)
         config = {
             "loop": {
                 "epochs": s.epochs,
@@ -76,7 +74,7 @@ class SegmenterStage(Stage):
             "segmenter", stage2_setup, config, datasets, spec.resources,
             storage=ctx.work_dir / "ray_train", out_dir=ctx.work_dir,
         )  # fmt: skip
-        write_json_atomic(ctx.work_dir / MODEL_CARD, {**model_card(spec), "arch": config["arch"]})
+        write_json_atomic(ctx.work_dir / MODEL_CARD, model_card(spec, config["arch"]))
         last = history[-1]
         ctx.log(
             f"[segmenter] {len(history)} epoch(s) on {n} pseudo-labelled tiles; last loss {last.get('loss'):.4f}"

@@ -11,7 +11,7 @@ models, and torch-heavy code is imported inside the methods' functions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -42,7 +42,6 @@ class Stage1Inputs:
     bank_dir: Path | None = None
     encoder: str = "efficientnet_lite0"
     encoder_checkpoint: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_classes(self) -> int:

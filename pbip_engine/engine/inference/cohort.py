@@ -152,7 +152,7 @@ def segment_cohort(
         for slide, _ in pending:
             yield from segment_cohort([slide], card, out_dir, stream, overlap=overlap, blend=blend,
                                       mpp_override=mpp_override, output_mpp=output_mpp,
-                                      whole_image=whole_image)  # fmt: skip
+                                      whole_image=whole_image, tile_px=tile_px)  # fmt: skip
 
 
 def score_slide_mask(

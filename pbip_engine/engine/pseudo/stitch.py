@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from pbip_engine.engine.pseudo import MIN_WHITE_OBJECT_PX, WHITE_THRESHOLD
 from pbip_engine.engine.pseudo.cams import CamError, cams_to_mask
 
 
@@ -114,8 +115,8 @@ def stitched_masks(
     background: str = "none",
     rgbs: Sequence[np.ndarray] | None = None,
     *,
-    white_threshold: int = 200,
-    min_size: int = 50,
+    white_threshold: int = WHITE_THRESHOLD,
+    min_size: int = MIN_WHITE_OBJECT_PX,
     power: float = 10.0,
 ) -> list[np.ndarray]:
     """uint8 ``h,w`` pseudo mask per tile (0 = background, k = class k) from the stitched CAMs of one slide.

@@ -21,12 +21,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def as_tensor(value: Any) -> torch.Tensor:
     return value if torch.is_tensor(value) else torch.as_tensor(np.asarray(value))
 

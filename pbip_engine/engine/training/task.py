@@ -18,6 +18,11 @@ from torch import nn
 from pbip_engine.engine.training.inputs import unwrap
 
 
+def decays(name: str, p: torch.nn.Parameter) -> bool:
+    """Weight decay only on weights of two or more dimensions: not biases, norms or logit scales."""
+    return p.ndim >= 2 and "logit_scale" not in name
+
+
 class TrainTask(nn.Module):
     """Base class: subclasses set ``kind`` and ``self.model`` and implement ``prepare`` and ``forward``."""
 
@@ -41,7 +46,7 @@ class TrainTask(nn.Module):
         decay, no_decay = [], []
         for name, p in unwrap(self.model).named_parameters():
             if p.requires_grad:
-                (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
+                (decay if decays(name, p) else no_decay).append(p)
         return [
             {"params": decay, "name": "decay"},
             {"params": no_decay, "name": "no_decay", "weight_decay": 0.0},

@@ -14,7 +14,7 @@ from torch import nn
 from pbip_engine.engine.metrics import SegmentationMeter
 from pbip_engine.engine.pseudo.cams import cams_to_mask, fuse_cams
 from pbip_engine.engine.training.amp import autocast
-from pbip_engine.engine.training.checkpoint import read_checkpoint, restore_training_state
+from pbip_engine.engine.training.checkpoint import load_weights, read_checkpoint
 from pbip_engine.engine.training.inputs import rgb_uint8, to_model_input
 from pbip_engine.methods.base import PseudoOptions
 from pbip_engine.methods.pbip.classnet import ClassNetConfig, build_classnet, load_prototypes_from_bank
@@ -97,6 +97,7 @@ def predict_masks(
     with _eval_mode(model):
         inp = to_model_input(batch, cfg.mean, cfg.std, device)
         fused, raw, logits = _fused(model, inp["image"], cfg, device)
+        fused = _with_tie_break(fused, raw)  # the same CAMs the pseudo stage turns into masks
         if use_labels:
             if "labels" not in inp:
                 raise KeyError("use_labels=True needs 'labels' in the batch")
@@ -105,7 +106,7 @@ def predict_masks(
             labels = (torch.sigmoid(logits[-1].float()) > label_gate).float()
         bg = background or cfg.eval_background
         rgb = rgb_uint8(batch, cfg.mean, cfg.std) if "white" in bg else None
-        masks = cams_to_mask(fused, labels, bg, rgb=rgb, tie_break=raw, **mask_kw)
+        masks = cams_to_mask(fused, labels, bg, rgb=rgb, **mask_kw)
         return masks, fused
 
 
@@ -151,7 +152,7 @@ class PbipCamModel:
         cfg.pretrained = False  # the checkpoint carries every weight
         protos, k_list, names = load_prototypes_from_bank(bank_dir)
         model = build_classnet(cfg, protos, k_list, n_classes=len(names))
-        restore_training_state(p, state, model, hint=" (different bank/backbone/classes?)")
+        load_weights(p, model, state["model"], hint=" (different bank/backbone/classes?)")
         self.model, self.cfg, self.device = model.to(device).eval(), cfg, device
 
     def predict_masks(self, batch: dict[str, Any], options: PseudoOptions) -> np.ndarray:

@@ -43,7 +43,7 @@ class PbipMethod(Method):
 
         if inputs.bank_dir is None:
             raise ValueError("pbip needs the bank stage's prototypes (bank_dir)")
-        ccfg = classnet_config(cfg, **inputs.extra.get("classnet", {}))
+        ccfg = classnet_config(cfg)
         protos, k_list, names = load_prototypes_from_bank(inputs.bank_dir)
         model = build_classnet(ccfg, protos, k_list, n_classes=len(names))
         encoder = create_encoder(inputs.encoder, inputs.encoder_checkpoint) if ccfg.use_sim else None

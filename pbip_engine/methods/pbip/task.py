@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from typing import Any
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from pbip_engine.engine.training.inputs import to_model_input, unwrap
-from pbip_engine.engine.training.task import TrainTask
+from pbip_engine.engine.training.task import TrainTask, decays
 from pbip_engine.methods.pbip.classnet import ClassNetConfig, classnet_step, freeze_encoder
 
 KIND = "stage1:pbip"
@@ -52,7 +53,7 @@ class PbipTask(TrainTask):
         for name, p in unwrap(self.model).named_parameters():
             if p.requires_grad:
                 new = not name.startswith("backbone.")
-                decay = p.ndim >= 2 and "logit_scale" not in name
+                decay = decays(name, p)
                 groups.setdefault((new, decay), []).append(p)
         out = []
         for (new, decay), params in sorted(groups.items()):
@@ -73,8 +74,12 @@ class PbipTask(TrainTask):
     @torch.no_grad()
     def evaluate(self, batches, device: torch.device) -> dict[str, Any]:
         """CAM mIoU where validation batches carry masks; else the negative validation loss (labels only)."""
-        batches = list(batches)
-        if batches and all("mask" in b for b in batches):
+        batches = iter(batches)
+        first = next(batches, None)
+        if first is None:
+            return super().evaluate([], device)
+        batches = itertools.chain([first], batches)
+        if "mask" in first:
             from pbip_engine.methods.pbip.cams import evaluate_cams
 
             out = evaluate_cams(self.model, batches, self.cfg, device, unwrap(self.model).n_classes)

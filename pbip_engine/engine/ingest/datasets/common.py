@@ -2,7 +2,7 @@
 
 A *sample* is a dict: ``image`` uint8 RGB ``H,W,3``, ``labels`` float32 multi-hot ``N`` (index c-1 for
 class c), ``name`` str, and, for evaluation splits only, ``mask`` uint8 ``H,W`` (0 = background, k = class
-k). ``iterate_batches`` stacks samples into the batch convention of ``engine.train_classnet``.
+k). ``iterate_batches`` stacks samples into the batch convention of ``engine.training.inputs``.
 """
 
 from __future__ import annotations
