@@ -280,8 +280,8 @@ def methods() -> None:
 
     for name, m in sorted(METHODS.items()):
         keys = [k for k in m.config_model.model_fields if k != "name"]
-        bank = "uses the prototype bank" if m.needs_bank else "no bank"
-        click.echo(f"{name}: {m.summary} ({bank})\n  keys: {', '.join(keys)}")
+        stages = ", ".join(s for s in ("bank", "classnet", "pseudo") if s in m.stages) or "no CAM stages"
+        click.echo(f"{name}: {m.summary} (stages: {stages})\n  keys: {', '.join(keys)}")
 
 
 def _register_cluster_commands() -> None:

@@ -6,6 +6,7 @@ one training loop and the CamModel protocol that the pseudo stage uses.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,7 @@ from pbip_engine.engine.training.checkpoint import read_checkpoint, restore_trai
 from pbip_engine.engine.training.inputs import to_model_input
 from pbip_engine.engine.training.loop import LoopConfig, fit_local
 from pbip_engine.engine.training.task import TrainTask
+from pbip_engine.jobs.driver import select_stages
 from pbip_engine.methods import (
     METHODS,
     Method,
@@ -89,7 +91,7 @@ class ToyCams:
 class ToyMethod(Method):
     name = "toy"
     config_model = ToyConfig
-    needs_bank = False
+    stages = frozenset({"classnet", "pseudo"})
     summary = "a test method: BCE on mean-pooled CAMs"
 
     def stage1_task(self, cfg: ToyConfig, inputs: Stage1Inputs) -> ToyTask:
@@ -175,6 +177,24 @@ def test_a_method_without_a_bank_disables_the_bank_stage(toy_method, tmp_path):
     assert not get_stage("bank").enabled(toy) and get_stage("bank").enabled(pbip)
     assert "bank" not in get_stage("classnet").dependencies(toy)
     assert "bank" in get_stage("pseudo").dependencies(pbip)
+    assert "does not use a prototype bank" in get_stage("bank").not_needed(toy)
+    assert get_stage("bank").not_needed(pbip) is None and get_stage("synth").not_needed(toy) is None
+    with pytest.raises(SpecError, match="bank: method 'toy' does not use a prototype bank"):
+        select_stages(toy, ["bank"])
+
+
+def test_run_json_shows_unneeded_stages_as_not_needed(toy_method, tmp_path, monkeypatch):
+    """The driver records a stage the method does without as "not needed" (not failed, not missing)."""
+    from pbip_engine.jobs import driver
+
+    toy = parse_spec({**SPEC, "method": {"name": "toy"}, "run": {"output": str(tmp_path / "run")}}, tmp_path)
+    monkeypatch.setattr(driver, "check_inputs", lambda spec: None)
+    monkeypatch.setattr(driver, "select_stages", lambda spec, only: [])  # run nothing, only plan
+    summary = driver.run_pipeline(toy, log=lambda m: None)
+    assert summary.stages["bank"]["status"] == "not needed"
+    assert "bank" not in summary.selected
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["stages"]["bank"] == summary.stages["bank"]
 
 
 def test_old_classnet_section_says_where_each_key_moved(tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pbip_engine.jobs.manifest import write_json_atomic
 from pbip_engine.jobs.rundir import embeddings_dir, tile_files
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
-from pbip_engine.schemas.spec import JobSpec
 
 
 @register_stage
@@ -13,12 +12,6 @@ class BankStage(Stage):
     name = "bank"
     deps = ("embed",)
     sections = ("classes", "bank")
-
-    def enabled(self, spec: JobSpec) -> bool:
-        """Only methods that use prototypes (PBIP's ClassNet) need a bank."""
-        from pbip_engine.methods import get_method
-
-        return get_method(spec.method.name).needs_bank
 
     def run(self, ctx: StageContext) -> StageResult:
         import pyarrow.dataset as pads

@@ -53,6 +53,10 @@ def select_stages(spec: JobSpec, only: Sequence[str] | None) -> list[Stage]:
     unknown = [n for n in only if n not in known]
     if unknown:
         raise SpecError(f"--stages: unknown stage(s) {unknown}; stages are {sorted(known)}")
+    by_name = {s.name: s for s in all_stages()}
+    unneeded = {n: by_name[n].not_needed(spec) for n in only if by_name[n].not_needed(spec)}
+    if unneeded:
+        raise SpecError(f"--stages: {', '.join(f'{n}: {why}' for n, why in unneeded.items())}")
     disabled = [n for n in only if n not in {s.name for s in stages}]
     if disabled:
         raise SpecError(f"--stages: {disabled} not enabled by this spec (e.g. synth needs data.synthetic)")
@@ -104,6 +108,10 @@ def run_pipeline(
     hashes: dict[str, str] = {}
 
     for stage in all_stages():
+        why_not = stage.not_needed(spec)
+        if why_not:
+            summary.stages[stage.name] = {"status": "not needed", "reason": why_not}
+            continue
         if not stage.enabled(spec):
             continue
         deps = stage.dependencies(spec)
@@ -192,6 +200,7 @@ def run_pipeline(
         if result.failed_units:
             msg += f"; FAILED units: {summary.stages[stage.name]['failed_units']}"
         log(msg)
+    _write_run_json(out, spec, summary)
     return summary
 
 

@@ -61,7 +61,21 @@ class Stage:
     version: int = 1  # bump when the stage's output format or algorithm changes
 
     def enabled(self, spec: JobSpec) -> bool:
-        return True
+        return self.not_needed(spec) is None
+
+    def not_needed(self, spec: JobSpec) -> str | None:
+        """Why this spec's method does without this stage (shown as "not needed" in run.json), else None.
+
+        Only the method-specific stages (``methods.base.METHOD_STAGES``) can be not needed; a stage that is
+        merely off for this spec (synth without ``data.synthetic``) overrides ``enabled`` instead.
+        """
+        from pbip_engine.methods import get_method
+        from pbip_engine.methods.base import METHOD_STAGES
+
+        method = get_method(spec.method.name)
+        if self.name in METHOD_STAGES and self.name not in method.stages:
+            return f"method {method.name!r} does not use {METHOD_STAGES[self.name]}"
+        return None
 
     def dependencies(self, spec: JobSpec) -> tuple[str, ...]:
         """Upstream stages that this spec enables (a stage may follow synth or real slides)."""

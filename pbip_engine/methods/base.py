@@ -95,13 +95,27 @@ class Stage2Defaults:
     loss: str = "ce"
 
 
+METHOD_STAGES: dict[str, str] = {
+    "bank": "a prototype bank",
+    "classnet": "a CAM network (stage 1)",
+    "pseudo": "pseudo masks from CAMs",
+}  # stage name -> what it makes: the pipeline stages a method may do without
+
+
 class Method:
     """One weakly supervised method; subclasses are registered with ``methods.registry.register_method``."""
 
     name: ClassVar[str]
     config_model: ClassVar[type[MethodConfig]]
-    needs_bank: ClassVar[bool] = True  # whether the bank stage (prototypes) runs for this method
+    # The method-specific stages this method runs, of METHOD_STAGES; the others show as "not needed" in run.json.
+    # A method without a CAM stage (a semi-supervised one) drops "classnet" and "pseudo" and trains stage 2 on
+    # its own labels.
+    stages: ClassVar[frozenset[str]] = frozenset({"bank", "classnet", "pseudo"})
     summary: ClassVar[str] = ""
+
+    @property
+    def needs_bank(self) -> bool:
+        return "bank" in self.stages
 
     def stage1_task(self, cfg: MethodConfig, inputs: Stage1Inputs) -> TrainTask:
         """The stage-1 training task (trainable model + frozen helpers + loss)."""

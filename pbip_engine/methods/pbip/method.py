@@ -33,7 +33,6 @@ def classnet_config(cfg: PbipConfig, **overrides: Any) -> ClassNetConfig:
 class PbipMethod(Method):
     name = "pbip"
     config_model = PbipConfig
-    needs_bank = True
     summary = "PBIP (CVPR 2025): prototype-cosine CAMs on a bank of sub-class prototypes + FG/BG matching"
 
     def stage1_task(self, cfg: PbipConfig, inputs: Stage1Inputs) -> PbipTask:
