@@ -73,7 +73,7 @@ class Stage:
         from pbip_engine.methods.base import METHOD_STAGES
 
         method = get_method(spec.method.name)
-        if self.name in METHOD_STAGES and self.name not in method.stages:
+        if self.name in METHOD_STAGES and self.name not in method.uses_stages(spec.method):
             return f"method {method.name!r} does not use {METHOD_STAGES[self.name]}"
         return None
 

@@ -113,9 +113,10 @@ class Method:
     stages: ClassVar[frozenset[str]] = frozenset({"bank", "classnet", "pseudo"})
     summary: ClassVar[str] = ""
 
-    @property
-    def needs_bank(self) -> bool:
-        return "bank" in self.stages
+    def uses_stages(self, cfg: MethodConfig) -> frozenset[str]:
+        """The method-specific stages this configuration runs (a method may need the bank only for some
+        settings, e.g. prototypes initialised from it); ``stages`` unless a method overrides this."""
+        return self.stages
 
     def stage1_task(self, cfg: MethodConfig, inputs: Stage1Inputs) -> TrainTask:
         """The stage-1 training task (trainable model + frozen helpers + loss)."""
