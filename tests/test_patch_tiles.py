@@ -29,3 +29,20 @@ def test_glas_patches_to_tiles(glas_dir: Path, tmp_path: Path) -> None:
     assert img.shape == (112, 112, 3)
     assert np.abs(img.astype(int) - first["image"].astype(int)).mean() < 6  # JPEG round trip
     assert not list((tmp_path / "tiles").glob(".*.tmp"))
+
+
+def test_glas_patches_follow_the_tiling_grid(glas_dir: Path, tmp_path: Path) -> None:
+    """At twice the native µm/px a 112-px tile covers 224 native px; coordinates and size0 stay native."""
+    from pbip_engine.engine.ingest.patch_tiles import patch_grid
+
+    grid = patch_grid(tile_px=112, mpp=1.24, native_mpp=0.62, overlap=0.5)
+    assert grid == {"patch": 224, "stride": 112, "out_size": 112}
+    assert patch_grid(112, 0.62, 0.62, 0.0) == {"patch": 112, "stride": 112, "out_size": 112}
+    native = open_patch_dataset("glas", glas_dir, split="train")
+    coarse = open_patch_dataset("glas", glas_dir, split="train", **grid)
+    assert len(coarse) < len(native) / 2  # 4x fewer native px per tile area, same overlap
+    s = coarse[0]
+    assert s["image"].shape == (112, 112, 3) and s["size0"] == 224
+    write_patch_tiles([s], tmp_path, mpp=1.24)
+    row = pq.read_table(sorted((tmp_path / "tiles").glob("*.parquet"))[0]).to_pylist()[0]
+    assert (row["size0"], row["tile_px"]) == (224, 112) and abs(row["mpp"] - 1.24) < 1e-6  # float32

@@ -75,6 +75,7 @@ class TileStage(Stage):
     name = "tile"
     deps = ("synth",)
     sections = ("data", "classes", "tiling")
+    version = 2  # v2: GlaS patches follow the tiling grid (tile_px, mpp, overlap), size0 in native px
 
     def run(self, ctx: StageContext) -> StageResult:
         if ctx.spec.data.patches is not None:
@@ -85,11 +86,14 @@ class TileStage(Stage):
         """A patch dataset (GlaS, BCSS-WSSS, ...) becomes the same tiles dataset as slides."""
         from tqdm.auto import tqdm
 
-        from pbip_engine.engine.ingest.patch_tiles import open_patch_dataset, write_patch_tiles
+        from pbip_engine.engine.ingest.patch_tiles import open_patch_dataset, patch_grid, write_patch_tiles
 
-        d = ctx.spec.data
+        d, t = ctx.spec.data, ctx.spec.tiling
         assert d.patches is not None and d.patch_format is not None
-        ds = open_patch_dataset(d.patch_format, d.patches, split="train")
+        grid = (
+            patch_grid(t.tile_px, t.mpp, d.patch_mpp or t.mpp, t.overlap) if d.patch_format == "glas" else {}
+        )
+        ds = open_patch_dataset(d.patch_format, d.patches, split="train", **grid)
         with tqdm(total=len(ds), desc="patches", unit="patch", disable=not ctx.progress) as bar:
             counts = write_patch_tiles(
                 (ds[i] for i in range(len(ds))),

@@ -78,6 +78,14 @@ class DataSection(_Section):
     mpp_overrides: str | None = Field(None, description="CSV slide,mpp for slides without mpp metadata")
     patches: str | None = Field(None, description="a patch dataset root instead of slides")
     patch_format: Literal["bcss_wsss", "luad_histoseg", "glas", "folder_csv"] | None = None
+    patch_mpp: float | None = Field(
+        None,
+        gt=0,
+        description="µm/px of the patch images (GlaS 20x: ~0.62); default tiling.mpp. Whole-image datasets "
+        "(GlaS) are then cut on the tiling grid: tile_px·tiling.mpp/patch_mpp native px every "
+        "(1 - tiling.overlap) of that, each resized to tiling.tile_px, so a coarser tiling.mpp trains on "
+        "more context per pixel of compute",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSection:

@@ -40,6 +40,17 @@ def open_patch_dataset(fmt: str, root: str | Path, split: str = "train", **kw: A
     raise ValueError(f"data.patch_format: unknown {fmt!r}; known: {list(PATCH_FORMATS)}")
 
 
+def patch_grid(tile_px: int, mpp: float, native_mpp: float, overlap: float) -> dict[str, int]:
+    """``GlaSPatches`` keywords that cut a whole-image dataset on the tiling grid at ``mpp``.
+
+    A tile covers ``tile_px * mpp / native_mpp`` native pixels (coordinates and ``size0`` stay native,
+    as for slides, so stitching and scoring against the native masks need no special case), consecutive
+    tiles start ``(1 - overlap)`` of that apart, and each patch is resized to ``tile_px``.
+    """
+    patch = max(1, round(tile_px * mpp / native_mpp))
+    return {"patch": patch, "stride": max(1, round(patch * (1.0 - overlap))), "out_size": tile_px}
+
+
 def write_patch_tiles(
     samples: Iterable[dict[str, Any]],
     out_dir: Path,
@@ -53,6 +64,7 @@ def write_patch_tiles(
         src = str(s.get("source") or "patches")
         img = np.asarray(s["image"])
         x, y = int(s.get("x", 0)), int(s.get("y", 0))
+        size0 = int(s.get("size0", img.shape[0]))  # native px the (maybe resized) patch covers
         tid = tile_key(src, x, y) if "source" in s else tile_key(str(s["name"]), 0, 0)
         labels = np.asarray(s["labels"]).astype(np.uint8).tolist()
         groups.setdefault(src, []).append(
@@ -61,7 +73,7 @@ def write_patch_tiles(
                 "slide_id": src if "source" in s else str(s["name"]),
                 "x": x,
                 "y": y,
-                "size0": int(img.shape[0]),
+                "size0": size0,
                 "tile_px": int(img.shape[0]),
                 "mpp": float(mpp),
                 "level": 0,

@@ -126,6 +126,7 @@ class GlaSPatches(_GlaSBase):
             "source": name,  # where the patch was cut from, for the tiles dataset
             "x": x,
             "y": y,
+            "size0": p,  # native px covered, whatever out_size resizes the patch to
         }
         if self.with_mask:
             sample["mask"] = self._masks[name][y : y + p, x : x + p]
