@@ -55,7 +55,10 @@ class ClassDef(_Section):
 
 class RunSection(_Section):
     name: str = "run"
-    output: str = Field(description="output directory, or a pyarrow.fs URI (s3://, gs://) for clusters")
+    output: str = Field(
+        description="output directory; on a cluster a shared filesystem mounted at the same path on every "
+        "node (a URI such as s3:// is refused: mount the bucket instead)"
+    )
     seed: int = 0
 
     @property
