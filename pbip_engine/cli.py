@@ -159,7 +159,7 @@ segmenter_cmd = _stage_command("segmenter", "Train the stage-2 DeepLab on the ps
 def segment(model_dir: str, slides: str | None, images: str | None, mpp: float | None, out: str,
             address: str | None, overlap: float, batch_size: int, tta: bool, tile_px: int | None) -> None:  # fmt: skip
     """Segment new slides or images with a trained run: OME-TIFF masks, GeoJSON, overlays."""
-    from pbip_engine.jobs.infer import segment_cli
+    from pbip_engine.jobs.infer import ModelError, segment_cli
     from pbip_engine.schemas.spec import expand_slides
 
     if bool(slides) == bool(images):
@@ -167,9 +167,12 @@ def segment(model_dir: str, slides: str | None, images: str | None, mpp: float |
     if images and mpp is None:
         raise click.ClickException("--images needs --mpp (plain images carry no physical pixel size)")
     try:
-        inputs = expand_slides([slides or images], "--slides" if slides else "--images")
-        res = segment_cli(Path(model_dir), inputs, Path(out), mpp, address, overlap, batch_size, tile_px, tta)
-    except (SpecError, FileNotFoundError) as e:
+        key = "--slides" if slides else "--images"
+        inputs = expand_slides([slides or images], key)
+        res = segment_cli(
+            Path(model_dir), inputs, Path(out), mpp, address, overlap, batch_size, tile_px, tta, key
+        )
+    except (SpecError, ModelError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     failed = {k: v["reason"] for k, v in res.items() if v["status"] != "done"}
     click.echo(f"segmented {len(res) - len(failed)}/{len(res)} into {out}")

@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from pbip_engine.engine.wsi.slide_ids import SlideIdError, check_unique_ids
 from pbip_engine.methods.base import MIN_WHITE_OBJECT_PX, WHITE_THRESHOLD, MethodConfig
 
 URI_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -451,6 +452,16 @@ def check_inputs(spec: JobSpec) -> list[Path]:
         val = getattr(getattr(spec, section), key, None)
         if val is not None and not URI_RE.match(val) and not Path(val).exists():
             raise SpecError(f"{section}.{key}: {val!r} does not exist")
-    if spec.data.slides:
-        return expand_slides(spec.data.slides)
-    return []
+    slides = expand_slides(spec.data.slides) if spec.data.slides else []
+    check_slide_ids(slides, "data.slides")
+    if spec.segment.slides:
+        check_slide_ids(expand_slides(spec.segment.slides, "segment.slides"), "segment.slides")
+    return slides
+
+
+def check_slide_ids(slides: list[Path], key: str) -> None:
+    """A SpecError naming both files when two slides would write (and overwrite) the same outputs."""
+    try:
+        check_unique_ids(slides, key)
+    except SlideIdError as e:
+        raise SpecError(str(e)) from None

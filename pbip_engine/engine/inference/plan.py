@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from pbip_engine.engine.wsi.grid import grid_positions
+from pbip_engine.engine.wsi.slide_ids import slide_id
 from pbip_engine.engine.wsi.slides import Slide, SlideError, _Backend, open_slide
 from pbip_engine.engine.wsi.tiling import TileSpec, read_level_for, tissue_fractions
 from pbip_engine.engine.wsi.tissue import TissueParams, TissueResult, detect_tissue
@@ -84,12 +85,8 @@ def open_any(path: str | Path, mpp_override: float | None = None) -> Slide:
 
 
 def slide_stem(path: str | Path) -> str:
-    """Output name stem: file name without its extension (``a.svs`` -> ``a``, ``b.ome.tif`` -> ``b``)."""
-    name = Path(path).name
-    for suf in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suf):
-            return name[: -len(suf)]
-    return Path(name).stem
+    """Output name stem: the slide id (:func:`~pbip_engine.engine.wsi.slide_ids.slide_id`, one rule)."""
+    return slide_id(path)
 
 
 @dataclass
