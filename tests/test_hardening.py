@@ -89,3 +89,75 @@ def test_segment_refuses_two_inputs_with_one_id_before_writing(tmp_path: Path) -
     assert r.exit_code == 1, r.output
     assert "a/same.tif" in r.output and "b/same.tif" in r.output and "segmented" not in r.output
     assert not (tmp_path / "out").exists()
+
+
+# -- 6, 7: spec files that are hostile rather than wrong ----------------------------------------------
+
+ALIAS_BOMB = """run: {name: t, output: out}
+data: {synthetic: {slides: 1}}
+classes: [{name: a, color: [1, 2, 3]}]
+x0: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]
+x1: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+x2: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+x3: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+x4: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+x5: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+x6: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+tiling: {mpp: *g}
+"""
+
+
+def test_alias_bomb_is_refused_quickly_with_a_short_message(tmp_path: Path) -> None:
+    import time
+
+    p = _spec(tmp_path, ALIAS_BOMB)
+    assert p.stat().st_size < 700
+    t0 = time.perf_counter()
+    r = CliRunner().invoke(main, ["validate", str(p)])
+    assert time.perf_counter() - t0 < 5
+    assert r.exit_code == 1 and "expands to more than" in r.output and len(r.output) < 500, r.output[:500]
+
+
+def test_errors_echo_a_bounded_part_of_the_bad_value(tmp_path: Path) -> None:
+    nested = [[["x" * 1000] * 50] * 50] * 5  # 12 MB when printed whole
+    raw = {**GOOD, "tiling": {"mpp": nested, "tile_pxx": "y" * 100_000}, "z" * 5000: 1}
+    r = CliRunner().invoke(main, ["validate", str(_spec(tmp_path, raw))])
+    assert r.exit_code == 1 and "tiling.mpp" in r.output
+    assert len(r.output) < 2000, len(r.output)
+
+
+def test_spec_that_is_not_utf8_or_is_a_folder_gets_one_line(tmp_path: Path) -> None:
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("run: {name: caf\xe9, output: out}\n".encode("latin-1"))
+    r = CliRunner().invoke(main, ["validate", str(p)])
+    assert r.exit_code == 1 and "not UTF-8" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["validate", str(tmp_path)])
+    assert r.exit_code == 1 and "is a directory" in r.output and "not found" not in r.output
+
+
+def test_paths_the_os_cannot_take_are_spec_errors(tmp_path: Path) -> None:
+    for bad in ("a\x00b", "d/" + "n" * 300):
+        raw = {**GOOD, "run": {"name": "t", "output": bad}}
+        r = CliRunner().invoke(main, ["validate", str(_spec(tmp_path, raw))])
+        assert r.exit_code == 1 and "run.output" in r.output and "Traceback" not in r.output, r.output
+
+
+# -- 8: broken and looping links are failed inputs, not dropped ---------------------------------------
+
+
+def test_broken_and_looping_links_are_kept_and_fail_with_a_reason(tmp_path: Path) -> None:
+    from pbip_engine.engine.inference.plan import plan
+    from pbip_engine.engine.wsi.slides import SlideError
+
+    d = tmp_path / "slides"
+    good = _tiny_slide(d / "good.tif")
+    (d / "broken.tif").symlink_to(d / "gone.tif")
+    (d / "loop.tif").symlink_to(d / "loop.tif")
+    raw = {**GOOD, "data": {"slides": [str(d / "*.tif")]}}
+    slides = check_inputs(load_spec(_spec(tmp_path, raw)))
+    assert sorted(p.name for p in slides) == ["broken.tif", "good.tif", "loop.tif"]
+    for name in ("broken.tif", "loop.tif"):
+        with pytest.raises(SlideError, match="symbolic link") as ei:
+            plan(d / name, 2.0, 64, 0.25)
+        assert ei.value.reason == "missing" and name in str(ei.value)
+    assert plan(good, 2.0, 64, 0.25).tiles

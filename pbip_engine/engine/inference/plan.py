@@ -17,7 +17,7 @@ import numpy as np
 
 from pbip_engine.engine.wsi.grid import grid_positions
 from pbip_engine.engine.wsi.slide_ids import slide_id
-from pbip_engine.engine.wsi.slides import Slide, SlideError, _Backend, open_slide
+from pbip_engine.engine.wsi.slides import Slide, SlideError, _Backend, check_slide_file, open_slide
 from pbip_engine.engine.wsi.tiling import TileSpec, read_level_for, tissue_fractions
 from pbip_engine.engine.wsi.tissue import TissueParams, TissueResult, detect_tissue
 
@@ -57,8 +57,7 @@ class _ArrayBackend(_Backend):
 def open_image_slide(path: str | Path, mpp: float) -> Slide:
     """A PNG/JPEG opened as a one-level :class:`Slide` (same interface), at the caller's µm/px."""
     path = Path(path)
-    if not path.is_file():
-        raise SlideError(path, "missing", "file does not exist")
+    check_slide_file(path)
     if not (mpp and mpp > 0 and math.isfinite(mpp)):
         raise SlideError(path, "no_mpp", f"plain images carry no µm/px: pass mpp_override (got {mpp!r})")
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)

@@ -17,6 +17,7 @@ import csv
 import json
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -348,10 +349,7 @@ def open_slide(
     ``SlideError(reason="no_mpp")`` rather than tiling at a guessed scale.
     """
     path = Path(path)
-    if not path.exists():
-        raise SlideError(path, "missing", "file does not exist")
-    if not path.is_file():
-        raise SlideError(path, "unreadable", "not a regular file")
+    check_slide_file(path)
     unknown = [b for b in backends if b not in _BACKENDS]
     if unknown:
         raise ValueError(f"unknown slide backend(s) {unknown}; choose from {sorted(_BACKENDS)}")
@@ -404,6 +402,16 @@ def open_slide(
             _reader=reader,
         )
     raise SlideError(path, "unreadable", "no backend could open it: " + "; ".join(errors))
+
+
+def check_slide_file(path: Path) -> None:
+    """A SlideError for what is not a readable file: missing, a broken or looping link, a folder."""
+    if not path.exists():
+        if path.is_symlink():
+            raise SlideError(path, "missing", f"broken or looping symbolic link (-> {os.readlink(path)})")
+        raise SlideError(path, "missing", "file does not exist")
+    if not path.is_file():
+        raise SlideError(path, "unreadable", "not a regular file")
 
 
 def _check_reader(reader: _Backend) -> None:
