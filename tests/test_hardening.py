@@ -6,6 +6,7 @@ segmenter checkpoint for ``pbip-engine segment``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +162,108 @@ def test_broken_and_looping_links_are_kept_and_fail_with_a_reason(tmp_path: Path
             plan(d / name, 2.0, 64, 0.25)
         assert ei.value.reason == "missing" and name in str(ei.value)
     assert plan(good, 2.0, 64, 0.25).tiles
+
+
+# -- 9, 10, 11: the command line -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run's segmenter folder: a real (untrained, tiny-input) DeepLab checkpoint and card."""
+    import torch
+
+    from pbip_engine.engine.nn.deeplab import build_segmenter
+    from pbip_engine.engine.training.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("run")
+    m = build_segmenter("deeplabv2", 3, pretrained=False, crop_px=64)
+    save_checkpoint(d / "segmenter" / "best.pt", m, kind="segmenter", model_config=m.config)
+    card = {"mpp": 2.0, "tile_px": 64, "class_names": ["a", "b"], "class_colors": [[255, 0, 0], [0, 0, 255]]}
+    (d / "segmenter" / "model.json").write_text(json.dumps(card))
+    return d
+
+
+def _broken_copy(model_dir: Path, tmp_path: Path, name: str, cut: int) -> Path:
+    import shutil
+
+    d = tmp_path / "broken-run"
+    shutil.copytree(model_dir, d)
+    f = d / "segmenter" / name
+    f.write_bytes(f.read_bytes()[:cut])
+    return d
+
+
+@pytest.mark.parametrize(
+    ("name", "cut", "says"), [("model.json", 20, "model card"), ("best.pt", 5000, "best.pt")]
+)
+def test_unusable_model_is_one_command_error_not_n_slide_failures(
+    model_dir: Path, tmp_path: Path, name: str, cut: int, says: str
+) -> None:
+    for n in ("s1", "s2", "s3"):
+        _tiny_slide(tmp_path / "in" / f"{n}.tif")
+    bad = _broken_copy(model_dir, tmp_path, name, cut)
+    r = CliRunner().invoke(
+        main,
+        [
+            "segment",
+            "--model",
+            str(bad),
+            "--slides",
+            str(tmp_path / "in" / "*.tif"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
+    assert r.exit_code == 1, r.output
+    assert says in r.output and "FAILED" not in r.output and r.output.count("\n") == 1, r.output
+
+
+def test_cli_expected_errors_are_one_line_naming_the_input(tmp_path: Path) -> None:
+    runner = CliRunner()
+    for d in ("p", "t"):
+        (tmp_path / d).mkdir()
+    r = runner.invoke(main, ["evaluate", "--pred", str(tmp_path / "p"), "--truth", str(tmp_path / "t"),
+                             "--classes", "2", "--truth-lut", "a,b"])  # fmt: skip
+    assert r.exit_code == 1 and "--truth-lut 'a,b'" in r.output and r.output.count("\n") == 1, r.output
+    r = runner.invoke(main, ["schema", "--out", str(tmp_path / "missing" / "s.json")])
+    assert r.exit_code == 1 and "missing/s.json" in r.output and r.output.count("\n") == 1, r.output
+    r = runner.invoke(main, ["submit", str(_spec(tmp_path, GOOD)), "--address", "http://[::1"])
+    assert r.exit_code == 1 and "http://[::1" in r.output and "not a valid URL" in r.output, r.output
+
+
+def test_unexpected_errors_say_where_the_traceback_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pbip_engine.cli as cli
+
+    def boom() -> dict:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(cli, "json_schema", boom)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    r = CliRunner().invoke(main, ["schema"])
+    assert r.exit_code == 1 and "internal error (KeyError" in r.output and "Traceback" not in r.output
+    logs = list(tmp_path.glob("pbip-engine-error-*.log"))
+    assert len(logs) == 1 and str(logs[0]) in r.output and "Traceback" in logs[0].read_text()
+
+
+def test_submitted_entrypoint_keeps_a_dash_named_spec_an_argument(tmp_path: Path) -> None:
+    import shlex
+
+    from pbip_engine.cli import run
+    from pbip_engine.jobs.submit import build_submission
+
+    raw = {**GOOD, "run": {"name": "t", "output": str(tmp_path / "out")}}
+    spec_path = _spec(tmp_path, raw, name="-x.yaml")
+    sub = build_submission(spec_path, load_spec(spec_path), stages=["synth"])
+    try:
+        argv = shlex.split(sub.entrypoint)
+        assert argv[:2] == ["pbip-engine", "run"]
+        ctx = run.make_context("run", argv[2:])
+        assert ctx.params["spec"] == "-x.yaml" and ctx.params["address"] == "auto"
+    finally:
+        sub.cleanup()
