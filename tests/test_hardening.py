@@ -267,3 +267,129 @@ def test_submitted_entrypoint_keeps_a_dash_named_spec_an_argument(tmp_path: Path
         assert ctx.params["spec"] == "-x.yaml" and ctx.params["address"] == "auto"
     finally:
         sub.cleanup()
+
+
+# -- 4: declared sizes are not trusted -------------------------------------------------------------------
+
+
+def test_tiny_file_declaring_huge_dimensions_is_refused_before_any_allocation(tmp_path: Path) -> None:
+    import time
+
+    from wsi_synth import sparse_tiff
+
+    from pbip_engine.engine.inference.plan import plan
+    from pbip_engine.engine.wsi.slides import SlideError
+
+    bomb = sparse_tiff(tmp_path / "bomb.tif", 30000, 30000, mpp=8.0)
+    assert bomb.stat().st_size < 2048
+    t0 = time.perf_counter()
+    with pytest.raises(SlideError, match="max_slide_pixels_per_byte") as ei:
+        plan(bomb, 2.0, 64, 0.25)  # reached tissue detection with a 30000² array before
+    assert ei.value.reason == "implausible_size" and time.perf_counter() - t0 < 5
+
+
+def test_tissue_detection_renders_within_a_pixel_budget() -> None:
+    from pbip_engine.engine.wsi.slides import Slide
+    from pbip_engine.engine.wsi.tissue import MAX_DETECTION_PIXELS, detection_downsample
+
+    def slide(w: int, h: int, mpp: float) -> Slide:
+        return Slide(Path("s.tif"), "x", [(w, h)], [1.0], mpp, "test")
+
+    assert detection_downsample(slide(100_000, 80_000, 0.25), 8.0) == 32.0  # a real 40x scan: unchanged
+    ds = detection_downsample(slide(30_000, 30_000, 8.0), 8.0)  # 1 before: a 30000² rendering
+    assert (30_000 / ds) ** 2 <= MAX_DETECTION_PIXELS * 1.0001
+
+
+def test_spec_override_matches_the_engine_default() -> None:
+    from pbip_engine.engine.wsi.slides import MAX_PIXELS_PER_BYTE
+    from pbip_engine.schemas.spec import ResourcesSection
+
+    assert ResourcesSection().max_slide_pixels_per_byte == MAX_PIXELS_PER_BYTE
+
+
+def _jpeg_bomb(path: Path) -> Path:
+    """A 631-byte JPEG whose frame header declares 30000 x 30000 pixels."""
+    import cv2
+
+    _, buf = cv2.imencode(".jpg", np.full((8, 8, 3), 128, np.uint8))
+    b = bytearray(buf.tobytes())
+    sof = b.find(b"\xff\xc0")
+    b[sof + 5 : sof + 9] = (30000).to_bytes(2, "big") * 2
+    path.write_bytes(bytes(b))
+    return path
+
+
+@pytest.mark.slow
+def test_segment_images_one_bomb_fails_alone_and_the_good_image_is_written(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    import cv2
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    _jpeg_bomb(d / "bomb.jpg")
+    img = np.full((96, 96, 3), 230, np.uint8)
+    img[20:70, 20:70] = (150, 50, 120)
+    cv2.imwrite(str(d / "good.png"), img)
+    r = CliRunner().invoke(
+        main, ["segment", "--model", str(model_dir), "--images", str(d / "*"), "--mpp", "2.0",
+               "--out", str(tmp_path / "o"), "--no-tta"],
+    )  # fmt: skip
+    assert r.exit_code == 2, r.output
+    assert "segmented 1/2" in r.output and "FAILED bomb:" in r.output and "900000000 pixels" in r.output
+    assert (tmp_path / "o" / "good.mask.ome.tif").is_file() and not list((tmp_path / "o").glob("bomb.*"))
+
+
+# -- 3: a tile cuCIM cannot decode is an error, not pixels ---------------------------------------------
+
+_CUCIM_PROBE = """
+import sys
+import pbip_engine  # before torch: cuCIM loads
+if not pbip_engine.CUCIM_AVAILABLE:
+    print("NO-CUCIM"); sys.exit(0)
+from pbip_engine.engine.inference.plan import plan
+from pbip_engine.engine.wsi.slides import open_slide
+with open_slide(sys.argv[1], backends=("cucim",)) as s:
+    print("CLEAN", s.backend, float(s.read_region((0, 0), 0, (256, 256)).mean()))
+try:
+    with open_slide(sys.argv[2], backends=("cucim",)) as s:
+        s.read_region((0, 0), 0, (256, 256))
+    print("READ-SILENTLY")
+except Exception as e:
+    print("FAILED", getattr(e, "reason", "?"), e)
+try:
+    p = plan(sys.argv[2], 0.5, 64, 0.25)
+    print("PLANNED", len(p.tiles))
+except Exception as e:
+    print("PLAN-FAILED", getattr(e, "reason", "?"), e)
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter (cuCIM must load before torch): ~15 s
+def test_corrupt_jpeg_tile_fails_with_a_reason_under_cucim(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import tifffile
+    from wsi_synth import he_like
+
+    clean = write_pyramid(tmp_path / "clean.tif", he_like(256, 256, [(128, 128, 80)]), mpp=0.5, n_levels=1,
+                          tile=128, compression="jpeg")  # fmt: skip
+    data = bytearray(clean.read_bytes())
+    with tifffile.TiffFile(clean) as t:
+        off = t.pages[0].dataoffsets[0]
+    data[off : off + 2] = b"\x00\x00"  # tile 0 no longer starts with a JPEG SOI marker
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(bytes(data))
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # this checkout's code
+    r = subprocess.run([sys.executable, "-c", _CUCIM_PROBE, str(clean), str(bad)], capture_output=True,
+                       text=True, timeout=120, env=env)  # fmt: skip
+    if "NO-CUCIM" in r.stdout:
+        pytest.skip("cuCIM is not importable here")
+    assert "CLEAN cucim" in r.stdout and "READ-SILENTLY" not in r.stdout, r.stdout + r.stderr
+    assert "FAILED" in r.stdout and "cuCIM reported a tile it could not decode" in r.stdout, r.stdout
+    # Planning opens with both backends: cuCIM's probe of the coarsest level hits the broken tile, tiffslide
+    # refuses it too, so the slide fails with the decoders' reasons instead of being segmented.
+    assert "PLAN-FAILED" in r.stdout and "Not a JPEG file" in r.stdout, r.stdout

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pbip_engine.engine.io.atomic import jsonable
+from pbip_engine.engine.wsi.slides import MAX_PIXELS_PER_BYTE
 from pbip_engine.jobs.manifest import read_json, write_json_atomic
 from pbip_engine.jobs.resources import actor_pool_options
 from pbip_engine.jobs.rundir import MODEL_CARD, cohort_slides, slide_id_of, synth_truth_dir
@@ -65,6 +66,7 @@ def segment_slides(
     whole_image: bool = False,
     tile_px: int | None = None,
     tta: bool = False,
+    max_pixels_per_byte: float = MAX_PIXELS_PER_BYTE,
 ) -> Iterator[tuple[Path, dict[str, Any] | Exception]]:
     """The engine's cohort loop over a Ray Data actor pool when ``resources`` is given, else in process.
 
@@ -95,6 +97,7 @@ def segment_slides(
         output_mpp=output_mpp,
         whole_image=whole_image,
         tile_px=px,
+        max_pixels_per_byte=max_pixels_per_byte,
     )
 
 
@@ -155,7 +158,8 @@ class SegmentStage(Stage):
                                      resources=spec.resources, output_mpp=spec.segment.output_mpp,
                                      mpp_override=spec.segment.input_mpp,
                                      whole_image=spec.segment.whole_image,
-                                     tile_px=spec.segment.tile_px, tta=spec.segment.tta)  # fmt: skip
+                                     tile_px=spec.segment.tile_px, tta=spec.segment.tta,
+                                     max_pixels_per_byte=spec.resources.max_slide_pixels_per_byte)  # fmt: skip
             for slide, result in results:
                 sid = slide_id_of(slide)
                 if isinstance(result, Exception):  # one slide fails alone

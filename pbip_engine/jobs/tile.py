@@ -52,6 +52,7 @@ def tile_params(spec: JobSpec) -> dict[str, Any]:
         "class_names": spec.class_names,
         # A task holds cpus_per_worker CPUs: the reading thread plus this many encoders fill them.
         "encode_threads": max(0, int(spec.resources.cpus_per_worker) - 1),
+        "max_pixels_per_byte": spec.resources.max_slide_pixels_per_byte,
     }
 
 

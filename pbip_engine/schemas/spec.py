@@ -245,6 +245,12 @@ class ResourcesSection(_Section):
     autoscale: AutoscaleSection = Field(default_factory=AutoscaleSection)
     max_failures: int = Field(2, ge=0)
     local_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray (default: all)")
+    max_slide_pixels_per_byte: float = Field(
+        10_000,
+        ge=0,
+        description="refuse a slide declaring more level-0 pixels per byte of its file (a corrupt header or "
+        "a decompression bomb would size arrays from them); real scans stay under ~1000; 0 = no check",
+    )
 
 
 class JobSpec(_Section):

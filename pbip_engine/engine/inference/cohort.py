@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pbip_engine.engine.metrics import MetricsError, SegmentationMeter, index_mask_dir, read_mask
+from pbip_engine.engine.wsi.slides import MAX_PIXELS_PER_BYTE
 
 LEGACY_TILE_PX = 512  # inference tile of models whose card predates ``tile_px`` (their old behaviour)
 SLIDE_METRICS = ("miou", "mdice", "mbiou")
@@ -80,6 +81,7 @@ def segment_cohort(
     output_mpp: float | None = None,
     whole_image: bool = False,
     tile_px: int = LEGACY_TILE_PX,
+    max_pixels_per_byte: float = MAX_PIXELS_PER_BYTE,
 ) -> Iterator[tuple[Path, dict[str, Any] | Exception]]:
     """Segment a cohort; yields ``(slide, stats)`` or ``(slide, exception)`` as each slide is written.
 
@@ -100,6 +102,7 @@ def segment_cohort(
                 overlap,
                 mpp_override=mpp_override,
                 use_tissue=not whole_image,
+                max_pixels_per_byte=max_pixels_per_byte,
             )
             plans.append((slide, p))
         except Exception as e:
@@ -152,7 +155,8 @@ def segment_cohort(
         for slide, _ in pending:
             yield from segment_cohort([slide], card, out_dir, stream, overlap=overlap, blend=blend,
                                       mpp_override=mpp_override, output_mpp=output_mpp,
-                                      whole_image=whole_image, tile_px=tile_px)  # fmt: skip
+                                      whole_image=whole_image, tile_px=tile_px,
+                                      max_pixels_per_byte=max_pixels_per_byte)  # fmt: skip
 
 
 def score_slide_mask(
