@@ -393,3 +393,34 @@ def test_corrupt_jpeg_tile_fails_with_a_reason_under_cucim(tmp_path: Path) -> No
     # Planning opens with both backends: cuCIM's probe of the coarsest level hits the broken tile, tiffslide
     # refuses it too, so the slide fails with the decoders' reasons instead of being segmented.
     assert "PLAN-FAILED" in r.stdout and "Not a JPEG file" in r.stdout, r.stdout
+
+
+@pytest.mark.slow
+def test_cohort_plans_hold_bounded_tissue_and_write_the_same_masks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Planning every slide before writing kept each slide's tissue rendering: O(cohort) memory. Past a
+    budget a plan drops its mask and the writer detects tissue again, with the same result."""
+    import tifffile
+    from slide_fuzz_worker import CARD, TILE_PX, _colour_stream
+
+    import pbip_engine.engine.inference.cohort as cohort
+    import pbip_engine.engine.inference.write as write
+
+    redetected = []
+    real_detect = write.detect_tissue
+    monkeypatch.setattr(write, "detect_tissue", lambda *a, **k: redetected.append(1) or real_detect(*a, **k))
+    slides = [_tiny_slide(tmp_path / "in" / f"s{i}.tif", size=384, mpp=1.0) for i in range(2)]
+    masks = {}
+    for budget in (cohort.KEEP_TISSUE_PIXELS, 0):
+        monkeypatch.setattr(cohort, "KEEP_TISSUE_PIXELS", budget)
+        out = tmp_path / f"out{budget}"
+        seen, redetected[:] = [], []
+        for slide, res in cohort.segment_cohort(slides, CARD, out, _colour_stream, overlap=0.25, blend="average",
+                                                tile_px=TILE_PX):  # fmt: skip
+            assert not isinstance(res, Exception), res
+            seen.append(slide)
+        assert seen == slides and len(redetected) == (0 if budget else 2)
+        masks[budget] = [tifffile.imread(out / f"{s.stem}.mask.ome.tif", level=0) for s in slides]
+    for a, b in zip(*masks.values(), strict=True):
+        assert np.array_equal(a, b) and (a > 0).any()
