@@ -424,3 +424,22 @@ def test_cohort_plans_hold_bounded_tissue_and_write_the_same_masks(
         masks[budget] = [tifffile.imread(out / f"{s.stem}.mask.ome.tif", level=0) for s in slides]
     for a, b in zip(*masks.values(), strict=True):
         assert np.array_equal(a, b) and (a > 0).any()
+
+
+def test_evaluate_matches_segment_outputs_to_truths_by_slide_id(tmp_path: Path) -> None:
+    """``segment`` writes ``<id>.mask.ome.tif``; evaluate took its stem for ``<id>.mask.ome`` and matched
+    no truth, and a truth ``x.ome.tif`` was ``x.ome`` (the slide-id rule: both are ``x``)."""
+    import tifffile
+
+    from pbip_engine.engine.metrics import index_mask_dir
+
+    (tmp_path / "p").mkdir()
+    (tmp_path / "t").mkdir()
+    m = np.zeros((8, 8), np.uint8)
+    m[:4] = 1
+    tifffile.imwrite(tmp_path / "p" / "x.mask.ome.tif", m)
+    tifffile.imwrite(tmp_path / "t" / "x.ome.tif", m)
+    assert list(index_mask_dir(tmp_path / "p")) == list(index_mask_dir(tmp_path / "t")) == ["x"]
+    r = CliRunner().invoke(main, ["evaluate", "--pred", str(tmp_path / "p"), "--truth", str(tmp_path / "t"),
+                                  "--classes", "1", "--ignore-background"])  # fmt: skip
+    assert r.exit_code == 0 and "mIoU 1.0000" in r.output, r.output
