@@ -126,6 +126,7 @@ class SegmentStage(Stage):
         spec = ctx.spec
         seg_dir = ctx.stage_dir("segmenter")
         card = read_model_card(seg_dir / MODEL_CARD)
+        check_model_loads(seg_dir / "best.pt")  # a broken model fails the stage once, not every slide
         slides = (
             expand_slides(spec.segment.slides, "segment.slides")
             if spec.segment.slides
