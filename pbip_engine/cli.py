@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,7 +43,47 @@ def _run(spec: JobSpec, stages: list[str] | None, force: list[str], address: str
     return summary.exit_code
 
 
-@click.group()
+class _Main(click.Group):
+    """Expected errors are one ``Error:`` line (ClickException); anything else is a bug: its traceback
+    goes to a log file and the console gets one line saying where, never a raw traceback."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as e:
+            log = _crash_log()
+            what = str(e).splitlines()[0][:200] if str(e) else ""
+            raise click.ClickException(
+                f"internal error ({type(e).__name__}: {what}); the traceback is in {log} - please report it"
+            ) from None
+
+
+def _crash_log() -> Path:
+    import tempfile
+    import traceback
+
+    path = (
+        Path(tempfile.gettempdir()) / f"pbip-engine-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    )
+    try:
+        path.write_text(f"pbip-engine {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}")
+    except OSError:
+        traceback.print_exc()  # no writable temp folder: the traceback is all there is
+        return Path("<stderr>")
+    return path
+
+
+def _write_out(out: str, text: str) -> None:
+    """Write a command's ``--out`` file; a missing folder or no permission is the user's one-line error."""
+    try:
+        Path(out).write_text(text)
+    except OSError as e:
+        raise click.ClickException(f"--out {out}: cannot write ({e.strerror or e})") from None
+
+
+@click.group(cls=_Main)
 @click.version_option(package_name="pbip-engine")
 def main() -> None:
     """Slides -> tiles -> embeddings -> bank -> ClassNet -> pseudo masks -> DeepLab -> masks."""
@@ -64,7 +105,7 @@ def schema(out: str | None) -> None:
     """Print the JSON Schema of the job spec (for editor completion)."""
     text = json.dumps(json_schema(), indent=2)
     if out:
-        Path(out).write_text(text + "\n")
+        _write_out(out, text + "\n")
     else:
         click.echo(text)
 
@@ -159,7 +200,7 @@ segmenter_cmd = _stage_command("segmenter", "Train the stage-2 DeepLab on the ps
 def segment(model_dir: str, slides: str | None, images: str | None, mpp: float | None, out: str,
             address: str | None, overlap: float, batch_size: int, tta: bool, tile_px: int | None) -> None:  # fmt: skip
     """Segment new slides or images with a trained run: OME-TIFF masks, GeoJSON, overlays."""
-    from pbip_engine.jobs.infer import segment_cli
+    from pbip_engine.jobs.infer import ModelError, segment_cli
     from pbip_engine.schemas.spec import expand_slides
 
     if bool(slides) == bool(images):
@@ -167,9 +208,12 @@ def segment(model_dir: str, slides: str | None, images: str | None, mpp: float |
     if images and mpp is None:
         raise click.ClickException("--images needs --mpp (plain images carry no physical pixel size)")
     try:
-        inputs = expand_slides([slides or images], "--slides" if slides else "--images")
-        res = segment_cli(Path(model_dir), inputs, Path(out), mpp, address, overlap, batch_size, tile_px, tta)
-    except (SpecError, FileNotFoundError) as e:
+        key = "--slides" if slides else "--images"
+        inputs = expand_slides([slides or images], key)
+        res = segment_cli(
+            Path(model_dir), inputs, Path(out), mpp, address, overlap, batch_size, tile_px, tta, key
+        )
+    except (SpecError, ModelError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     failed = {k: v["reason"] for k, v in res.items() if v["status"] != "done"}
     click.echo(f"segmented {len(res) - len(failed)}/{len(res)} into {out}")
@@ -200,14 +244,19 @@ def evaluate(
     """Score predicted masks against truth masks (same file stems): mIoU, FwIoU, Dice, boundary IoU."""
     from pbip_engine.engine.metrics import MetricsError, evaluate_dirs
 
-    lut = [int(v) for v in truth_lut.split(",")] if truth_lut else None
+    try:
+        lut = [int(v) for v in truth_lut.split(",")] if truth_lut else None
+    except ValueError:
+        raise click.ClickException(
+            f"--truth-lut {truth_lut!r}: give comma-separated integers, e.g. '1,2,3,4,0'"
+        ) from None
     try:
         res = evaluate_dirs(pred, truth, n_classes, ignore_background, truth_lut=lut)
     except MetricsError as e:
         raise click.ClickException(str(e)) from None
     text = json.dumps(res, indent=2, default=float)
     if out:
-        Path(out).write_text(text + "\n")
+        _write_out(out, text + "\n")
     click.echo(
         f"mIoU {res['miou']:.4f}  FwIoU {res['fwiou']:.4f}  mDice {res['mdice']:.4f}  "
         f"mbIoU {res.get('mbiou', float('nan')):.4f}  (ignore_background={res['ignore_background']}, "

@@ -117,12 +117,26 @@ def test_cli_run_exit_codes(spec_path: Path) -> None:
 
 
 def test_temp_files_of_interrupted_writes_are_dropped(tmp_path: Path) -> None:
+    """Only the atomic writers' ``.pbip-tmp/`` folders are swept: a user's file named like a temp file
+    (issue 20 item 2: a slide ``.tmp-scan.svs`` had its outputs deleted) stays."""
     from pbip_engine.jobs.driver import _drop_temp_files
 
-    (tmp_path / "tiles").mkdir()
-    keep = [tmp_path / "tiles" / "a.parquet", tmp_path / "manifest.json", tmp_path / ".hidden-config"]
-    stale = [tmp_path / "tiles" / ".a.x1y2.tmp.parquet", tmp_path / ".state.json.tmp"]
+    (tmp_path / "tiles" / ".pbip-tmp").mkdir(parents=True)
+    (tmp_path / ".pbip-tmp").mkdir()
+    keep = [
+        tmp_path / "tiles" / "a.parquet",
+        tmp_path / "manifest.json",
+        tmp_path / ".hidden-config",
+        tmp_path / "tiles" / ".tmp-scan.parquet",
+        tmp_path / "state" / ".tmp-scan.json",
+    ]
+    stale = [
+        tmp_path / "tiles" / ".pbip-tmp" / ".a.parquet.x1y2.tmp.parquet",
+        tmp_path / ".pbip-tmp" / ".s.json.tmp",
+    ]
     for p in keep + stale:
+        p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("x")
     assert sorted(_drop_temp_files(tmp_path)) == sorted(stale)
     assert all(p.exists() for p in keep) and not any(p.exists() for p in stale)
+    assert not list(tmp_path.rglob(".pbip-tmp"))

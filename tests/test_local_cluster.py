@@ -101,7 +101,7 @@ def _embeddings(out: Path):
 
 def _no_partial_tiles(out: Path) -> None:
     """A task killed mid-write must leave no half-written file in the finished folder (readers glob it)."""
-    assert not [p.name for p in (out / "tile").rglob(".*") if ".tmp" in p.name]
+    assert not [p.name for p in (out / "tile").rglob(".*") if ".tmp" in p.name or p.name == ".pbip-tmp"]
     assert sorted(f.stem for f in (out / "tile" / "tiles").glob("*.parquet")) == [
         f"synth_{i:03d}" for i in range(6)
     ]

@@ -28,7 +28,7 @@ def test_glas_patches_to_tiles(glas_dir: Path, tmp_path: Path) -> None:
     img = decode_rgb(row["image"])
     assert img.shape == (112, 112, 3)
     assert np.abs(img.astype(int) - first["image"].astype(int)).mean() < 6  # JPEG round trip
-    assert not list((tmp_path / "tiles").glob(".*.tmp"))
+    assert not list((tmp_path / "tiles").rglob(".*.tmp")) and not (tmp_path / "tiles" / ".pbip-tmp").exists()
 
 
 def test_glas_patches_follow_the_tiling_grid(glas_dir: Path, tmp_path: Path) -> None:

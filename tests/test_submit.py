@@ -158,7 +158,7 @@ def test_shipped_spec_has_absolute_paths_and_same_meaning(tmp_path: Path) -> Non
     sub = sm.build_submission(spec_path, spec, stages=["synth", "tile"], token="s3cr3t-token")
     try:
         staged = Path(sub.runtime_env["working_dir"])
-        assert sub.entrypoint == "pbip-engine run spec.yaml --address auto --stages synth,tile"
+        assert sub.entrypoint == "pbip-engine run --address auto --stages synth,tile -- spec.yaml"
         shipped = load_spec(staged / "spec.yaml")
         assert shipped.run.output == str((tmp_path / "proj" / "out").resolve())
         for section in ("run", "data", "classes", "tiling", "encoder", "bank", "resources"):
@@ -180,7 +180,9 @@ def test_working_dir_rules(tmp_path: Path) -> None:
     tok.write_text("t")
     sub = sm.build_submission(inside, load_spec(inside), working_dir=wd, token_file=tok)
     assert sub.runtime_env["working_dir"] == str(wd.resolve())
-    assert sub.entrypoint.startswith("pbip-engine run specs/spec.yaml ")
+    assert sub.entrypoint.startswith("pbip-engine run --address auto") and sub.entrypoint.endswith(
+        " -- specs/spec.yaml"
+    )
     assert "/auth_token" in sub.runtime_env["excludes"]  # a token file in the shipped folder stays home
     outside = write_spec(tmp_path / "elsewhere", output=str(tmp_path / "abs-out"))
     with pytest.raises(sm.SubmitError, match="outside --working-dir"):
@@ -287,7 +289,9 @@ def test_token_is_never_shipped_or_printed(cluster: LocalCluster, submitted: Sim
         info = sm.job_info(cluster.dashboard_url, _job_id(res), cluster.token_file)
         shipped = json.dumps([info.entrypoint, info.runtime_env, info.metadata], default=str)
         assert token not in shipped
-        assert info.entrypoint.startswith("pbip-engine run spec.yaml --address auto")
+        assert info.entrypoint.startswith("pbip-engine run --address auto") and info.entrypoint.endswith(
+            " -- spec.yaml"
+        )
         assert info.metadata["run_name"] == "demo"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import cv2
@@ -63,4 +64,44 @@ def write_pyramid(
                 metadata=None,
                 **kw,
             )
+    return path
+
+
+def sparse_tiff(path: Path, w: int, h: int, mpp: float, tile: int = 4096) -> Path:
+    """A valid tiled RGB TIFF declaring w x h pixels whose tiles are all absent (byte count 0): a few
+    hundred bytes that readers take for a w x h image."""
+    n = -(-w // tile) * -(-h // tile)
+    entries = 14
+    ifd_at = 8
+    data_at = ifd_at + 2 + entries * 12 + 4
+    bps_at, xres_at = data_at, data_at + 6
+    yres_at, offs_at = xres_at + 8, xres_at + 16
+    counts_at = offs_at + 4 * n
+    res = (round(1e4 / mpp * 1000), 1000)
+    tags = [
+        (256, 4, 1, w),
+        (257, 4, 1, h),
+        (258, 3, 3, bps_at),
+        (259, 3, 1, 1),
+        (262, 3, 1, 2),
+        (277, 3, 1, 3),
+        (282, 5, 1, xres_at),
+        (283, 5, 1, yres_at),
+        (284, 3, 1, 1),
+        (296, 3, 1, 3),
+        (322, 4, 1, tile),
+        (323, 4, 1, tile),
+        (324, 4, n, offs_at),
+        (325, 4, n, counts_at),
+    ]
+    out = bytearray(b"II*\x00" + struct.pack("<I", ifd_at) + struct.pack("<H", entries))
+    for tag, typ, count, value in tags:
+        packed = (
+            struct.pack("<H", value) + b"\x00\x00" if typ == 3 and count == 1 else struct.pack("<I", value)
+        )
+        out += struct.pack("<HHI", tag, typ, count) + packed
+    out += struct.pack("<I", 0)
+    out += struct.pack("<3H", 8, 8, 8) + struct.pack("<2I", *res) + struct.pack("<2I", *res)
+    out += struct.pack(f"<{n}I", *([counts_at + 4 * n] * n)) + struct.pack(f"<{n}I", *([0] * n))
+    path.write_bytes(bytes(out))
     return path

@@ -28,7 +28,17 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-MASK_SUFFIXES = (".mask.tiff", ".mask.tif", ".png", ".tiff", ".tif")
+MASK_SUFFIXES = (
+    ".mask.ome.tiff",
+    ".mask.ome.tif",
+    ".mask.tiff",
+    ".mask.tif",
+    ".ome.tiff",
+    ".ome.tif",
+    ".png",
+    ".tiff",
+    ".tif",
+)
 IGNORE_INDEX = 255  # in truth: not scored; in a prediction: no decision (an abstention, scored as a miss)
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pbip_engine.engine.io.atomic import temp_dirs
 from pbip_engine.jobs.manifest import MANIFEST, input_hash, new_manifest, read_json, write_json_atomic
 from pbip_engine.jobs.stage import Stage, StageContext
 from pbip_engine.jobs.stages import all_stages
@@ -65,11 +66,12 @@ def select_stages(spec: JobSpec, only: Sequence[str] | None) -> list[Stage]:
 
 def _drop_temp_files(work: Path) -> list[Path]:
     """Delete what atomic writes that never finished left behind: a worker killed mid-write (a retried
-    task) leaves its hidden ``.<name>.<random>.tmp[.<ext>]`` file, which readers that glob a finished
-    folder (``tiles/*.parquet``) would take for output."""
-    stale = [p for p in work.rglob(".*") if ".tmp" in p.name and p.is_file()]
-    for p in stale:
-        p.unlink(missing_ok=True)
+    task) leaves its temp file in a ``.pbip-tmp/`` folder (``engine.io.atomic``). Only those folders are
+    swept, so no user file is taken for a temp file by its name (a slide called ``.tmp-scan.svs``)."""
+    stale: list[Path] = []
+    for d in temp_dirs(work):
+        stale.extend(p for p in d.rglob("*") if p.is_file())
+        shutil.rmtree(d, ignore_errors=True)
     return stale
 
 

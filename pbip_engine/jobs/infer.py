@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from pbip_engine.engine.io.atomic import jsonable
+from pbip_engine.engine.wsi.slides import MAX_PIXELS_PER_BYTE
 from pbip_engine.jobs.manifest import read_json, write_json_atomic
 from pbip_engine.jobs.resources import actor_pool_options
 from pbip_engine.jobs.rundir import MODEL_CARD, cohort_slides, slide_id_of, synth_truth_dir
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
-from pbip_engine.schemas.spec import ResourcesSection, expand_slides
+from pbip_engine.schemas.spec import ResourcesSection, check_slide_ids, expand_slides
 
 
 def _result_stream(plans: list[Any], overrides: dict[str, float], *, model_path: Path, batch_size: int,
@@ -65,6 +66,7 @@ def segment_slides(
     whole_image: bool = False,
     tile_px: int | None = None,
     tta: bool = False,
+    max_pixels_per_byte: float = MAX_PIXELS_PER_BYTE,
 ) -> Iterator[tuple[Path, dict[str, Any] | Exception]]:
     """The engine's cohort loop over a Ray Data actor pool when ``resources`` is given, else in process.
 
@@ -95,6 +97,7 @@ def segment_slides(
         output_mpp=output_mpp,
         whole_image=whole_image,
         tile_px=px,
+        max_pixels_per_byte=max_pixels_per_byte,
     )
 
 
@@ -122,12 +125,14 @@ class SegmentStage(Stage):
 
         spec = ctx.spec
         seg_dir = ctx.stage_dir("segmenter")
-        card = json.loads((seg_dir / MODEL_CARD).read_text())
+        card = read_model_card(seg_dir / MODEL_CARD)
+        check_model_loads(seg_dir / "best.pt")  # a broken model fails the stage once, not every slide
         slides = (
             expand_slides(spec.segment.slides, "segment.slides")
             if spec.segment.slides
             else cohort_slides(ctx)
         )
+        check_slide_ids(slides, "segment.slides" if spec.segment.slides else "data.slides")
         ctx.ray()
         units: dict[str, dict[str, Any]] = {}
         scorer = CohortScorer(truth_dir(ctx), len(spec.classes), spec.segment.truth_lut)
@@ -154,7 +159,8 @@ class SegmentStage(Stage):
                                      resources=spec.resources, output_mpp=spec.segment.output_mpp,
                                      mpp_override=spec.segment.input_mpp,
                                      whole_image=spec.segment.whole_image,
-                                     tile_px=spec.segment.tile_px, tta=spec.segment.tta)  # fmt: skip
+                                     tile_px=spec.segment.tile_px, tta=spec.segment.tta,
+                                     max_pixels_per_byte=spec.resources.max_slide_pixels_per_byte)  # fmt: skip
             for slide, result in results:
                 sid = slide_id_of(slide)
                 if isinstance(result, Exception):  # one slide fails alone
@@ -191,17 +197,49 @@ class SegmentStage(Stage):
         )
 
 
+class ModelError(ValueError):
+    """``--model`` names no usable trained model: a command-level error, not a per-slide failure."""
+
+
+def read_model_card(card_path: Path) -> dict[str, Any]:
+    """The segmenter's card, or a ModelError naming the file (a truncated or hand-edited card)."""
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{card_path}: unreadable model card ({type(e).__name__}: {e})") from None
+    missing = [
+        k for k in ("mpp", "class_names", "class_colors") if not isinstance(card, dict) or k not in card
+    ]
+    if missing:
+        raise ModelError(f"{card_path}: model card lacks {missing}; re-run the segmenter stage")
+    return card
+
+
+def check_model_loads(weights: Path) -> None:
+    """Load the segmenter once here, so a broken checkpoint is one error, not one failure per slide."""
+    from pbip_engine.engine.training.segmentation import load_segmenter
+
+    try:
+        load_segmenter(weights, "cpu")
+    except Exception as e:
+        raise ModelError(f"{weights}: cannot load the segmenter: {e}") from None
+
+
 def segment_cli(model_dir: Path, inputs: list[Path], out: Path, mpp: float | None, address: str | None,
                 overlap: float, batch_size: int, tile_px: int | None = None,
-                tta: bool = False) -> dict[str, Any]:  # fmt: skip
-    """``pbip-engine segment``: a finished run's segmenter on new slides or plain images."""
+                tta: bool = False, key: str = "--slides") -> dict[str, Any]:  # fmt: skip
+    """``pbip-engine segment``: a finished run's segmenter on new slides or plain images.
+
+    Raises ModelError (unusable ``--model``) or SpecError (two inputs with one slide id) before any
+    slide is read; per-slide problems are results.
+    """
+    check_slide_ids(inputs, key)
     card_path = model_dir / "segmenter" / MODEL_CARD
     seg = model_dir / "segmenter" / "best.pt"
     if not seg.is_file() or not card_path.is_file():
-        raise FileNotFoundError(
-            f"{model_dir}: no trained segmenter ({seg}, {card_path}); run the pipeline first"
-        )
-    card = json.loads(card_path.read_text())
+        raise ModelError(f"{model_dir}: no trained segmenter ({seg}, {card_path}); run the pipeline first")
+    card = read_model_card(card_path)
+    check_model_loads(seg)
     res = None
     if address:
         from pbip_engine.jobs.ray_runtime import ensure_ray
@@ -221,8 +259,8 @@ def segment_cli(model_dir: Path, inputs: list[Path], out: Path, mpp: float | Non
                                    batch_size=batch_size, resources=res, mpp_override=mpp,
                                    whole_image=whole, tile_px=tile_px, tta=tta):  # fmt: skip
             if isinstance(r, Exception):
-                results[p.stem] = {"status": "failed", "reason": f"{type(r).__name__}: {r}"}
+                results[slide_id_of(p)] = {"status": "failed", "reason": f"{type(r).__name__}: {r}"}
             else:
-                results[p.stem] = {"status": "done", **jsonable(r)}
+                results[slide_id_of(p)] = {"status": "done", **jsonable(r)}
     write_json_atomic(out / "segment.json", results)
     return results

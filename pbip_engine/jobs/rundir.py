@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pbip_engine.engine.wsi.slide_ids import slide_id
 from pbip_engine.jobs.manifest import read_json
 from pbip_engine.jobs.stage import StageContext
 from pbip_engine.schemas.spec import JobSpec, expand_slides
@@ -18,8 +19,8 @@ MODEL_CARD = "model.json"  # beside the segmenter's weights
 
 
 def slide_id_of(path: Path) -> str:
-    """A slide's id in every per-slide file name: the file name without its extension."""
-    return path.stem
+    """A slide's id in every per-slide file name (the engine's one rule, shared with the writers)."""
+    return slide_id(path)
 
 
 def cohort_slides(ctx: StageContext) -> list[Path]:

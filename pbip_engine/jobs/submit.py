@@ -64,7 +64,11 @@ def normalize_address(address: str) -> str:
         raise SubmitError("--address is empty; give the head's dashboard URL, e.g. http://HEAD:8265")
     if "://" not in address:
         address = "http://" + address
-    u = urlparse(address)
+    try:
+        u = urlparse(address)
+        _ = u.hostname, u.port  # both parse lazily and raise on a malformed host or port
+    except ValueError as e:
+        raise SubmitError(f"--address {address!r} is not a valid URL ({e})") from None
     if u.scheme not in ("http", "https"):
         raise SubmitError(
             f"--address {address!r}: the Jobs API is HTTP(S) on the dashboard port (http://HEAD:8265), "
@@ -392,11 +396,12 @@ def build_submission(
         )
         renv["working_dir"] = str(staging)
 
-    cmd = ["pbip-engine", "run", spec_in_env, "--address", "auto"]
+    cmd = ["pbip-engine", "run", "--address", "auto"]
     if stages:
         cmd += ["--stages", ",".join(stages)]
     if force:
         cmd += ["--force", ",".join(force)]
+    cmd += ["--", spec_in_env]  # after "--": a spec named "-x.yaml" is not taken for an option
     from pbip_engine import __version__
 
     slug = re.sub(r"[^a-zA-Z0-9_-]+", "-", spec.run.name).strip("-")[:40] or "run"

@@ -15,7 +15,7 @@ from typing import Any
 from pbip_engine.jobs.manifest import read_json, write_json_atomic
 from pbip_engine.jobs.rundir import cohort_slides, slide_id_of
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
-from pbip_engine.schemas.spec import JobSpec, SpecError
+from pbip_engine.schemas.spec import JobSpec, check_slide_ids
 
 ANNOTATION_SUFFIXES = (".geojson", ".json", ".geojson.gz")
 
@@ -52,6 +52,7 @@ def tile_params(spec: JobSpec) -> dict[str, Any]:
         "class_names": spec.class_names,
         # A task holds cpus_per_worker CPUs: the reading thread plus this many encoders fill them.
         "encode_threads": max(0, int(spec.resources.cpus_per_worker) - 1),
+        "max_pixels_per_byte": spec.resources.max_slide_pixels_per_byte,
     }
 
 
@@ -113,12 +114,8 @@ class TileStage(Stage):
 
         spec = ctx.spec
         slides = cohort_slides(ctx)
+        check_slide_ids(slides, "data.slides")
         ids = [slide_id_of(p) for p in slides]
-        dup = sorted({i for i in ids if ids.count(i) > 1})
-        if dup:
-            raise SpecError(
-                f"data.slides: several slides share the id(s) {dup} (file name without extension)"
-            )
         overrides = read_mpp_overrides(spec.data.mpp_overrides) if spec.data.mpp_overrides else {}
         slide_labels = (
             read_slide_label_csv(spec.data.labels_csv, spec.class_names) if spec.data.labels_csv else {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import re
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -25,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from pbip_engine.engine.wsi.slide_ids import SlideIdError, check_unique_ids
 from pbip_engine.methods.base import MIN_WHITE_OBJECT_PX, WHITE_THRESHOLD, MethodConfig
 
 URI_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -254,6 +256,12 @@ class ResourcesSection(_Section):
     autoscale: AutoscaleSection = Field(default_factory=AutoscaleSection)
     max_failures: int = Field(2, ge=0)
     local_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray (default: all)")
+    max_slide_pixels_per_byte: float = Field(
+        10_000,
+        ge=0,
+        description="refuse a slide declaring more level-0 pixels per byte of its file (a corrupt header or "
+        "a decompression bomb would size arrays from them); real scans stay under ~1000; 0 = no check",
+    )
 
 
 class JobSpec(_Section):
@@ -371,18 +379,60 @@ def _resolve(value: str, base: Path) -> str:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxstring, _REPR.maxother = 3, 4, 4, 60, 60
+ECHO_MAX_CHARS = 120  # what an error message may quote of the user's value
+MAX_ERRORS_SHOWN = 20
+MAX_SPEC_BYTES = 1_000_000  # a job spec is a few KB; anything this large is not one
+MAX_SPEC_NODES = 100_000  # YAML nodes after expanding aliases (a 560-byte alias bomb expands to millions)
+
+
+def short_repr(value: Any, limit: int = ECHO_MAX_CHARS) -> str:
+    """A bounded repr: nested and long values are elided, so an error never echoes a huge input."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _format_errors(err: ValidationError, source: str, raw: dict[str, Any]) -> str:
     lines = [f"{source}: {err.error_count()} problem(s) in the job spec"]
-    for e in err.errors():
+    for e in err.errors()[:MAX_ERRORS_SHOWN]:
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            msg = f"unknown key {loc!r} (not part of the spec; check the spelling)"
+            msg = f"unknown key {short_repr(loc)} (not part of the spec; check the spelling)"
         else:
             msg = f"{loc}: {e['msg']}"
             if "input" in e and e["type"] != "missing":
-                msg += f" (got {e['input']!r})"
-        lines.append(f"  - {msg}")
+                msg += f" (got {short_repr(e['input'])})"
+        lines.append(f"  - {msg if len(msg) <= 400 else msg[:397] + '...'}")
+    if err.error_count() > MAX_ERRORS_SHOWN:
+        lines.append(f"  - ... and {err.error_count() - MAX_ERRORS_SHOWN} more")
     return "\n".join(lines)
+
+
+def _path_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a file path on this OS (checked before any file-system call sees it)."""
+    if "\x00" in value:
+        return "contains a NUL character"
+    try:
+        encoded = value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not encodable as UTF-8 (a lone surrogate?)"
+    if len(encoded) > 4096:
+        return f"is {len(encoded)} bytes long (paths are at most 4096)"
+    if any(len(part.encode("utf-8")) > 255 for part in value.split("/")):
+        return "has a component longer than 255 bytes"
+    return None
+
+
+def _check_path_strings(spec: JobSpec, source: str) -> None:
+    values = [("run.output", spec.run.output)]
+    values += [(f"{sec}.{key}", getattr(getattr(spec, sec), key, None)) for sec, key in _PATH_KEYS]
+    values += [(f"data.slides[{i}]", v) for i, v in enumerate(spec.data.slides)]
+    values += [(f"segment.slides[{i}]", v) for i, v in enumerate(spec.segment.slides)]
+    for key, val in values:
+        why = _path_problem(val) if isinstance(val, str) else None
+        if why:
+            raise SpecError(f"{source}: {key}: the path {short_repr(val)} {why}")
 
 
 def parse_spec(raw: dict[str, Any], base_dir: Path | str = ".", source: str = "<spec>") -> JobSpec:
@@ -395,6 +445,7 @@ def parse_spec(raw: dict[str, Any], base_dir: Path | str = ".", source: str = "<
         spec = spec_model().model_validate(raw)
     except ValidationError as err:
         raise SpecError(_format_errors(err, source, raw)) from None
+    _check_path_strings(spec, source)
     # Resolve paths after validation so errors show what the user wrote.
     if not spec.run.is_uri:
         spec.run.output = _resolve(spec.run.output, base)
@@ -408,25 +459,88 @@ def parse_spec(raw: dict[str, Any], base_dir: Path | str = ".", source: str = "<
     return spec
 
 
+def _expanded_size(node: yaml.Node, source: str) -> int:
+    """Number of nodes the document has once its aliases are expanded (what validation will walk)."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(n: yaml.Node) -> int:
+        key = id(n)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise SpecError(f"{source}: a YAML alias refers to the node that contains it (a loop)")
+        active.add(key)
+        total = 1
+        if isinstance(n, yaml.SequenceNode):
+            total += sum(size(c) for c in n.value)
+        elif isinstance(n, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in n.value)
+        active.discard(key)
+        sizes[key] = min(total, MAX_SPEC_NODES + 1)  # saturate: only "too big" matters
+        return sizes[key]
+
+    return size(node)
+
+
+def safe_load_bounded(text: str, source: str) -> Any:
+    """``yaml.safe_load`` that refuses alias bombs: a few hundred bytes whose aliases expand to millions
+    of values (validating or printing those took gigabytes). Aliases themselves stay allowed."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        n = _expanded_size(node, source)
+        if n > MAX_SPEC_NODES:
+            raise SpecError(
+                f"{source}: the YAML expands to more than {MAX_SPEC_NODES} values (aliases, '*name', "
+                "repeating large anchors); a job spec needs a few hundred - refusing it"
+            )
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def load_spec(path: str | Path) -> JobSpec:
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise SpecError(f"{path}: is a directory, not a spec file")
+    if not path.exists():
         raise SpecError(f"{path}: spec file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        data = path.read_bytes()
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read the spec: {e.strerror or e}") from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(f"{path}: {len(data)} bytes is not a job spec (limit {MAX_SPEC_BYTES})")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(
+            f"{path}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); save the spec as UTF-8"
+        ) from None
+    try:
+        raw = safe_load_bounded(text, str(path))
     except yaml.YAMLError as e:
-        raise SpecError(f"{path}: not valid YAML: {e}") from None
+        raise SpecError(f"{path}: not valid YAML: {short_repr(str(e), 400)}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: the YAML is nested too deeply to be a job spec") from None
     return parse_spec(raw, path.parent, source=str(path))
 
 
 def expand_slides(patterns: list[str], key: str = "data.slides") -> list[Path]:
-    """Globs → existing files, sorted and de-duplicated; a pattern matching nothing is an error."""
+    """Globs → files, sorted and de-duplicated; a pattern matching nothing is an error.
+
+    A broken or looping symbolic link stays in the list (it is not dropped silently): the stage that
+    opens it reports it as a failed input, naming the link.
+    """
     out: list[Path] = []
     for pat in patterns:
         hits = sorted(glob.glob(pat)) if any(ch in pat for ch in "*?[") else [pat]
-        hits = [h for h in hits if Path(h).exists()]
+        hits = [h for h in hits if Path(h).exists() or Path(h).is_symlink()]
         if not hits:
-            raise SpecError(f"{key}: {pat!r} matches no file")
+            raise SpecError(f"{key}: {short_repr(pat)} matches no file")
         out.extend(Path(h) for h in hits)
     seen: set[Path] = set()
     uniq = [p for p in out if not (p in seen or seen.add(p))]
@@ -461,7 +575,17 @@ def check_inputs(spec: JobSpec) -> list[Path]:
     for section, key in _PATH_KEYS:
         val = getattr(getattr(spec, section), key, None)
         if val is not None and not URI_RE.match(val) and not Path(val).exists():
-            raise SpecError(f"{section}.{key}: {val!r} does not exist")
-    if spec.data.slides:
-        return expand_slides(spec.data.slides)
-    return []
+            raise SpecError(f"{section}.{key}: {short_repr(val)} does not exist")
+    slides = expand_slides(spec.data.slides) if spec.data.slides else []
+    check_slide_ids(slides, "data.slides")
+    if spec.segment.slides:
+        check_slide_ids(expand_slides(spec.segment.slides, "segment.slides"), "segment.slides")
+    return slides
+
+
+def check_slide_ids(slides: list[Path], key: str) -> None:
+    """A SpecError naming both files when two slides would write (and overwrite) the same outputs."""
+    try:
+        check_unique_ids(slides, key)
+    except SlideIdError as e:
+        raise SpecError(str(e)) from None

@@ -11,6 +11,7 @@ than the written mask (it is resampled, nearest, to the mask's frame).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -18,9 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from pbip_engine.engine.metrics import MetricsError, SegmentationMeter, index_mask_dir, read_mask
+from pbip_engine.engine.wsi.slides import MAX_PIXELS_PER_BYTE
 
 LEGACY_TILE_PX = 512  # inference tile of models whose card predates ``tile_px`` (their old behaviour)
 SLIDE_METRICS = ("miou", "mdice", "mbiou")
+
+# Tissue masks the cohort's plans keep for writing; past this many mask pixels a plan drops its mask and
+# the writer detects tissue again (same parameters, same result), so planning N slides up front holds
+# O(budget) memory, not O(N) - one large cohort never costs every slide its output through an OOM kill.
+KEEP_TISSUE_PIXELS = 256 * 1024 * 1024
 
 # (plans, per-slide mpp overrides) -> prediction batches in plan order (rows carry ``slide_path``)
 ResultStream = Callable[[list[Any], dict[str, float]], Iterator[dict[str, Any]]]
@@ -80,6 +87,7 @@ def segment_cohort(
     output_mpp: float | None = None,
     whole_image: bool = False,
     tile_px: int = LEGACY_TILE_PX,
+    max_pixels_per_byte: float = MAX_PIXELS_PER_BYTE,
 ) -> Iterator[tuple[Path, dict[str, Any] | Exception]]:
     """Segment a cohort; yields ``(slide, stats)`` or ``(slide, exception)`` as each slide is written.
 
@@ -88,9 +96,11 @@ def segment_cohort(
     stitched fails alone; if the shared stream itself breaks (an unreadable tile), the slides not yet
     written are retried one by one so the failure stays with its slide.
     """
+    import numpy as np
+
     from pbip_engine.engine.inference.segment_slide import plan, stitch_and_write
 
-    plans, t0 = [], time.perf_counter()
+    plans, t0, kept = [], time.perf_counter(), 0
     for slide in slides:
         try:
             p = plan(
@@ -100,7 +110,17 @@ def segment_cohort(
                 overlap,
                 mpp_override=mpp_override,
                 use_tissue=not whole_image,
+                max_pixels_per_byte=max_pixels_per_byte,
             )
+            if p.tissue is not None:
+                kept += p.tissue.mask.size
+                p.tissue = (
+                    dataclasses.replace(
+                        p.tissue, thumbnail=np.zeros((0, 0, 3), np.uint8)
+                    )  # unused by the writer
+                    if kept <= KEEP_TISSUE_PIXELS
+                    else None
+                )
             plans.append((slide, p))
         except Exception as e:
             yield slide, e
@@ -152,7 +172,8 @@ def segment_cohort(
         for slide, _ in pending:
             yield from segment_cohort([slide], card, out_dir, stream, overlap=overlap, blend=blend,
                                       mpp_override=mpp_override, output_mpp=output_mpp,
-                                      whole_image=whole_image, tile_px=tile_px)  # fmt: skip
+                                      whole_image=whole_image, tile_px=tile_px,
+                                      max_pixels_per_byte=max_pixels_per_byte)  # fmt: skip
 
 
 def score_slide_mask(

@@ -16,11 +16,21 @@ import cv2
 import numpy as np
 
 from pbip_engine.engine.wsi.grid import grid_positions
-from pbip_engine.engine.wsi.slides import Slide, SlideError, _Backend, open_slide
+from pbip_engine.engine.wsi.slide_ids import slide_id
+from pbip_engine.engine.wsi.slides import (
+    MAX_PIXELS_PER_BYTE,
+    Slide,
+    SlideError,
+    _Backend,
+    check_declared_size,
+    check_slide_file,
+    open_slide,
+)
 from pbip_engine.engine.wsi.tiling import TileSpec, read_level_for, tissue_fractions
 from pbip_engine.engine.wsi.tissue import TissueParams, TissueResult, detect_tissue
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
+MAX_IMAGE_PIXELS = 178_956_970  # plain images are held whole in memory (PIL's own bomb limit: 540 MB RGB)
 TILE_KEYS = ("x", "y", "size0", "level", "read_size", "tissue_fraction")
 
 
@@ -53,13 +63,38 @@ class _ArrayBackend(_Backend):
         self._rgb = np.zeros((1, 1, 3), np.uint8)
 
 
-def open_image_slide(path: str | Path, mpp: float) -> Slide:
-    """A PNG/JPEG opened as a one-level :class:`Slide` (same interface), at the caller's µm/px."""
+def image_dimensions(path: Path) -> tuple[int, int]:
+    """(width, height) from the image header alone (PIL reads no pixels until asked)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return int(im.width), int(im.height)
+    except Image.DecompressionBombError as e:
+        raise SlideError(path, "implausible_size", f"{e} (plain images are decoded whole)") from None
+    except Exception as e:  # PIL's errors for broken headers vary (OSError, SyntaxError, ValueError...)
+        raise SlideError(path, "unreadable", f"not a readable image ({type(e).__name__}: {e})") from None
+
+
+def open_image_slide(path: str | Path, mpp: float, max_pixels_per_byte: float = MAX_PIXELS_PER_BYTE) -> Slide:
+    """A PNG/JPEG opened as a one-level :class:`Slide` (same interface), at the caller's µm/px.
+
+    The whole image is decoded into memory, so its declared size is checked from the header first: a
+    631-byte JPEG declaring 30000² pixels would otherwise allocate 2.7 GB in ``cv2.imread``.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise SlideError(path, "missing", "file does not exist")
+    check_slide_file(path)
     if not (mpp and mpp > 0 and math.isfinite(mpp)):
         raise SlideError(path, "no_mpp", f"plain images carry no µm/px: pass mpp_override (got {mpp!r})")
+    w, h = image_dimensions(path)
+    check_declared_size(path, (w, h), max_pixels_per_byte)
+    if w * h > MAX_IMAGE_PIXELS:
+        raise SlideError(
+            path,
+            "implausible_size",
+            f"{w}x{h} plain image: images are decoded whole (at most {MAX_IMAGE_PIXELS} pixels); "
+            "convert a larger one to a tiled pyramidal TIFF",
+        )
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if bgr is None:
         raise SlideError(path, "unreadable", "OpenCV could not decode the image")
@@ -76,20 +111,18 @@ def open_image_slide(path: str | Path, mpp: float) -> Slide:
     )
 
 
-def open_any(path: str | Path, mpp_override: float | None = None) -> Slide:
+def open_any(
+    path: str | Path, mpp_override: float | None = None, max_pixels_per_byte: float = MAX_PIXELS_PER_BYTE
+) -> Slide:
     """:func:`open_slide` for WSIs, :func:`open_image_slide` for PNG/JPEG (which need ``mpp_override``)."""
     if Path(path).suffix.lower() in IMAGE_EXTENSIONS:
-        return open_image_slide(path, mpp_override)  # type: ignore[arg-type]
-    return open_slide(path, mpp_override=mpp_override)
+        return open_image_slide(path, mpp_override, max_pixels_per_byte)  # type: ignore[arg-type]
+    return open_slide(path, mpp_override=mpp_override, max_pixels_per_byte=max_pixels_per_byte)
 
 
 def slide_stem(path: str | Path) -> str:
-    """Output name stem: file name without its extension (``a.svs`` -> ``a``, ``b.ome.tif`` -> ``b``)."""
-    name = Path(path).name
-    for suf in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suf):
-            return name[: -len(suf)]
-    return Path(name).stem
+    """Output name stem: the slide id (:func:`~pbip_engine.engine.wsi.slide_ids.slide_id`, one rule)."""
+    return slide_id(path)
 
 
 @dataclass
@@ -133,6 +166,7 @@ def plan(
     min_tissue: float = 0.0,
     mpp_override: float | None = None,
     use_tissue: bool = True,
+    max_pixels_per_byte: float = MAX_PIXELS_PER_BYTE,
 ) -> SegmentPlan:
     """Overlapping tiles of ``tile_px`` pixels at ``model_mpp`` that touch tissue (fraction > ``min_tissue``).
 
@@ -143,7 +177,7 @@ def plan(
         raise SegmentError(f"{slide_path}: overlap must be in [0, 1), got {overlap}")
     if tile_px < 16:
         raise SegmentError(f"{slide_path}: tile_px must be >= 16, got {tile_px}")
-    with open_any(slide_path, mpp_override) as slide:
+    with open_any(slide_path, mpp_override, max_pixels_per_byte) as slide:
         level, ds = read_level_for(slide, model_mpp)
         size0 = max(1, round(tile_px * ds))
         read_size = max(1, round(size0 / slide.level_downsamples[level]))

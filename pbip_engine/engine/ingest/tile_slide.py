@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from pbip_engine.engine.annotations.tile_labels import LabelError, TileLabeler
 from pbip_engine.engine.io.atomic import atomic_path
-from pbip_engine.engine.wsi.slides import DEFAULT_BACKENDS, SlideError, open_slide
+from pbip_engine.engine.wsi.slides import DEFAULT_BACKENDS, MAX_PIXELS_PER_BYTE, SlideError, open_slide
 from pbip_engine.engine.wsi.tiling import (
     DEFAULT_BLOCK_ROWS,
     DEFAULT_MAX_RUN_PX,
@@ -115,6 +115,7 @@ def tile_slide(
     roi: Path | None = None,
     max_run_px: int = DEFAULT_MAX_RUN_PX,
     encode_threads: int = 1,
+    max_pixels_per_byte: float = MAX_PIXELS_PER_BYTE,
 ) -> SlideResult:
     """Tile one slide into ``out_dir/tiles/<slide_id>.parquet`` (+ QC); never raises for bad slides.
 
@@ -150,7 +151,12 @@ def tile_slide(
 
     paths = output_paths(out_dir, slide_id)
     try:
-        with open_slide(path, mpp_override=mpp_override, backends=backends) as slide, ExitStack() as outputs:
+        with (
+            open_slide(
+                path, mpp_override=mpp_override, backends=backends, max_pixels_per_byte=max_pixels_per_byte
+            ) as slide,
+            ExitStack() as outputs,
+        ):
             state.update(backend=slide.backend, mpp=slide.mpp, mpp_source=slide.mpp_source)
             if roi is None:
                 _hold_shared_level(slide, grid, tissue)

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from pbip_engine.engine.io.atomic import atomic_write_text, jsonable
+from pbip_engine.engine.io.atomic import atomic_path, atomic_write_text, jsonable
 from pbip_engine.engine.training.amp import autocast, backward_step, make_grad_scaler
 from pbip_engine.engine.training.augment import augment_batch
 from pbip_engine.engine.training.checkpoint import (
@@ -134,9 +134,8 @@ class LocalStore:
         write(path)
         for name, wanted in (("last.pt", True), ("best.pt", is_best)):
             if wanted:
-                tmp = self.out / f".{name}.tmp"
-                shutil.copy2(path, tmp)
-                tmp.replace(self.out / name)
+                with atomic_path(self.out / name) as tmp:
+                    shutil.copyfile(path, tmp)
         if self.keep_last > 0:
             for old in sorted(self.ckpt_dir.glob("epoch_*.pt"))[: -self.keep_last]:
                 old.unlink(missing_ok=True)

@@ -14,10 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+import os
+import re
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,6 +42,11 @@ MPP_PLAUSIBLE = (0.05, 100.0)
 # Pyramid downsamples are stored as ratios of integer sizes (2.0005 for "2"): allow this slack when
 # choosing a level so a nominal 2x level is not skipped for 0.03 % of resolution.
 LEVEL_TOLERANCE = 0.01
+# A slide may declare at most this many level-0 pixels per byte of its file. Real scans, even sparse ones
+# that omit blank tiles, stay under ~1000; a few-KB header declaring 30000² pixels (a corrupt file, or a
+# decompression bomb) would otherwise size arrays from the declared dimensions. 0 disables the check
+# (spec: ``resources.max_slide_pixels_per_byte``).
+MAX_PIXELS_PER_BYTE = 10_000
 # Rows of level pixels per strip when a whole level is read for a thumbnail or tissue mask.
 _STRIP_BYTES = 64 * 1024 * 1024
 
@@ -46,7 +57,7 @@ class SlideError(Exception):
     """A slide cannot be used; ``str()`` starts with the slide path, ``.reason`` is a short code.
 
     Reasons: ``missing``, ``unsupported_format``, ``unreadable``, ``read_failed``, ``no_mpp``,
-    ``bad_mpp``, ``no_tissue``, ``closed``.
+    ``bad_mpp``, ``no_tissue``, ``closed``, ``implausible_size``.
     """
 
     def __init__(self, path: str | Path, reason: str, detail: str) -> None:
@@ -76,6 +87,76 @@ class _Backend:
         raise NotImplementedError
 
 
+# What libjpeg(-turbo) inside cuCIM prints when it cannot decode a tile. cuCIM then returns pixels anyway
+# (garbage, or whatever the buffer held), so its console output is the only error channel there is.
+_DECODE_ERROR = re.compile(
+    r"ERROR in line|Not a JPEG file|Corrupt JPEG|Premature end of JPEG|Invalid JPEG|Bogus |"
+    r"Unsupported marker|Huffman|Wrong JPEG|JPEG datastream|Improper call to JPEG",
+)
+_capture_lock = threading.Lock()
+
+
+class DecodeError(RuntimeError):
+    """The backend's decoder reported a broken tile while returning pixels for it."""
+
+
+_sink_fd: dict[int, int] = {}  # pid -> the capture file's descriptor (one per process, forks included)
+
+
+def _capture_fd() -> int:
+    pid = os.getpid()
+    if pid not in _sink_fd:
+        with tempfile.TemporaryFile() as f:
+            _sink_fd[pid] = os.dup(f.fileno())
+    return _sink_fd[pid]
+
+
+@contextlib.contextmanager
+def _captured_native_output() -> Iterator[list[str]]:
+    """Route this process' stdout/stderr (the file descriptors, which native code writes to) into a temp
+    file for the block; yields a list that receives the text. Anything captured is written back to
+    stderr afterwards, so nothing is hidden from the user; only one block runs at a time."""
+    sink: list[str] = []
+    with _capture_lock:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        fd = _capture_fd()
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        saved = [os.dup(1), os.dup(2)]
+        try:
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            try:
+                yield sink
+            finally:
+                with contextlib.suppress(Exception):
+                    _libc_fflush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+        finally:
+            for d in saved:
+                os.close(d)
+        n = os.lseek(fd, 0, os.SEEK_CUR)
+        text = os.pread(fd, n, 0).decode("utf-8", "replace") if n else ""
+    if text:
+        sink.append(text)
+        os.write(2, text.encode("utf-8", "replace"))
+
+
+@functools.cache
+def _libc() -> Any:
+    import ctypes
+
+    return ctypes.CDLL(None)
+
+
+def _libc_fflush() -> None:
+    """Flush C stdio buffers: native code printing to a non-terminal stdout is block-buffered."""
+    _libc().fflush(None)
+
+
 class _CucimBackend(_Backend):
     name = "cucim"
 
@@ -94,7 +175,12 @@ class _CucimBackend(_Backend):
         self.metadata: dict[str, Any] = json.loads(md) if isinstance(md, str) else dict(md)
 
     def read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        return np.asarray(self._img.read_region(location=list(location), size=list(size), level=level))
+        with _captured_native_output() as out:
+            arr = np.asarray(self._img.read_region(location=list(location), size=list(size), level=level))
+        if out and _DECODE_ERROR.search(out[0]):
+            detail = " ".join(out[0].split())[:200]
+            raise DecodeError(f"cuCIM reported a tile it could not decode ({detail})")
+        return arr
 
     def mpp(self) -> tuple[float | None, str]:
         aperio = self.metadata.get("aperio") or {}
@@ -341,6 +427,7 @@ def open_slide(
     path: str | Path,
     mpp_override: float | None = None,
     backends: Sequence[str] = DEFAULT_BACKENDS,
+    max_pixels_per_byte: float = MAX_PIXELS_PER_BYTE,
 ) -> Slide:
     """Open ``path`` with the first backend (in order) that supports its format and can read it.
 
@@ -348,10 +435,7 @@ def open_slide(
     ``SlideError(reason="no_mpp")`` rather than tiling at a guessed scale.
     """
     path = Path(path)
-    if not path.exists():
-        raise SlideError(path, "missing", "file does not exist")
-    if not path.is_file():
-        raise SlideError(path, "unreadable", "not a regular file")
+    check_slide_file(path)
     unknown = [b for b in backends if b not in _BACKENDS]
     if unknown:
         raise ValueError(f"unknown slide backend(s) {unknown}; choose from {sorted(_BACKENDS)}")
@@ -373,7 +457,14 @@ def open_slide(
         reader: _Backend | None = None
         try:
             reader = _BACKENDS[name][0](path)
+            check_declared_size(path, reader.level_dimensions[0] if reader.level_dimensions else (0, 0),
+                                max_pixels_per_byte)  # fmt: skip
             _check_reader(reader)
+        except SlideError:
+            if reader is not None:
+                with contextlib.suppress(Exception):
+                    reader.close()
+            raise
         except Exception as e:
             errors.append(f"{name}: {type(e).__name__}: {e}".strip())
             if reader is not None:
@@ -404,6 +495,32 @@ def open_slide(
             _reader=reader,
         )
     raise SlideError(path, "unreadable", "no backend could open it: " + "; ".join(errors))
+
+
+def check_declared_size(path: Path, dimensions: tuple[int, int], max_pixels_per_byte: float) -> None:
+    """Refuse a file whose header declares far more pixels than its bytes can hold (see MAX_PIXELS_PER_BYTE)."""
+    if not max_pixels_per_byte:
+        return
+    w, h = (int(v) for v in dimensions)
+    size = max(1, path.stat().st_size)
+    if w * h > max_pixels_per_byte * size:
+        raise SlideError(
+            path,
+            "implausible_size",
+            f"declares {w}x{h} pixels in a {size}-byte file ({w * h / size:.0f} pixels per byte; real scans "
+            f"stay far below {max_pixels_per_byte:.0f}): a corrupt header or a decompression bomb, not read. "
+            "If the file is genuine, raise resources.max_slide_pixels_per_byte (0 = no check)",
+        )
+
+
+def check_slide_file(path: Path) -> None:
+    """A SlideError for what is not a readable file: missing, a broken or looping link, a folder."""
+    if not path.exists():
+        if path.is_symlink():
+            raise SlideError(path, "missing", f"broken or looping symbolic link (-> {os.readlink(path)})")
+        raise SlideError(path, "missing", "file does not exist")
+    if not path.is_file():
+        raise SlideError(path, "unreadable", "not a regular file")
 
 
 def _check_reader(reader: _Backend) -> None:

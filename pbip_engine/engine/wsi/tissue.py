@@ -21,6 +21,10 @@ from pbip_engine.engine.io.atomic import atomic_write_bytes
 from pbip_engine.engine.wsi.slides import Slide, SlideError
 
 QC_CONTOUR_RGB = (0, 200, 0)
+# The detection rendering and its masks are held in memory: at most this many pixels (about 0.5 GB at
+# the peak of the morphology). A 75 x 50 mm slide fits at ~11 µm/px; a larger (or larger-declared)
+# slide is rendered coarser instead of sizing arrays from its declared dimensions.
+MAX_DETECTION_PIXELS = 32 * 1024 * 1024
 
 
 @dataclass
@@ -50,10 +54,13 @@ class TissueResult:
 
 
 def detection_downsample(slide: Slide, target_mpp: float) -> float:
-    """Level-0 pixels per mask pixel for ``target_mpp`` (≥ 1: never render finer than level 0)."""
+    """Level-0 pixels per mask pixel for ``target_mpp`` (≥ 1: never render finer than level 0), made
+    coarser where the rendering would exceed MAX_DETECTION_PIXELS."""
     if slide.mpp is None:
         raise SlideError(slide.path, "no_mpp", "tissue detection needs the slide's µm/px")
-    return max(1.0, target_mpp / slide.mpp)
+    w0, h0 = slide.dimensions
+    budget = math.sqrt(w0 * h0 / MAX_DETECTION_PIXELS)
+    return max(1.0, target_mpp / slide.mpp, budget)
 
 
 def detect_tissue(slide: Slide, params: TissueParams | None = None) -> TissueResult:
