@@ -39,7 +39,18 @@ def _run(spec: JobSpec, stages: list[str] | None, force: list[str], address: str
         if st.get("error"):
             line += f"  error: {st['error']}"
         click.echo(line)
+    _write_report(summary.output)
     return summary.exit_code
+
+
+def _write_report(run_dir: Path) -> None:
+    """The HTML report after every run; a report that cannot be built never fails the run itself."""
+    from pbip_engine.jobs.report import build_report
+
+    try:
+        click.echo(f"report: {build_report(run_dir)}")
+    except Exception as e:
+        click.echo(f"warning: report not written: {type(e).__name__}: {e}")
 
 
 @click.group()
@@ -271,6 +282,18 @@ def demo(out: str, address: str | None, slides: int | None, size: int | None, me
     if (out / "segment" / "masks").is_dir():
         click.echo(f"QuPath-ready masks, GeoJSON and overlays: {out / 'segment' / 'masks'}")
     sys.exit(code)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+def report(run_dir: str) -> None:
+    """Write RUN_DIR/report.html: stages, per-slide QC and masks, training curves, metrics, spec."""
+    from pbip_engine.jobs.report import ReportError, build_report
+
+    try:
+        click.echo(f"wrote {build_report(run_dir)}")
+    except ReportError as e:
+        raise click.ClickException(str(e)) from None
 
 
 @main.command()
