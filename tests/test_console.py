@@ -1,0 +1,82 @@
+"""The quiet console: Ray's noise into RUN_DIR/logs/, what matters on the terminal, nothing lost."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from pbip_engine.cli_console import should_forward
+
+# Captured from `pbip-engine demo` (2026-12-01), ANSI colour codes included.
+NOISE = [
+    "\x1b[36m(PlacementGroupCleaner pid=5811)\x1b[0m Failed to query Ray Train Controller actor state. State API may be temporarily unavailable. Continuing to monitor.",
+    "\x1b[36m(pid=6120)\x1b[0m - split(1, equal=True): Tasks: 0; Actors: 0; Queued blocks: 0 (0.0B); Resources: 0.0 CPU, 0.0B object store",
+    "2026-12-01 03:33:01,123\tINFO logging_progress.py:123 --   Tasks: 1; Actors: 1 (running=1, restarting=0, pending=0, active=1, idle=0, util=1.0, tasks_in_flight=1); Queued blocks: 0",
+    "[2026-12-01 03:33:01,456 E 123 456] core_worker.cc:2000: Actor with class name: 'MapWorker(MapBatches(ArrowEmbedder))' and ID: 'ab12' has constructor arguments in the object store and max_restarts > 0.",
+    "\x1b[36m(pid=6120)\x1b[0m ✔️  Dataset val_1_0 execution finished in 0.52 seconds: 27.0 row [00:00, 51.9 row/s]",
+]
+
+
+def test_what_reaches_the_terminal():
+    assert [should_forward(line) for line in NOISE] == [None] * len(NOISE)
+    epoch = "\x1b[36m(RayTrainWorker pid=6071)\x1b[0m epoch 1/2: loss 2.8439, 15.6 img/s, val score -2.3466 (best -2.3466)"
+    assert should_forward(epoch) == "  epoch 1/2: loss 2.8439, 15.6 img/s, val score -2.3466 (best -2.3466)"
+    for line in (
+        "(raylet) The node with node id: 4f2a has been marked dead because the detector has missed too many heartbeats",
+        "(TrainController pid=7) Worker group failed: retrying training (1/2)",
+        "(MapWorker pid=9) RayTaskError: slide synth_001: cannot read tile",
+    ):
+        assert should_forward(line) is not None and should_forward(line).startswith("  ray: "), line
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import subprocess, sys
+    from tqdm import tqdm
+    from pbip_engine.cli_console import QuietConsole
+
+    with QuietConsole(sys.argv[1], verbose=sys.argv[2] == "1") as con:
+        con.stage_log("[tile] running (abc)")
+        noise = "import sys\\nfor i in range(300):\\n    print(f'(pid={i}) - ReadParquet: Tasks: 1; Actors: 0 row {i}')\\n"
+        noise += "print('(RayTrainWorker pid=5) epoch 1/2: loss 2.8', file=sys.stderr)"
+        subprocess.run([sys.executable, "-c", noise])  # a child process writing to the inherited fds
+        for _ in tqdm(range(40), desc="tile slides", unit="slide", mininterval=0):
+            pass
+        print("(raylet) The node with node id: ab has been marked dead", file=sys.stderr)
+        con.echo("[tile] done in 1.0s {'slides': 40}")
+    print("after the run")
+    """
+)
+
+
+def _run(tmp_path: Path, verbose: bool) -> tuple[list[str], str]:
+    script = tmp_path / "s.py"
+    script.write_text(SCRIPT)
+    log = tmp_path / f"logs{int(verbose)}" / "console.log"
+    out = subprocess.run(
+        [sys.executable, str(script), str(log), str(int(verbose))],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return out.stdout.splitlines(), log.read_text()
+
+
+def test_quiet_console_captures_everything_and_shows_little(tmp_path):
+    shown, log = _run(tmp_path, verbose=False)
+    assert shown == [
+        "  epoch 1/2: loss 2.8",
+        "tile slides: 100%|██████████| 40/40 [00:00<00:00, " + shown[1].split(", ", 1)[1],
+        "  ray: (raylet) The node with node id: ab has been marked dead",
+        "[tile] done in 1.0s {'slides': 40}",  # after its own bar, never before
+        "after the run",
+    ]
+    for text in ("row 0\n", "row 299\n", "epoch 1/2", "marked dead", "[tile] running (abc)", "[tile] done"):
+        assert text in log, text  # nothing is lost
+    assert "pbip-engine-console-sync" not in log
+
+
+def test_verbose_shows_everything(tmp_path):
+    shown, log = _run(tmp_path, verbose=True)
+    assert sum("ReadParquet" in line for line in shown) == 300
+    assert "row 299" in log and shown[-1] == "after the run"
