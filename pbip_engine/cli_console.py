@@ -9,12 +9,13 @@ duration of the run, file descriptors 1 and 2 are pointed at a pipe. A thread co
 * progress bars of the engine's own steps (tqdm bars whose description starts with a lower-case word,
   e.g. ``tile slides``; Ray Data's bars start with ``-``, ``Running`` or a check mark), drawn in place on a
   terminal and once, finished, when stdout is a file;
-* the training loop's ``epoch i/n: ...`` lines;
+* the training loop's ``epoch i/n: ...`` lines (once each);
 * lines that report a failure, an error, a retry/restart or a lost node (minus known harmless Ray
   warnings, such as Ray Train's "Failed to query Ray Train Controller actor state").
 
 The engine's messages are written with :meth:`QuietConsole.echo`, straight to the terminal (and into the
-log). ``verbose=True`` forwards everything, as before.
+log); of the driver's log (:meth:`QuietConsole.stage_log`) the ``[stage] ...`` lines are shown, a stage's
+untagged detail lines only when they report a failure. ``verbose=True`` forwards everything, as before.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import IO
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 RAY_PREFIX = re.compile(r"^\((?P<who>[\w.]+) pid=\d+(?:, ip=[\d.]+)?\)\s*")
 ENGINE_BAR = re.compile(r"^[a-z][a-z0-9 _-]*: +\d+%\|")
+BAR_TAIL = re.compile(r"\s*\((?:[\w.]+ )?pid=\d+")
 EPOCH = re.compile(r"\bepoch \d+/\d+:")
 IMPORTANT = re.compile(
     r"(?i)(\bfail(ed|ure|ing)?\b|\w*error\b|traceback|\bretr(y|ying|ied)\b|\brestart(ing|ed)?\b(?!=)"
@@ -37,6 +39,7 @@ IMPORTANT = re.compile(
 )
 HARMLESS = re.compile(
     r"Failed to query Ray Train Controller actor state"
+    r"|\(PlacementGroupCleaner pid="  # Ray Train's clean-up actor (e.g. "multiple active Ray instances")
     r"|has constructor arguments in the object store"
     r"|Tasks: \d+.*Actors: \d+"  # Ray Data's progress tables ("restarting=0", "failed=0")
 )
@@ -56,12 +59,12 @@ def should_forward(line: str) -> str | None:
     """What the terminal shows of one captured line (ANSI codes and Ray's ``(pid=...)`` prefix removed),
     or None to keep it in the log only."""
     text = ANSI.sub("", line).strip()
-    bare = RAY_PREFIX.sub("", text)
-    if not bare:
+    if not text or HARMLESS.search(text):
         return None
-    if EPOCH.search(bare) and not HARMLESS.search(bare):
-        return "  " + bare[:MAX_LINE]
-    if IMPORTANT.search(bare) and not HARMLESS.search(bare):
+    epoch = EPOCH.search(text)
+    if epoch:  # may follow the remains of a progress bar on the same line
+        return "  " + text[epoch.start() :][:MAX_LINE]
+    if IMPORTANT.search(RAY_PREFIX.sub("", text)):
         return "  ray: " + text[:MAX_LINE]
     return None
 
@@ -83,6 +86,7 @@ class QuietConsole:
         self._own_term = False
         self._log_nl = True  # the log file ends with a newline
         self._synced = threading.Event()
+        self._last: str | None = None
 
     # -- the engine's own messages ---------------------------------------------------------------------
     def echo(self, msg: str = "") -> None:
@@ -116,8 +120,15 @@ class QuietConsole:
     def stage_log(self, msg: str) -> None:
         """The driver's log: "[stage] running" is a transient status line on a terminal (the stage's
         result line replaces it) and goes to the log only when stdout is a file; the rest is echoed."""
-        if self.verbose or self.term is None or not STAGE_START.match(msg):
+        if self.verbose or self.term is None:
             self.echo(msg)
+            return
+        if not STAGE_START.match(msg):
+            if msg.startswith("[") or IMPORTANT.search(msg):
+                self.echo(msg)
+            else:  # a stage's detail line ("bank: class x: 19 tiles used"): the log keeps it
+                with self._lock:
+                    self._log_line(msg)
             return
         self._sync()
         with self._lock:
@@ -213,6 +224,7 @@ class QuietConsole:
                 return
             text = ANSI.sub("", seg).strip()
             if ENGINE_BAR.match(text):
+                text = BAR_TAIL.split(text, maxsplit=1)[0]  # another process's output on the same line
                 if self._tty:
                     term.write("\r" + text + "\x1b[K")
                     self._open = "bar"
@@ -223,7 +235,8 @@ class QuietConsole:
                 term.flush()
                 return
             line = should_forward(seg)
-            if line is not None:
+            if line is not None and line != self._last:  # Ray forwards a worker's line twice at times
+                self._last = line
                 self._end_bar()
                 term.write(line + "\n")
                 term.flush()

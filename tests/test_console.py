@@ -16,6 +16,7 @@ NOISE = [
     "2026-12-01 03:33:01,123\tINFO logging_progress.py:123 --   Tasks: 1; Actors: 1 (running=1, restarting=0, pending=0, active=1, idle=0, util=1.0, tasks_in_flight=1); Queued blocks: 0",
     "[2026-12-01 03:33:01,456 E 123 456] core_worker.cc:2000: Actor with class name: 'MapWorker(MapBatches(ArrowEmbedder))' and ID: 'ab12' has constructor arguments in the object store and max_restarts > 0.",
     "\x1b[36m(pid=6120)\x1b[0m ✔️  Dataset val_1_0 execution finished in 0.52 seconds: 27.0 row [00:00, 51.9 row/s]",
+    "\x1b[36m(PlacementGroupCleaner pid=20456)\x1b[0m ConnectionError: Found multiple active Ray instances: {'192.0.2.2:41651'}.",
 ]
 
 
@@ -23,6 +24,8 @@ def test_what_reaches_the_terminal():
     assert [should_forward(line) for line in NOISE] == [None] * len(NOISE)
     epoch = "\x1b[36m(RayTrainWorker pid=6071)\x1b[0m epoch 1/2: loss 2.8439, 15.6 img/s, val score -2.3466 (best -2.3466)"
     assert should_forward(epoch) == "  epoch 1/2: loss 2.8439, 15.6 img/s, val score -2.3466 (best -2.3466)"
+    after_a_bar = "       \x1b[A\x1b[36m(RayTrainWorker pid=244)\x1b[0m epoch 3/8: loss 6.5, 3.6 img/s"
+    assert should_forward(after_a_bar) == "  epoch 3/8: loss 6.5, 3.6 img/s"
     for line in (
         "(raylet) The node with node id: 4f2a has been marked dead because the detector has missed too many heartbeats",
         "(TrainController pid=7) Worker group failed: retrying training (1/2)",
@@ -40,12 +43,14 @@ SCRIPT = textwrap.dedent(
     with QuietConsole(sys.argv[1], verbose=sys.argv[2] == "1") as con:
         con.stage_log("[tile] running (abc)")
         noise = "import sys\\nfor i in range(300):\\n    print(f'(pid={i}) - ReadParquet: Tasks: 1; Actors: 0 row {i}')\\n"
-        noise += "print('(RayTrainWorker pid=5) epoch 1/2: loss 2.8', file=sys.stderr)"
+        noise += "print('(RayTrainWorker pid=5) epoch 1/2: loss 2.8', file=sys.stderr)\\n" * 2
         subprocess.run([sys.executable, "-c", noise])  # a child process writing to the inherited fds
         for _ in tqdm(range(40), desc="tile slides", unit="slide", mininterval=0):
             pass
         print("(raylet) The node with node id: ab has been marked dead", file=sys.stderr)
-        con.echo("[tile] done in 1.0s {'slides': 40}")
+        con.stage_log("bank: class x: 19 tiles used")
+        con.stage_log("bank: slide y FAILED: unreadable")
+        con.stage_log("[tile] done in 1.0s {'slides': 40}")
     print("after the run")
     """
 )
@@ -68,10 +73,11 @@ def test_quiet_console_captures_everything_and_shows_little(tmp_path):
         "  epoch 1/2: loss 2.8",
         "tile slides: 100%|██████████| 40/40 [00:00<00:00, " + shown[1].split(", ", 1)[1],
         "  ray: (raylet) The node with node id: ab has been marked dead",
+        "bank: slide y FAILED: unreadable",  # a stage's detail line only when it reports a failure
         "[tile] done in 1.0s {'slides': 40}",  # after its own bar, never before
         "after the run",
     ]
-    for text in ("row 0\n", "row 299\n", "epoch 1/2", "marked dead", "[tile] running (abc)", "[tile] done"):
+    for text in ("row 0\n", "row 299\n", "epoch 1/2", "marked dead", "[tile] running (abc)", "19 tiles used"):
         assert text in log, text  # nothing is lost
     assert "pbip-engine-console-sync" not in log
 
