@@ -20,6 +20,7 @@ untagged detail lines only when they report a failure. ``verbose=True`` forwards
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -31,7 +32,7 @@ from typing import IO
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 RAY_PREFIX = re.compile(r"^\((?P<who>[\w.]+) pid=\d+(?:, ip=[\d.]+)?\)\s*")
 ENGINE_BAR = re.compile(r"^[a-z][a-z0-9 _-]*: +\d+%\|")
-BAR_TAIL = re.compile(r"\s*\((?:[\w.]+ )?pid=\d+")
+BAR_END = re.compile(r"^[^|]*\|[^|]*\|[^\]]*\]")  # "desc: 40%|####      | 2/5 [00:01<00:02, 2.0it/s]"
 EPOCH = re.compile(r"\bepoch \d+/\d+:")
 IMPORTANT = re.compile(
     r"(?i)(\bfail(ed|ure|ing)?\b|\w*error\b|traceback|\bretr(y|ying|ied)\b|\brestart(ing|ed)?\b(?!=)"
@@ -46,6 +47,14 @@ HARMLESS = re.compile(
 SYNC_MARK = b"\x00pbip-engine-console-sync\x00"
 STAGE_START = re.compile(r"^\[[\w-]+\] running\b")
 MAX_LINE = 400
+
+
+def _close_progress_bars() -> None:
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        with contextlib.suppress(Exception):  # a library's bar in a bad state must not hide the result
+            bar.close()
 
 
 def _fileno(stream: object) -> int | None:
@@ -165,6 +174,7 @@ class QuietConsole:
     def __exit__(self, *exc: object) -> None:
         if self._saved is None:
             return
+        _close_progress_bars()  # Ray Data's driver-side bars would print their last state at exit
         sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(self._saved[0], 1)  # closes the pipe's write end on 1 and 2: the pump sees EOF
@@ -224,7 +234,8 @@ class QuietConsole:
                 return
             text = ANSI.sub("", seg).strip()
             if ENGINE_BAR.match(text):
-                text = BAR_TAIL.split(text, maxsplit=1)[0]  # another process's output on the same line
+                bar = BAR_END.match(text)  # cut what another writer appended to the same line
+                text = bar.group(0) if bar else text
                 if self._tty:
                     term.write("\r" + text + "\x1b[K")
                     self._open = "bar"

@@ -86,3 +86,10 @@ def test_verbose_shows_everything(tmp_path):
     shown, log = _run(tmp_path, verbose=True)
     assert sum("ReadParquet" in line for line in shown) == 300
     assert "row 299" in log and shown[-1] == "after the run"
+
+
+def test_a_bar_is_cut_where_another_writer_appended_to_its_line():
+    from pbip_engine.cli_console import BAR_END
+
+    line = "segment slides:  25%|██▌       | 1/4 [01:32<04:37, 92.58s/slide]2026-12-01 04:59:57,821\tINFO logging_progress.py:174 -- ==="
+    assert BAR_END.match(line).group(0) == "segment slides:  25%|██▌       | 1/4 [01:32<04:37, 92.58s/slide]"
