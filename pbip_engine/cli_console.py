@@ -234,8 +234,10 @@ class QuietConsole:
                 return
             text = ANSI.sub("", seg).strip()
             if ENGINE_BAR.match(text):
-                bar = BAR_END.match(text)  # cut what another writer appended to the same line
-                text = bar.group(0) if bar else text
+                bar = BAR_END.match(text)
+                if bar and bar.end() < len(text):
+                    # Another writer appended to the bar's line; that newline is its, not the bar's end.
+                    text, final = bar.group(0), False
                 if self._tty:
                     term.write("\r" + text + "\x1b[K")
                     self._open = "bar"

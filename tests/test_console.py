@@ -93,3 +93,15 @@ def test_a_bar_is_cut_where_another_writer_appended_to_its_line():
 
     line = "segment slides:  25%|██▌       | 1/4 [01:32<04:37, 92.58s/slide]2026-12-01 04:59:57,821\tINFO logging_progress.py:174 -- ==="
     assert BAR_END.match(line).group(0) == "segment slides:  25%|██▌       | 1/4 [01:32<04:37, 92.58s/slide]"
+
+
+def test_a_bar_line_ended_by_another_writer_is_not_the_finished_bar():
+    import io
+
+    from pbip_engine.cli_console import QuietConsole
+
+    con = QuietConsole(None)
+    con.term = io.StringIO()  # a file, not a terminal: each bar is written once, finished
+    con._show("segment slides:  25%|██▌       | 1/4 [01:32<04:37, 92.58s/slide]2026-12-01 INFO x", final=True)
+    con._show("segment slides: 100%|██████████| 4/4 [03:31<00:00, 52.90s/slide]", final=True)
+    assert con.term.getvalue() == "segment slides: 100%|██████████| 4/4 [03:31<00:00, 52.90s/slide]\n"
