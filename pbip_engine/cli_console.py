@@ -31,7 +31,7 @@ from typing import IO
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 RAY_PREFIX = re.compile(r"^\((?P<who>[\w.]+) pid=\d+(?:, ip=[\d.]+)?\)\s*")
-ENGINE_BAR = re.compile(r"^[a-z][a-z0-9 _-]*: +\d+%\|")
+ENGINE_BAR = re.compile(r"^[a-z][a-z0-9 _-]*: +(\d+%\||\d+[a-z/]* \[)")  # with a total, or a count
 BAR_END = re.compile(r"^[^|]*\|[^|]*\|[^\]]*\]")  # "desc: 40%|####      | 2/5 [00:01<00:02, 2.0it/s]"
 EPOCH = re.compile(r"\bepoch \d+/\d+:")
 IMPORTANT = re.compile(
