@@ -49,7 +49,7 @@ def _run(
             if st.get("failed_units"):
                 line += f"  failed: {st['failed_units']}"
             if st.get("error"):
-                line += f"  error: {st['error']}"
+                line += f"  error: {(st['error'].splitlines() or [''])[0]}"  # all of it: run.json
             con.echo(line)
         _write_report(summary.output, con.echo)
         con.echo(

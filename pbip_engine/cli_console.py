@@ -11,7 +11,8 @@ duration of the run, file descriptors 1 and 2 are pointed at a pipe. A thread co
   terminal and once, finished, when stdout is a file;
 * the training loop's ``epoch i/n: ...`` lines (once each);
 * lines that report a failure, an error, a retry/restart or a lost node (minus known harmless Ray
-  warnings, such as Ray Train's "Failed to query Ray Train Controller actor state").
+  warnings, such as Ray Train's "Failed to query Ray Train Controller actor state"), each distinct line
+  once and at most :data:`MAX_RAY_LINES` of them.
 
 The engine's messages are written with :meth:`QuietConsole.echo`, straight to the terminal (and into the
 log); of the driver's log (:meth:`QuietConsole.stage_log`) the ``[stage] ...`` lines are shown, a stage's
@@ -47,6 +48,8 @@ HARMLESS = re.compile(
 SYNC_MARK = b"\x00pbip-engine-console-sync\x00"
 STAGE_START = re.compile(r"^\[[\w-]+\] running\b")
 MAX_LINE = 400
+MAX_RAY_LINES = 20  # forwarded Ray warnings per run; the rest is in the log
+MAX_MESSAGE_LINES = 3  # of a multi-line engine message (a stage's error) on the console
 
 
 def _close_progress_bars() -> None:
@@ -95,16 +98,25 @@ class QuietConsole:
         self._own_term = False
         self._log_nl = True  # the log file ends with a newline
         self._synced = threading.Event()
-        self._last: str | None = None
+        self._seen: set[str] = set()
+        self._ray_lines = 0
 
     # -- the engine's own messages ---------------------------------------------------------------------
     def echo(self, msg: str = "") -> None:
-        """A line for the user: on the terminal and in the log, after what was printed before it."""
+        """A line for the user: on the terminal and in the log, after what was printed before it.
+
+        A long multi-line message (a stage's error with Ray's memory report) is cut to its first lines on
+        the console; the log keeps all of it."""
         self._sync()
+        shown = msg
+        lines = msg.splitlines()
+        if not self.verbose and self.log_path is not None and len(lines) > MAX_MESSAGE_LINES:
+            more = len(lines) - MAX_MESSAGE_LINES
+            shown = "\n".join([*lines[:MAX_MESSAGE_LINES], f"  ... {more} more line(s) in {self.log_path}"])
         with self._lock:
             self._end_bar()
             out = self.term or sys.stdout
-            out.write(msg + "\n")
+            out.write(shown + "\n")
             out.flush()
             self._log_line(msg)
 
@@ -248,8 +260,16 @@ class QuietConsole:
                 term.flush()
                 return
             line = should_forward(seg)
-            if line is not None and line != self._last:  # Ray forwards a worker's line twice at times
-                self._last = line
-                self._end_bar()
-                term.write(line + "\n")
-                term.flush()
+            if line is None or line in self._seen:  # Ray repeats lines (per worker, per retry)
+                return
+            self._seen.add(line)
+            if line.startswith("  ray: "):
+                self._ray_lines += 1
+                if self._ray_lines > MAX_RAY_LINES:
+                    if self._ray_lines == MAX_RAY_LINES + 1:
+                        line = f"  ray: ... more warnings in {self.log_path}"
+                    else:
+                        return
+            self._end_bar()
+            term.write(line + "\n")
+            term.flush()

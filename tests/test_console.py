@@ -105,3 +105,25 @@ def test_a_bar_line_ended_by_another_writer_is_not_the_finished_bar():
     con._show("segment slides:  25%|██▌       | 1/4 [01:32<04:37, 92.58s/slide]2026-12-01 INFO x", final=True)
     con._show("segment slides: 100%|██████████| 4/4 [03:31<00:00, 52.90s/slide]", final=True)
     assert con.term.getvalue() == "segment slides: 100%|██████████| 4/4 [03:31<00:00, 52.90s/slide]\n"
+
+
+def test_long_errors_and_repeated_ray_warnings_are_cut_on_the_console(tmp_path):
+    import io
+
+    from pbip_engine.cli_console import MAX_RAY_LINES, QuietConsole
+
+    con = QuietConsole(tmp_path / "console.log")
+    con.term = io.StringIO()
+    con.echo("[classnet] FAILED: ControllerError: 6 worker(s) were killed\n" + "memory report line\n" * 40)
+    oom = "(TrainController pid=1) ray.exceptions.OutOfMemoryError: 6 worker(s) were killed (node {})"
+    for i in range(3 * MAX_RAY_LINES):
+        con._show(oom.format(i % (2 * MAX_RAY_LINES)), final=True)  # each line twice, 2x the cap distinct
+    shown = con.term.getvalue().splitlines()
+    assert shown[:4] == [
+        "[classnet] FAILED: ControllerError: 6 worker(s) were killed",
+        "memory report line",
+        "memory report line",
+        f"  ... 38 more line(s) in {tmp_path / 'console.log'}",
+    ]
+    assert len(shown) == 4 + MAX_RAY_LINES + 1 and shown[-1].startswith("  ray: ... more warnings in")
+    assert len(set(shown[4:])) == MAX_RAY_LINES + 1  # no line twice
