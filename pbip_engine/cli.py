@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -25,22 +26,47 @@ def _load(spec_path: str) -> JobSpec:
     return spec
 
 
-def _run(spec: JobSpec, stages: list[str] | None, force: list[str], address: str | None) -> int:
+def _run(
+    spec: JobSpec, stages: list[str] | None, force: list[str], address: str | None, verbose: bool = False
+) -> int:
+    """Run the pipeline behind a quiet console (Ray's output in RUN_DIR/logs/), then write the report."""
+    from pbip_engine.cli_console import QuietConsole
     from pbip_engine.jobs.driver import run_pipeline
+    from pbip_engine.jobs.ray_runtime import shutdown_ray
+
+    # A URI output is refused by the driver with its own message; there is no folder to log into.
+    log_path = None if spec.run.is_uri else Path(spec.run.output) / "logs" / "console.log"
+    with QuietConsole(log_path, verbose=verbose) as con:
+        try:
+            summary = run_pipeline(spec, only=stages, force=force, address=address, log=con.stage_log)
+        except SpecError as e:
+            raise click.ClickException(str(e)) from None
+        finally:
+            shutdown_ray()  # while its output still goes to the log
+        problems = {k: v for k, v in summary.stages.items() if v["status"] not in ("done", "not needed")}
+        con.echo(f"run summary: {summary.output / 'run.json'}" + ("" if problems else " (every stage done)"))
+        for name, st in problems.items():
+            line = f"  {name:<16} {st['status']}"
+            if st.get("failed_units"):
+                line += f"  failed: {st['failed_units']}"
+            if st.get("error"):
+                line += f"  error: {(st['error'].splitlines() or [''])[0]}"  # all of it: run.json
+            con.echo(line)
+        _write_report(summary.output, con.echo)
+        con.echo(
+            f"logs: {con.log_path}" + ("" if verbose else " (Ray's output; --verbose shows it here too)")
+        )
+    return summary.exit_code
+
+
+def _write_report(run_dir: Path, echo: Callable[[str], None] = click.echo) -> None:
+    """The HTML report after every run; a report that cannot be built never fails the run itself."""
+    from pbip_engine.jobs.report import build_report
 
     try:
-        summary = run_pipeline(spec, only=stages, force=force, address=address, log=click.echo)
-    except SpecError as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(f"run summary: {summary.output / 'run.json'}")
-    for name, st in summary.stages.items():
-        line = f"  {name:<16} {st['status']}"
-        if st.get("failed_units"):
-            line += f"  failed: {st['failed_units']}"
-        if st.get("error"):
-            line += f"  error: {st['error']}"
-        click.echo(line)
-    return summary.exit_code
+        echo(f"report: {build_report(run_dir)}")
+    except Exception as e:
+        echo(f"warning: report not written: {type(e).__name__}: {e}")
 
 
 class _Main(click.Group):
@@ -138,6 +164,7 @@ def _counts(info: dict) -> dict:
 _run_options = [
     click.option("--address", default=None, help="Ray cluster address (default: start a local Ray)"),
     click.option("--force", default=None, help="comma-separated stages to redo even if up to date ('all')"),
+    click.option("--verbose", is_flag=True, help="show Ray's own output here too (always in RUN_DIR/logs/)"),
 ]
 
 
@@ -151,17 +178,17 @@ def _with_run_options(f):
 @click.argument("spec", type=click.Path())
 @click.option("--stages", default=None, help="comma-separated stages to run (default: all enabled)")
 @_with_run_options
-def run(spec: str, stages: str | None, address: str | None, force: str | None) -> None:
+def run(spec: str, stages: str | None, address: str | None, force: str | None, verbose: bool) -> None:
     """Run the pipeline (or some stages) of SPEC; finished stages are skipped."""
-    sys.exit(_run(_load(spec), split_names(stages), split_names(force) or [], address))
+    sys.exit(_run(_load(spec), split_names(stages), split_names(force) or [], address, verbose))
 
 
 def _stage_command(stage: str, help_text: str, name: str | None = None):
     @main.command(name=name or stage, help=help_text)
     @click.argument("spec", type=click.Path())
     @_with_run_options
-    def _cmd(spec: str, address: str | None, force: str | None) -> None:
-        sys.exit(_run(_load(spec), [stage], split_names(force) or [], address))
+    def _cmd(spec: str, address: str | None, force: str | None, verbose: bool) -> None:
+        sys.exit(_run(_load(spec), [stage], split_names(force) or [], address, verbose))
 
     return _cmd
 
@@ -276,7 +303,10 @@ def evaluate(
 @click.option(
     "--method", default=None, help="run the demo with another registered method (see `pbip-engine methods`)"
 )
-def demo(out: str, address: str | None, slides: int | None, size: int | None, method: str | None) -> None:
+@click.option("--verbose", is_flag=True, help="show Ray's own output here too (always in OUT/logs/)")
+def demo(
+    out: str, address: str | None, slides: int | None, size: int | None, method: str | None, verbose: bool
+) -> None:
     """Synthesise a small cohort and run the whole pipeline on it, locally."""
     import yaml
 
@@ -297,7 +327,7 @@ def demo(out: str, address: str | None, slides: int | None, size: int | None, me
     except SpecError as e:
         raise click.ClickException(str(e)) from None
     t0 = time.perf_counter()
-    code = _run(spec, None, [], address)
+    code = _run(spec, None, [], address, verbose)
     click.echo(f"demo finished in {time.perf_counter() - t0:.0f}s; outputs under {spec.run.output}")
     out = Path(spec.run.output)
     for name in ("synth", "tile", "embed", "bank", "classnet", "pseudo", "segmenter", "segment"):
@@ -320,6 +350,18 @@ def demo(out: str, address: str | None, slides: int | None, size: int | None, me
     if (out / "segment" / "masks").is_dir():
         click.echo(f"QuPath-ready masks, GeoJSON and overlays: {out / 'segment' / 'masks'}")
     sys.exit(code)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+def report(run_dir: str) -> None:
+    """Write RUN_DIR/report.html: stages, per-slide QC and masks, training curves, metrics, spec."""
+    from pbip_engine.jobs.report import ReportError, build_report
+
+    try:
+        click.echo(f"wrote {build_report(run_dir)}")
+    except ReportError as e:
+        raise click.ClickException(str(e)) from None
 
 
 @main.command()

@@ -142,6 +142,21 @@ def test_segment_outputs_read_back(pipeline_run: Path) -> None:
     assert 0.0 <= metrics["miou"] <= 1.0 and metrics["ignore_background"] is True
 
 
+def test_report_of_the_run_in_a_browser(pipeline_run: Path) -> None:
+    """The HTML report of this real run, opened in headless Chromium: every stage, every image loads."""
+    from browser import open_page
+
+    from pbip_engine.jobs.report import build_report
+
+    page = open_page(build_report(pipeline_run))
+    assert page.stage_rows == dict.fromkeys(STAGES, "done")
+    # 3 slides x (QC + overlay) + gallery + 2 training curves + 3 pseudo mosaics
+    assert len(page.images) == 12 and all(i["naturalWidth"] > 0 for i in page.images), page.images
+    assert page.console_errors == [] and page.failed_requests == [] and page.non_file_requests == []
+    for text in ("synth_000", "tumour", "Whole-slide masks vs truth", "Pseudo masks vs truth"):
+        assert text in page.text
+
+
 def test_rerun_skips_everything(pipeline_run: Path) -> None:
     spec = load_spec(pipeline_run.parent / "spec.yaml")
     logs: list[str] = []

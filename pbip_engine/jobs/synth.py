@@ -23,5 +23,8 @@ class SynthStage(Stage):
         s = ctx.spec.data.synthetic
         assert s is not None
         with tqdm(total=s.slides, desc="synth slides", unit="slide", disable=not ctx.progress) as bar:
-            cohort = write_cohort(ctx.work_dir, s.slides, s.size, s.seed, mpp=s.mpp, progress=bar.update)
+            # progress(k) reports the k-th slide done (a count, not an increment)
+            cohort = write_cohort(
+                ctx.work_dir, s.slides, s.size, s.seed, mpp=s.mpp, progress=lambda k: bar.update(k - bar.n)
+            )
         return StageResult(counts={"slides": len(cohort["slides"]), "size": s.size})

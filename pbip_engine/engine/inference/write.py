@@ -6,6 +6,8 @@
 * ``<slide>.classes.geojson`` - one valid (Multi)Polygon per class in level-0 pixels,
   ``classification {name, color}``, area in µm², vectorised from a mode-downsampled mask.
 * ``<slide>.overlay.png`` - thumbnail with the classes blended in.
+* ``<slide>.overlay.ome.tif`` - the same blend as an RGB OME-TIFF pyramid (≤ ``overlay_max_px`` a side)
+  whose pixel size lines it up with the slide, for QuPath.
 
 The label mask is read back from the canvas once, band by band, while the TIFF is written; the same pass
 counts pixels per class and keeps the small mode-downsampled copy that GeoJSON and the overlay use, so no
@@ -27,11 +29,16 @@ from pbip_engine.engine.annotations.geojson import Annotation, mask_to_geometrie
 from pbip_engine.engine.inference.fill import fill_canvas
 from pbip_engine.engine.inference.plan import SegmentError, open_any, slide_stem
 from pbip_engine.engine.inference.stitch import Canvas
-from pbip_engine.engine.outputs.overlay import default_colors, write_overlay
+from pbip_engine.engine.outputs.overlay import default_colors, write_overlay, write_overlay_pyramid
 from pbip_engine.engine.outputs.tiff_writer import write_pyramid
 from pbip_engine.engine.wsi.tissue import TissueParams, TissueResult, detect_tissue
 
-OUTPUT_SUFFIXES = {"mask": ".mask.ome.tif", "geojson": ".classes.geojson", "overlay": ".overlay.png"}
+OUTPUT_SUFFIXES = {
+    "mask": ".mask.ome.tif",
+    "geojson": ".classes.geojson",
+    "overlay": ".overlay.png",
+    "overlay_tiff": ".overlay.ome.tif",
+}
 
 
 def _mode_downsample(band: np.ndarray, f: int, n_labels: int) -> np.ndarray:
@@ -238,6 +245,8 @@ def stitch_and_write(
     thumbnail_px: int = 1600,
     write_geojson: bool = True,
     write_overlay_png: bool = True,
+    write_overlay_tiff: bool = True,
+    overlay_max_px: int = 4096,
     maxworkers: int = 1,
 ) -> dict[str, Any]:
     """Blend tile maps into a canvas at ``output_mpp`` and write mask pyramid, GeoJSON and overlay.
@@ -261,6 +270,7 @@ def stitch_and_write(
         if restrict_to_tissue and tissue is None:
             tissue = detect_tissue(slide, tissue_params or TissueParams())
         thumb = slide.thumbnail(thumbnail_px) if write_overlay_png else None
+        big_thumb = slide.thumbnail(min(overlay_max_px, max(w0, h0))) if write_overlay_tiff else None
     out_mpp = float(output_mpp or slide_mpp)
     r = out_mpp / slide_mpp
     H, W = max(1, math.ceil(h0 / r - 1e-9)), max(1, math.ceil(w0 / r - 1e-9))
@@ -309,6 +319,9 @@ def stitch_and_write(
     t4 = time.perf_counter()
     if write_overlay_png and thumb is not None:
         write_overlay(paths["overlay"], thumb, bands.small, class_names, colors)
+    if write_overlay_tiff and big_thumb is not None:
+        thumb_mpp = slide_mpp * w0 / big_thumb.shape[1]
+        write_overlay_pyramid(paths["overlay_tiff"], big_thumb, bands.small, colors, thumb_mpp)
     t_overlay = time.perf_counter() - t4
 
     stats.update(
@@ -325,7 +338,9 @@ def stitch_and_write(
             "paths": {
                 k: str(p)
                 for k, p in paths.items()
-                if (k != "geojson" or write_geojson) and (k != "overlay" or write_overlay_png)
+                if (k != "geojson" or write_geojson)
+                and (k != "overlay" or write_overlay_png)
+                and (k != "overlay_tiff" or write_overlay_tiff)
             },
             "wait_s": filled.wait_s,
             "stitch_s": filled.stitch_s,

@@ -3,6 +3,9 @@
 A person scanning a cohort looks at PNGs, not at pyramids: one glance shows whether the model painted
 glass, missed tissue, or confused classes. The mask may come at any resolution; it is resized to the
 thumbnail with nearest-neighbour (labels must never be interpolated).
+
+The same blend is also written as an RGB OME-TIFF pyramid (:func:`write_overlay_pyramid`) whose physical
+pixel size makes it line up with the slide, so QuPath can open it beside the slide.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import cv2
 import numpy as np
 
 from pbip_engine.engine.io.atomic import atomic_write_bytes
+from pbip_engine.engine.outputs.tiff_writer import write_pyramid
 
 # Distinct colours for classes 1..N when the spec gives none (tab10 without grey).
 DEFAULT_COLORS: tuple[tuple[int, int, int], ...] = (
@@ -125,3 +129,26 @@ def write_overlay(
     if legend and class_names:
         img = add_legend(img, class_names, colors)
     return write_png(path, img)
+
+
+def write_overlay_pyramid(
+    path: str | Path,
+    thumbnail: np.ndarray,
+    mask: np.ndarray,
+    class_colors: Sequence[Sequence[int]],
+    mpp: float,
+    *,
+    alpha: float = 0.45,
+    tile: int = 256,
+    min_size: int = 256,
+) -> Path:
+    """``<slide>.overlay.ome.tif``: the blend as a JPEG RGB OME-TIFF pyramid at ``mpp`` µm per pixel.
+
+    ``mpp`` is the thumbnail's pixel size (the slide's µm/px times its downsampling), so the overlay
+    covers the same physical extent as the slide; no legend strip, which would break that alignment.
+    """
+    img = blend_overlay(thumbnail, mask, class_colors, alpha=alpha)
+    write_pyramid(
+        path, img, img.shape[:2], mpp, kind="rgb", tile=tile, min_size=min_size, ome=True, quality=90
+    )
+    return Path(path)

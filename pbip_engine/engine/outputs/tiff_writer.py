@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -162,10 +163,24 @@ class _LevelStore:
             self.path.unlink(missing_ok=True)
 
 
+_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def _xml_text(value: str) -> str:
+    """``value`` escaped for XML text or a double-quoted attribute; characters XML 1.0 forbids dropped."""
+    return escape(_XML_INVALID.sub("", str(value)), {'"': "&quot;"})
+
+
 def _ome_xml(
     shape: tuple[int, int], mpp: float, kind: str, names: list[str] | None, colors: list | None, name: str
-) -> str:
-    """Minimal OME-XML (2016-06) for one 2-D image; class table as two MapAnnotations."""
+) -> bytes:
+    """Minimal OME-XML (2016-06) for one 2-D image; class table as two MapAnnotations.
+
+    Returned as UTF-8 bytes, which is what the OME-TIFF specification puts in ImageDescription and what
+    Bio-Formats decodes: a ``str`` with a non-ASCII class or slide name is refused by tifffile (TIFF ASCII
+    tags are 7-bit), and character references (``&#233;``) are mangled by Bio-Formats' XML sanitiser
+    (which also made it fall back to its plain TIFF reader, flat, when the unit was written ``&#181;m``).
+    """
     h, w = shape
     samples = 3 if kind == "rgb" else 1
     size_c = samples
@@ -173,7 +188,7 @@ def _ome_xml(
     refs, annotations = "", ""
     if kind == "labels" and names is not None:
         entries = [("0", "background"), *((str(i + 1), n) for i, n in enumerate(names))]
-        m = "".join(f'<M K="{k}">{escape(v)}</M>' for k, v in entries)
+        m = "".join(f'<M K="{k}">{_xml_text(v)}</M>' for k, v in entries)
         annotations += (
             f'<MapAnnotation ID="Annotation:0" Namespace="{OME_NS_NAMES}"><Value>{m}</Value></MapAnnotation>'
         )
@@ -183,20 +198,21 @@ def _ome_xml(
             annotations += f'<MapAnnotation ID="Annotation:1" Namespace="{OME_NS_COLORS}"><Value>{m}</Value></MapAnnotation>'
             refs += '<AnnotationRef ID="Annotation:1"/>'
     sa = f"<StructuredAnnotations>{annotations}</StructuredAnnotations>" if annotations else ""
-    return (
+    xml = (
         '<?xml version="1.0" encoding="UTF-8"?>'
         '<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06" '
         'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
         'xsi:schemaLocation="http://www.openmicroscopy.org/Schemas/OME/2016-06 '
         'http://www.openmicroscopy.org/Schemas/OME/2016-06/ome.xsd" Creator="pbip-engine">'
-        f'<Image ID="Image:0" Name="{escape(name)}">'
+        f'<Image ID="Image:0" Name="{_xml_text(name)}">'
         f'<Pixels ID="Pixels:0" DimensionOrder="XYCZT" Type="uint8" SizeX="{w}" SizeY="{h}" '
         f'SizeC="{size_c}" SizeZ="1" SizeT="1" Interleaved="{"true" if samples > 1 else "false"}" '
-        f'PhysicalSizeX="{mpp!r}" PhysicalSizeXUnit="&#181;m" PhysicalSizeY="{mpp!r}" PhysicalSizeYUnit="&#181;m">'
+        f'PhysicalSizeX="{mpp!r}" PhysicalSizeXUnit="\u00b5m" PhysicalSizeY="{mpp!r}" PhysicalSizeYUnit="\u00b5m">'
         f'<Channel ID="Channel:0:0" SamplesPerPixel="{samples}" Name="{channel_name}"/>'
         '<TiffData IFD="0" PlaneCount="1"/>'
         f"</Pixels>{refs}</Image>{sa}</OME>"
     )
+    return xml.encode("utf-8")
 
 
 def read_label_classes(path: str | os.PathLike) -> list[tuple[str, tuple[int, int, int] | None]] | None:
