@@ -183,7 +183,9 @@ def test_gland_trains_and_its_checkpoint_makes_the_same_cams(tmp_path, one_threa
                     LoopConfig(epochs=2, lr=1e-3, amp=False), tmp_path / "s1", log_fn=None)  # fmt: skip
     losses = [h["loss"] for h in res["history"]]
     assert losses[-1] < losses[0]
-    assert any(float(b.cc1.gamma.detach().abs()) > 0 for b in task.model.cca.values())  # CCA left the identity
+    assert any(
+        float(b.cc1.gamma.detach().abs()) > 0 for b in task.model.cca.values()
+    )  # CCA left the identity
     cams = method.load_cam_model(cfg, tmp_path / "s1" / "last.pt", inputs, "cpu")
     test = _batch(6, seed=7)
     maps = cams.predict_cams(test, PseudoOptions(background="none"))
@@ -197,3 +199,22 @@ def test_gland_trains_and_its_checkpoint_makes_the_same_cams(tmp_path, one_threa
     masks = cams.predict_masks(test, PseudoOptions(background="none"))
     single = test["labels"].sum(1) == 1
     assert masks.shape == (6, 32, 32) and (masks[single] == test["mask"][single]).all()  # label restriction
+
+
+def test_cca_hooks_sit_inside_the_backbone_and_follow_a_deep_copy(one_thread):
+    import copy
+
+    from pbip_engine.methods.gland.model import GlandNet, GlandNetConfig
+
+    torch.manual_seed(0)
+    net = GlandNet(
+        GlandNetConfig(n_classes=2, pretrained=False, input_px=64, mpfp_sizes=[2, 4], cca_levels=[3])
+    )
+    net.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = net(x)["cam"]
+        twin = copy.deepcopy(net)
+        twin.cca["3"].cc1.gamma.fill_(1.0)  # only the copy's block changes
+        torch.testing.assert_close(net(x)["cam"], before)
+        assert not torch.allclose(twin(x)["cam"], before)  # level 3's CCA output feeds level 4

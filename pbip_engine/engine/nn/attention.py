@@ -87,3 +87,10 @@ class ConsistencyCorrelationAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.cc2(self.pam(self.cc1(x)))
+
+    def after(self, _module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
+        """A forward hook that applies CCA to a backbone stage's output (``register_forward_hook(cca.after)``).
+
+        A bound method rather than a closure, so that a deep-copied network calls its own copy of the block.
+        """
+        return self(output)

@@ -42,9 +42,8 @@ class GlandCamModel(MasksFromCams):
 
     @torch.inference_mode()
     def predict_cams(self, batch: dict[str, Any], options: PseudoOptions) -> np.ndarray:
-        image = model_input({"image": batch["image"]}, self.cfg, self.device)["image"]
-        size = tuple(np.asarray(batch["image"]).shape[1:3]) if not torch.is_tensor(batch["image"]) else None
-        size = size or tuple(batch["image"].shape[1:3])
+        inp = model_input({"image": batch["image"]}, self.cfg, self.device)
+        image, size = inp["image"], inp["size"]
         cams = cam_maps(self.model, image, size)
         if options.flip:
             cams = (cams + cam_maps(self.model, image.flip(-1), size).flip(-1)) / 2

@@ -79,7 +79,7 @@ class GlandNet(nn.Module):
                                                         pam_reduction=cfg.pam_reduction,
                                                         mask_self=cfg.cca_mask_self)  # fmt: skip
                 self.cca[str(lv)] = block
-                _module(self.backbone, info.info[lv]["module"]).register_forward_hook(_replace_output(block))
+                _module(self.backbone, info.info[lv]["module"]).register_forward_hook(block.after)
         self.head = nn.Conv2d(int(info.info[cfg.level]["num_chs"]), cfg.n_classes, 1, bias=False)
         nn.init.xavier_uniform_(self.head.weight)
         self.mpfp = PyramidFusionPooling(cfg.n_classes, cfg.mpfp_sizes, cfg.mpfp_fusion) if cfg.mpfp else None  # type: ignore[arg-type]
@@ -104,10 +104,3 @@ class GlandNet(nn.Module):
             out["mpfp"] = fused
             out["logits"] = weighted_logits(cam, fused)  # Eq. 9
         return out
-
-
-def _replace_output(block: nn.Module):
-    def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
-        return block(output)
-
-    return hook

@@ -16,9 +16,11 @@ KIND = "stage1:gland"
 
 
 def model_input(batch: Mapping[str, Any], cfg: GlandNetConfig, device: torch.device | str) -> dict[str, Any]:
-    """Normalised tensors, the image resized to ``cfg.input_px`` (the size the CAM head was trained at)."""
+    """Normalised tensors, the image resized to ``cfg.input_px`` (the size the CAM head was trained at);
+    ``size`` is the image's own size, at which the CAMs are returned."""
     out = to_model_input(dict(batch), cfg.mean, cfg.std, device)
     x = out["image"]
+    out["size"] = tuple(x.shape[-2:])
     if cfg.input_px and tuple(x.shape[-2:]) != (cfg.input_px, cfg.input_px):
         out["image"] = F.interpolate(
             x, size=(cfg.input_px, cfg.input_px), mode="bilinear", align_corners=False
