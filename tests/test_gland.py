@@ -218,3 +218,14 @@ def test_cca_hooks_sit_inside_the_backbone_and_follow_a_deep_copy(one_thread):
         twin.cca["3"].cc1.gamma.fill_(1.0)  # only the copy's block changes
         torch.testing.assert_close(net(x)["cam"], before)
         assert not torch.allclose(twin(x)["cam"], before)  # level 3's CCA output feeds level 4
+
+
+def test_gland_runs_neither_the_bank_nor_the_embed_stage(tmp_path):
+    from pbip_engine.jobs.stages import get_stage
+
+    gland = parse_spec({**BASE, "method": {"name": "gland"}}, tmp_path)
+    pbip = parse_spec(BASE, tmp_path)
+    for name in ("bank", "embed"):
+        assert "does not use a prototype bank" in get_stage(name).not_needed(gland)
+        assert get_stage(name).not_needed(pbip) is None
+    assert get_stage("classnet").dependencies(gland) == ("tile",)
