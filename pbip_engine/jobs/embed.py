@@ -13,7 +13,8 @@ from typing import Any
 
 from pbip_engine.jobs.resources import actor_pool_options, read_options, write_parquet_fresh
 from pbip_engine.jobs.rundir import embeddings_key, embeddings_path, tile_files
-from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
+from pbip_engine.jobs.stage import Stage, StageContext, StageResult, get_stage, register_stage
+from pbip_engine.schemas.spec import JobSpec
 
 EMBED_COLUMNS = ["tile_id", "slide_id", "x", "y", "white_fraction", "labelled", "labels", "image"]
 
@@ -37,6 +38,14 @@ class EmbedStage(Stage):
     name = "embed"
     deps = ("tile",)
     sections = ("encoder",)
+
+    def not_needed(self, spec: JobSpec) -> str | None:
+        """Only the bank reads tile embeddings: a method without a bank (gland) skips the encoder pass too."""
+        if get_stage("bank").enabled(spec):
+            return None
+        return (
+            f"method {spec.method.name!r} does not use a prototype bank, the only reader of tile embeddings"
+        )
 
     def run(self, ctx: StageContext) -> StageResult:
         import ray

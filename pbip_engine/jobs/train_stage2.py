@@ -21,14 +21,25 @@ def segmenter_arch(spec: JobSpec) -> str:
     return spec.segmenter.arch or get_method(spec.method.name).stage2_defaults(spec.method).arch
 
 
+def segmenter_loss(spec: JobSpec) -> dict[str, Any]:
+    """The stage-2 loss: ``segmenter.loss`` or the method's default, with its options (``segmenter.plf``)."""
+    from pbip_engine.methods import get_method
+
+    name = spec.segmenter.loss or get_method(spec.method.name).stage2_defaults(spec.method).loss
+    return {"name": name, "options": spec.segmenter.plf.model_dump() if name == "plf" else {}}
+
+
 def stage2_setup(config: dict[str, Any]):
     """Per-worker construction of the segmentation task (runs inside Ray Train workers)."""
     from pbip_engine.engine.nn.deeplab import build_segmenter
+    from pbip_engine.engine.training.losses import stage2_loss
     from pbip_engine.engine.training.segmentation import SegmentationTask
 
     model = build_segmenter(config["arch"], n_classes=config["n_classes"], backbone=config["backbone"],
                             pretrained=config["pretrained"], crop_px=config.get("crop_px"))  # fmt: skip
-    return SegmentationTask(model, amp=config["loop"]["amp"]), decode_samples
+    loss = config.get("loss") or {"name": "ce", "options": {}}
+    task = SegmentationTask(model, amp=config["loop"]["amp"], loss=stage2_loss(loss["name"], loss["options"]))
+    return task, decode_samples
 
 
 @register_stage
@@ -63,6 +74,7 @@ class SegmenterStage(Stage):
                 "seed": s.seed,
             },
             "arch": segmenter_arch(spec),
+            "loss": segmenter_loss(spec),
             "backbone": s.backbone,
             "pretrained": s.backbone_checkpoint or True,
             "n_classes": len(spec.classes) + 1,

@@ -33,6 +33,10 @@ class MethodConfig(BaseModel):
 
     name: str
 
+    def check_spec(self, spec: Any) -> None:
+        """Raise ``ValueError`` (one line naming both keys) if this config cannot work with the rest of ``spec``
+        (e.g. pooling sizes larger than the feature map at ``tiling.tile_px``); the spec calls it on parse."""
+
 
 @dataclass
 class Stage1Inputs:
@@ -85,6 +89,22 @@ class CamModel(Protocol):
 
     def predict_cams(self, batch: dict[str, Any], options: PseudoOptions) -> np.ndarray:
         """float ``B,N,H,W`` class maps in [0, 1] at the images' size, before label restriction and background."""
+
+
+class MasksFromCams:
+    """Mixin for a CAM model with ``predict_cams`` and ``cfg.mean/std``: masks = its CAMs through
+    ``cams_to_mask`` with the spec's background rule (the same path the pseudo stage's stitching takes)."""
+
+    def predict_masks(self, batch: dict[str, Any], options: PseudoOptions) -> np.ndarray:
+        from pbip_engine.engine.pseudo.cams import cams_to_mask
+        from pbip_engine.engine.training.inputs import rgb_uint8
+
+        cfg = self.cfg  # type: ignore[attr-defined]
+        rgb = rgb_uint8(batch, cfg.mean, cfg.std) if "white" in options.background else None
+        return cams_to_mask(
+            self.predict_cams(batch, options), batch["labels"], options.background, rgb=rgb,  # type: ignore[attr-defined]
+            white_threshold=options.white_threshold, min_size=options.min_object, power=options.gamma,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -189,10 +189,27 @@ class PseudoSection(_Section):
     heatmaps: bool = True
 
 
+class PlfOptions(_Section):
+    """Purified Labels Filtration (``segmenter.loss: plf``); defaults = the gland paper, Eq. 11."""
+
+    normalize: Literal["mean", "range"] = Field(
+        "mean",
+        description="divide the spatial softmax of -CE by its mean (paper) or max-min (wsss_gland code)",
+    )
+    confidence: Literal["max_minus_min", "max"] = Field(
+        "max_minus_min",
+        description="pixel confidence: max-min of the class softmax (paper) or its max (code)",
+    )
+
+
 class SegmenterSection(_Section):
     arch: Literal["deeplabv2", "deeplabv3plus"] | None = Field(
         None, description="default: the method's choice"
     )
+    loss: Literal["ce", "plf"] | None = Field(
+        None, description="pixel loss: cross-entropy or PLF (gland paper); default: the method's choice"
+    )
+    plf: PlfOptions = Field(default_factory=PlfOptions)
     backbone: str = "efficientnet_lite0"
     backbone_checkpoint: str | None = None
     epochs: int = Field(10, ge=1)
@@ -289,6 +306,11 @@ class JobSpec(_Section):
         unknown = sorted(set(self.bank.k_per_class) - set(names))
         if unknown:
             raise ValueError(f"bank.k_per_class names unknown classes {unknown}; classes are {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _method_fits(self) -> JobSpec:
+        self.method.check_spec(self)  # settings of the method that other sections can rule out
         return self
 
     @property

@@ -7,7 +7,7 @@ the pseudo-mask stage leaves uncertain: they count in neither the loss nor the m
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -79,12 +79,13 @@ def segmentation_loss(
 
 
 class SegmentationTask(TrainTask):
-    """A segmenter (``build_segmenter``) trained with pixel cross-entropy; validated by mIoU."""
+    """A segmenter (``build_segmenter``) trained with pixel cross-entropy (or ``loss``); validated by mIoU."""
 
     kind = KIND
 
     def __init__(self, model: nn.Module, *, head_lr_mult: float = 10.0, ignore_index: int = IGNORE_INDEX,
-                 amp: bool = True) -> None:  # fmt: skip
+                 amp: bool = True, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 ) -> None:  # fmt: skip
         super().__init__()
         if not hasattr(unwrap(model), "config"):
             raise SegTrainError("the segmenter has no .config; build it with build_segmenter()")
@@ -92,6 +93,8 @@ class SegmentationTask(TrainTask):
         self.head_lr_mult = head_lr_mult
         self.ignore_index = ignore_index
         self.amp = amp
+        # The pixel loss (engine.training.losses.stage2_loss, e.g. PLF); default plain cross-entropy.
+        self.loss_fn = loss
 
     @property
     def _cfg(self) -> dict[str, Any]:
@@ -105,6 +108,8 @@ class SegmentationTask(TrainTask):
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         logits = self.model(batch["image"])
+        if self.loss_fn is not None:
+            return {"loss": self.loss_fn(logits, batch["mask"])}
         loss = segmentation_loss(logits, batch["mask"], self.ignore_index)
         return {"loss": loss}
 

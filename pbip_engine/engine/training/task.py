@@ -23,6 +23,29 @@ def decays(name: str, p: torch.nn.Parameter) -> bool:
     return p.ndim >= 2 and "logit_scale" not in name
 
 
+def backbone_and_new_groups(
+    model: nn.Module, is_new: Callable[[str, torch.nn.Parameter], bool], new_lr_mult: float
+) -> list[dict[str, Any]]:
+    """Optimiser groups: a pretrained backbone at the base rate, fresh parts (``is_new``) at ``new_lr_mult``,
+    each split by the weight-decay rule (``decays``)."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((is_new(name, p), decays(name, p)), []).append(p)
+    out = []
+    for (new, decay), params in sorted(groups.items()):
+        g: dict[str, Any] = {
+            "params": params,
+            "name": f"{'new' if new else 'backbone'}{'' if decay else '_no_decay'}",
+        }
+        if not decay:
+            g["weight_decay"] = 0.0
+        if new:
+            g["lr_mult"] = new_lr_mult
+        out.append(g)
+    return out
+
+
 class TrainTask(nn.Module):
     """Base class: subclasses set ``kind`` and ``self.model`` and implement ``prepare`` and ``forward``."""
 

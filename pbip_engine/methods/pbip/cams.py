@@ -16,7 +16,7 @@ from pbip_engine.engine.pseudo.cams import cams_to_mask, fuse_cams
 from pbip_engine.engine.training.amp import autocast
 from pbip_engine.engine.training.checkpoint import load_weights, read_checkpoint
 from pbip_engine.engine.training.inputs import rgb_uint8, to_model_input
-from pbip_engine.methods.base import PseudoOptions
+from pbip_engine.methods.base import MasksFromCams, PseudoOptions
 from pbip_engine.methods.pbip.classnet import ClassNetConfig, build_classnet, load_prototypes_from_bank
 from pbip_engine.methods.pbip.task import KIND
 
@@ -140,7 +140,7 @@ def evaluate_cams(
     return out
 
 
-class PbipCamModel:
+class PbipCamModel(MasksFromCams):
     """A trained ClassNet (rebuilt around the run's bank) that turns labelled tiles into pseudo masks."""
 
     def __init__(
@@ -154,13 +154,6 @@ class PbipCamModel:
         model = build_classnet(cfg, protos, k_list, n_classes=len(names))
         load_weights(p, model, state["model"], hint=" (different bank/backbone/classes?)")
         self.model, self.cfg, self.device = model.to(device).eval(), cfg, device
-
-    def predict_masks(self, batch: dict[str, Any], options: PseudoOptions) -> np.ndarray:
-        rgb = rgb_uint8(batch, self.cfg.mean, self.cfg.std) if "white" in options.background else None
-        return cams_to_mask(
-            self.predict_cams(batch, options), batch["labels"], options.background, rgb=rgb,
-            white_threshold=options.white_threshold, min_size=options.min_object, power=options.gamma,
-        )  # fmt: skip
 
     def predict_cams(self, batch: dict[str, Any], options: PseudoOptions) -> np.ndarray:
         return predict_cams(self.model, batch, self.cfg, self.device, flip=options.flip).float().cpu().numpy()

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pbip_engine.engine.training.inputs import to_model_input, unwrap
-from pbip_engine.engine.training.task import TrainTask, decays
+from pbip_engine.engine.training.task import TrainTask, backbone_and_new_groups
 from pbip_engine.methods.pbip.classnet import ClassNetConfig, classnet_step, freeze_encoder
 
 KIND = "stage1:pbip"
@@ -49,24 +49,9 @@ class PbipTask(TrainTask):
 
         Weight decay only on weights of two or more dimensions (not biases, norms or the logit scale).
         """
-        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
-        for name, p in unwrap(self.model).named_parameters():
-            if p.requires_grad:
-                new = not name.startswith("backbone.")
-                decay = decays(name, p)
-                groups.setdefault((new, decay), []).append(p)
-        out = []
-        for (new, decay), params in sorted(groups.items()):
-            g: dict[str, Any] = {
-                "params": params,
-                "name": f"{'new' if new else 'backbone'}{'' if decay else '_no_decay'}",
-            }
-            if not decay:
-                g["weight_decay"] = 0.0
-            if new:
-                g["lr_mult"] = self.cfg.new_parts_lr_mult
-            out.append(g)
-        return out
+        return backbone_and_new_groups(
+            unwrap(self.model), lambda name, p: not name.startswith("backbone."), self.cfg.new_parts_lr_mult
+        )
 
     def model_config(self) -> dict[str, Any]:
         return self.cfg.to_dict()

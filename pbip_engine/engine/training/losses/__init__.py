@@ -1,0 +1,35 @@
+"""Stage-2 losses any method can choose (spec ``segmenter.loss``; a method's default in ``Stage2Defaults``).
+
+``stage2_loss(name, options)`` returns ``loss(logits B,N,H,W, mask B,H,W) -> scalar``; ``ce`` is the plain
+pixel cross-entropy of ``engine.training.segmentation``, ``plf`` the gland paper's Purified Labels Filtration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
+
+import torch
+
+from pbip_engine.engine.metrics import IGNORE_INDEX
+from pbip_engine.engine.training.losses.plf import plf_loss, plf_weights
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+STAGE2_LOSSES = ("ce", "plf")
+
+
+def stage2_loss(
+    name: str, options: Mapping[str, Any] | None = None, ignore_index: int = IGNORE_INDEX
+) -> LossFn:
+    """The stage-2 loss ``name`` with its options (``plf``: ``normalize``, ``confidence``)."""
+    if name == "ce":
+        from pbip_engine.engine.training.segmentation import segmentation_loss
+
+        return partial(segmentation_loss, ignore_index=ignore_index)
+    if name == "plf":
+        return partial(plf_loss, ignore_index=ignore_index, **dict(options or {}))
+    raise ValueError(f"unknown stage-2 loss {name!r}; losses are {list(STAGE2_LOSSES)}")
+
+
+__all__ = ["STAGE2_LOSSES", "LossFn", "plf_loss", "plf_weights", "stage2_loss"]
