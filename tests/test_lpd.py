@@ -271,3 +271,25 @@ def test_demo_keys_are_valid_lpd_keys(tmp_path):
     spec = parse_spec({**SPEC, "method": {"name": "lpd", **get_method("lpd").demo_keys}}, tmp_path)
     assert spec.method.warmup_iters < 3000
     assert json.loads(spec.section_json("method"))["method"]["name"] == "lpd"
+
+
+# -- dense CRF (pseudo.crf) ---------------------------------------------------------------------------
+
+
+def test_crf_snaps_a_blurred_cam_to_the_image_edge():
+    pytest.importorskip("pydensecrf", reason="pydensecrf2 (the dev extra) is not installed")
+    from pbip_engine.engine.pseudo.cams import cams_to_mask
+
+    rgb = np.zeros((1, 32, 32, 3), np.uint8)
+    rgb[0, :, :16] = (220, 30, 30)  # a sharp red | blue edge at x = 16
+    rgb[0, :, 16:] = (30, 30, 220)
+    ramp = np.clip((np.arange(32) - 13) / 12, 0, 1).astype(np.float32)  # blurred and off: edge at x ~ 19
+    cams = np.stack([1 - ramp, ramp])[None, :, None, :].repeat(32, axis=2)  # [1, 2, 32, 32]
+    labels = np.ones((1, 2), np.float32)
+    truth = np.where(np.arange(32) < 16, 1, 2)[None, None, :].repeat(32, axis=1)
+    plain = cams_to_mask(cams, labels, "none")
+    crf = cams_to_mask(cams, labels, "none", rgb=rgb, crf=True)
+    assert set(np.unique(crf)) <= {1, 2}
+    assert (plain == truth).mean() < 0.95 and (crf == truth).mean() > (plain == truth).mean()
+    only1 = cams_to_mask(cams, np.array([[1.0, 0.0]]), "power", rgb=rgb, crf=True)
+    assert set(np.unique(only1)) <= {0, 1}  # an absent class never comes back through the CRF

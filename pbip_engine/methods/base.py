@@ -73,6 +73,7 @@ class PseudoOptions:
     min_object: int = MIN_WHITE_OBJECT_PX  # px of the tile at tiling.mpp
     gamma: float = 10.0
     flip: bool = False
+    crf: bool = False  # dense CRF post-processing (engine.pseudo.crf)
 
 
 class CamModel(Protocol):

@@ -156,10 +156,12 @@ class PbipCamModel:
         self.model, self.cfg, self.device = model.to(device).eval(), cfg, device
 
     def predict_masks(self, batch: dict[str, Any], options: PseudoOptions) -> np.ndarray:
-        rgb = rgb_uint8(batch, self.cfg.mean, self.cfg.std) if "white" in options.background else None
+        need_rgb = "white" in options.background or options.crf
+        rgb = rgb_uint8(batch, self.cfg.mean, self.cfg.std) if need_rgb else None
         return cams_to_mask(
             self.predict_cams(batch, options), batch["labels"], options.background, rgb=rgb,
             white_threshold=options.white_threshold, min_size=options.min_object, power=options.gamma,
+            crf=options.crf,
         )  # fmt: skip
 
     def predict_cams(self, batch: dict[str, Any], options: PseudoOptions) -> np.ndarray:
