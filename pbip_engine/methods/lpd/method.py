@@ -45,7 +45,7 @@ class LpdMethod(Method):
         "LPD (2025): k learnable prototypes per class trained end to end (no bank), FG/BG InfoNCE and a "
         "prototype diversity regulariser"
     )
-    demo_keys = {"warmup_iters": 40, "sim_size": 96, "k": 3}
+    demo_keys = {"warmup_iters": 10, "sim_size": 96}
 
     def uses_stages(self, cfg: LpdConfig) -> frozenset[str]:
         """The bank only to initialise the prototypes from it (``init: bank``)."""
