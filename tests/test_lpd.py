@@ -293,3 +293,14 @@ def test_crf_snaps_a_blurred_cam_to_the_image_edge():
     assert (plain == truth).mean() < 0.95 and (crf == truth).mean() > (plain == truth).mean()
     only1 = cams_to_mask(cams, np.array([[1.0, 0.0]]), "power", rgb=rgb, crf=True)
     assert set(np.unique(only1)) <= {0, 1}  # an absent class never comes back through the CRF
+
+
+def test_labels_only_validation_scores_the_classification_loss():
+    """The total jumps when L_sim/L_div switch on; the validation score must not follow it."""
+    task, _ = tiny_lpd(warmup_iters=0)
+    batches = [{k: v for k, v in toy_batch(6, seed=s).items() if k != "mask"} for s in (1, 2)]
+    out = task.evaluate(batches, torch.device("cpu"))
+    assert task.training  # evaluate restores the mode
+    task.eval()
+    cls = [float(task(task.prepare(b, torch.device("cpu")))["l_cls"]) for b in batches]
+    assert out["score"] == pytest.approx(-sum(cls) / 2, rel=1e-4)
