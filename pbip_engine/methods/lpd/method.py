@@ -40,7 +40,7 @@ def lpdnet_config(cfg: LpdConfig, **overrides: Any) -> LpdNetConfig:
 class LpdMethod(Method):
     name = "lpd"
     config_model = LpdConfig
-    stages = frozenset({"bank", "classnet", "pseudo"})
+    stages = frozenset({"classnet", "pseudo"})  # + the bank with init: bank (uses_stages)
     summary = (
         "LPD (2025): k learnable prototypes per class trained end to end (no bank), FG/BG InfoNCE and a "
         "prototype diversity regulariser"
@@ -49,7 +49,7 @@ class LpdMethod(Method):
 
     def uses_stages(self, cfg: LpdConfig) -> frozenset[str]:
         """The bank only to initialise the prototypes from it (``init: bank``)."""
-        return self.stages if cfg.init == "bank" else self.stages - {"bank"}
+        return self.stages | {"bank"} if cfg.init == "bank" else self.stages
 
     def stage1_task(self, cfg: LpdConfig, inputs: Stage1Inputs) -> LpdTask:
         import torch
