@@ -3,6 +3,7 @@ pseudo masks -> DeepLab on pseudo masks -> testA with TTA, plus the control (Dee
 
     python bench/gpu_glas.py --device cuda --out gpu_glas.json      # one H200, bf16 (budget: < 8 min)
     python bench/gpu_glas.py --tiny --device cpu --out /tmp/g.json  # 2+2 images: ~70 s of CPU on 2 cores
+    python bench/gpu_glas.py --method lpd --device cuda --out gpu_glas_lpd.json  # LPD k=10 (no bank stage)
 
 GPU command (one call, both scripts; budget <= 9 min together, not yet measured on a GPU)::
 
@@ -83,6 +84,8 @@ from pbip_engine.engine.training.device_augment import (
 from pbip_engine.engine.training.inputs import unwrap
 from pbip_engine.engine.training.loop import LoopConfig, Trainer
 from pbip_engine.engine.training.segmentation import SegmentationTask
+from pbip_engine.methods.lpd.model import LpdNetConfig, build_lpdnet, initial_prototypes
+from pbip_engine.methods.lpd.task import LpdTask
 from pbip_engine.methods.pbip.classnet import ClassNetConfig, build_classnet
 from pbip_engine.methods.pbip.task import PbipTask
 
@@ -221,11 +224,27 @@ def make_bank(patches: torch.Tensor, labels: torch.Tensor, args, dev: torch.devi
 # --------------------------------------------------------------------------------------------- stage 1
 
 
+def stage1_task(bank, enc, args) -> PbipTask:
+    """PBIP's ClassNet on the bank, or LPD's learnable prototypes (``--method lpd``; the bank only with
+    ``--lpd-init bank``); projectors, prototypes and logit scales at ``new_parts_lr_mult``."""
+    common = dict(lr=args.cls_lr, weight_decay=args.cls_wd, epochs=args.epochs, batch_size=args.cls_batch,
+                  use_sim=args.sim, sim_size=args.sim_size, new_parts_lr_mult=args.head_lr_mult, amp=True)  # fmt: skip
+    if args.method == "pbip":
+        cfg = ClassNetConfig(**common)
+        return PbipTask(
+            build_classnet(cfg, bank.prototypes, bank.k, N_CLASSES), cfg, enc if args.sim else None
+        )
+    dim = int(np.asarray(bank.prototypes).shape[1]) if bank is not None else args.proto_dim
+    cfg = LpdNetConfig(**common, k=args.lpd_k, proto_dim=dim, enc_dim=int(enc.info.dim), init=args.lpd_init,
+                       lambda_div=args.lambda_div, warmup_iters=args.warmup_iters)  # fmt: skip
+    start = (torch.as_tensor(np.asarray(bank.prototypes)), list(bank.k)) if bank is not None else None
+    p0 = initial_prototypes(N_CLASSES, args.lpd_k, dim, start, seed=args.seed)
+    return LpdTask(build_lpdnet(cfg, N_CLASSES, p0), cfg, enc if args.sim else None)
+
+
 def train_stage1(patches, labels, bank, enc, args, dev):
-    cfg = ClassNetConfig(lr=args.cls_lr, weight_decay=args.cls_wd, epochs=args.epochs, batch_size=args.cls_batch,
-                         use_sim=args.sim, sim_size=args.sim_size, new_parts_lr_mult=args.head_lr_mult, amp=True)  # fmt: skip
-    model = build_classnet(cfg, bank.prototypes, bank.k, N_CLASSES)
-    task = PbipTask(model, cfg, enc if args.sim else None)  # projectors + logit scales: new_parts_lr_mult
+    task = stage1_task(bank, enc, args)
+    cfg = task.cfg
     loop = LoopConfig(epochs=args.epochs, lr=args.cls_lr, weight_decay=args.cls_wd, schedule="poly", amp=True,
                       augment=False, seed=args.seed)  # fmt: skip
     trainer = Trainer(task, loop, NullStore(), device=dev, log_fn=None)
@@ -384,6 +403,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--train-images", type=int, default=None, help="first N train images (default all 85)")
     ap.add_argument("--test-images", type=int, default=None, help="first N testA images (default all 60)")
+    ap.add_argument("--method", choices=["pbip", "lpd"], default="pbip", help="stage-1 method")
+    g = ap.add_argument_group("lpd (--method lpd)")
+    g.add_argument("--lpd-k", type=int, default=10, help="learnable prototypes per class")
+    g.add_argument(
+        "--lpd-init", choices=["random", "bank"], default="random", help="bank: build the bank first"
+    )
+    g.add_argument("--proto-dim", type=int, default=512)
+    g.add_argument("--lambda-div", type=float, default=0.5, help="diversity weight (0 = ablation)")
+    g.add_argument("--warmup-iters", type=int, default=200, help="classification-only iterations first")
     g = ap.add_argument_group("bank + stage 1")
     g.add_argument("--patch", type=int, default=112)
     g.add_argument("--stride", type=int, default=56)
@@ -417,7 +445,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--no-control", action="store_true", help="skip stage 2 on the true masks")
     args = ap.parse_args(argv)
     if args.tiny:
-        tiny = {"train_images": 2, "test_images": 2, "input_px": 112, "max_patches": 32, "n_k": 5,
+        tiny = {"warmup_iters": 2, "lpd_k": 3, "train_images": 2, "test_images": 2, "input_px": 112, "max_patches": 32, "n_k": 5,
                 "epochs": 1, "cls_batch": 8, "sim_size": 64, "cam_scales": [0.5], "crop": 96, "iters": 2,
                 "seg_batch": 4, "tta_scales": [0.5]}  # fmt: skip
         apply_tiny(ap, args, tiny)
@@ -441,21 +469,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                f"at {args.input_px} px on {dev}")  # fmt: skip
 
     t = time.perf_counter()
-    enc, bank, report, n_single = make_bank(patches, labels, args, dev)
-    zs = report.get("zero_shot") or {}
-    res["bank_macro_f1"] = zs.get("macro_f1")
-    res["bank"] = {"n_single_label": n_single, "k": bank.k, "n_k": bank.n_k, "zero_shot": zs,
-                   "mean_inter_class_cosine": report.get("mean_inter_class_cosine")}  # fmt: skip
-    f1 = "n/a" if res["bank_macro_f1"] is None else f"{res['bank_macro_f1']:.3f}"
-    clock.step("bank", t, f"K={bank.k} from {n_single} single-label patches, zero-shot macro F1 {f1}")
+    res["method"] = args.method
+    if args.method == "lpd" and args.lpd_init == "random":  # LPD needs no bank, only the crop encoder
+        enc, bank = create_encoder("efficientnet_lite0").to(dev), None
+        res["bank_macro_f1"], res["bank"] = None, "not needed"
+        clock.step("bank", t, "not needed (lpd, init random)")
+    else:
+        enc, bank, report, n_single = make_bank(patches, labels, args, dev)
+        zs = report.get("zero_shot") or {}
+        res["bank_macro_f1"] = zs.get("macro_f1")
+        res["bank"] = {"n_single_label": n_single, "k": bank.k, "n_k": bank.n_k, "zero_shot": zs,
+                       "mean_inter_class_cosine": report.get("mean_inter_class_cosine")}  # fmt: skip
+        f1 = "n/a" if res["bank_macro_f1"] is None else f"{res['bank_macro_f1']:.3f}"
+        clock.step("bank", t, f"K={bank.k} from {n_single} single-label patches, zero-shot macro F1 {f1}")
 
     t = time.perf_counter()
     model, cfg, hist = train_stage1(patches, labels, bank, enc, args, dev)
     last = hist[-1]
     res["stage1"] = {"epochs_run": len(hist), "loss": last["loss"], "l_cls": last.get("l_cls"),
-                     "l_sim": last.get("l_sim"), "images_per_s": last["images_per_s"], "steps": last["step"]}  # fmt: skip
+                     "l_sim": last.get("l_sim"), "l_div": last.get("l_div"), "images_per_s": last["images_per_s"], "steps": last["step"]}  # fmt: skip
     clock.step(
-        "stage1", t, f"ClassNet {len(hist)} epochs, loss {last['loss']:.4f}, {last['images_per_s']:.1f} img/s"
+        "stage1",
+        t,
+        f"{args.method} {len(hist)} epochs, loss {last['loss']:.4f}, {last['images_per_s']:.1f} img/s",
     )
 
     t = time.perf_counter()

@@ -317,7 +317,8 @@ def demo(
     if method is not None and method != raw["method"]["name"]:
         if method not in METHODS:
             raise click.ClickException(f"--method: unknown method {method!r}; methods are {sorted(METHODS)}")
-        raw["method"] = {"name": method}  # that method's defaults; the demo's keys belong to its own method
+        # that method's defaults (+ its demo_keys); the demo's keys belong to its own method
+        raw["method"] = {"name": method, **METHODS[method].demo_keys}
     if slides is not None:
         raw["data"]["synthetic"]["slides"] = slides
     if size is not None:

@@ -58,6 +58,17 @@ def test_gpu_glas_tiny(tmp_path: Path) -> None:
     for key in ("data", "bank", "stage1", "pseudo", "stage2", "control"):
         assert res["timings_s"][key] > 0, key
     assert res["device"] == "cpu" and res["settings"]["tiny"] is True
+
+
+def test_gpu_glas_tiny_lpd(tmp_path: Path) -> None:
+    """``--method lpd``: no bank step, LPD's stage 1 (k=3 in --tiny, warm-up 2 iterations) and the rest as PBIP."""
+    if not (GLAS / "labels.csv").is_file():
+        pytest.skip(f"GlaS data not found at {GLAS}")
+    res = _run("gpu_glas.py", tmp_path / "lpd.json", "--data", str(GLAS), "--method", "lpd", "--no-control")
+    assert res["method"] == "lpd" and res["bank"] == "not needed" and res["bank_macro_f1"] is None
+    for key in ("pseudo_miou", "stage2_testA_miou"):
+        assert _unit(res[key]), (key, res[key])
+    assert res["stage1"]["l_div"] is not None and res["settings"]["lpd_k"] == 3
     assert res["n_train_images"] > 0 and res["n_test_images"] > 0
     assert len(res["pseudo"]["iou"]) == 2 and len(res["stage2"]["iou"]) == 2
 

@@ -46,6 +46,31 @@ class RunSummary:
         return 2 if self.partial else 0
 
 
+def check_upstream(spec: JobSpec, stages: Sequence[Stage], out: Path) -> None:
+    """Before anything runs: each selected stage's upstream stages run now or have finished in ``out``.
+
+    Catches e.g. ``method: {name: lpd, init: bank}`` with ``--stages`` leaving out a bank that was never built,
+    which would otherwise fail only when the stage-1 stage is reached, after the earlier stages ran.
+    """
+    from pbip_engine.methods.base import METHOD_STAGES
+
+    selected = {s.name for s in stages}
+    for stage in stages:
+        missing = [
+            d for d in stage.dependencies(spec) if d not in selected and not (out / d / MANIFEST).exists()
+        ]
+        if missing:
+            why = [
+                f"method {spec.method.name!r} with these method: keys uses the {d}"
+                for d in missing
+                if d in METHOD_STAGES
+            ]
+            raise SpecError(
+                f"--stages: stage {stage.name!r} needs {missing}: not selected and not finished in "
+                f"{out}" + (f" ({'; '.join(why)})" if why else "") + "; add it to --stages"
+            )
+
+
 def select_stages(spec: JobSpec, only: Sequence[str] | None) -> list[Stage]:
     stages = [s for s in all_stages() if s.enabled(spec)]
     if not only:
@@ -99,6 +124,7 @@ def run_pipeline(
         )
     check_inputs(spec)
     stages = select_stages(spec, only)
+    check_upstream(spec, stages, Path(spec.run.output))
     force_set = set(force)
     if "all" in force_set:
         force_set = {s.name for s in stages}

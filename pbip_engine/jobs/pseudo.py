@@ -48,7 +48,7 @@ def _options(spec: Any) -> Any:
     from pbip_engine.methods import PseudoOptions
 
     p = spec.pseudo
-    return PseudoOptions(p.background, p.white_threshold, p.min_object, p.gamma, p.flip)
+    return PseudoOptions(p.background, p.white_threshold, p.min_object, p.gamma, p.flip, p.crf)
 
 
 class PseudoPredictor:
@@ -95,11 +95,11 @@ def stitch_slide(batch: dict[str, Any], spec: Any, out_dir: str) -> dict[str, An
     from pbip_engine.engine.pseudo.stitch import decode_cam, stitched_masks
 
     o = _options(spec)
-    rgbs = decode_batch(batch)["image"] if "white" in o.background else None
+    rgbs = decode_batch(batch)["image"] if "white" in o.background or o.crf else None
     masks = stitched_masks(
         [int(v) for v in batch["x"]], [int(v) for v in batch["y"]], [int(v) for v in batch["size0"]],
         [decode_cam(c) for c in batch["cam"]], np.stack([np.asarray(v, np.float32) for v in batch["labels"]]),
-        o.background, rgbs, white_threshold=o.white_threshold, min_size=o.min_object, power=o.gamma,
+        o.background, rgbs, white_threshold=o.white_threshold, min_size=o.min_object, power=o.gamma, crf=o.crf,
     )  # fmt: skip
     return _mask_rows(batch, masks, Path(out_dir), [(255, 255, 255), *spec.class_colors])
 

@@ -6,6 +6,7 @@ here is specific to one method.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pbip_engine.engine.training.batches import decode_batch
@@ -13,7 +14,8 @@ from pbip_engine.jobs.ray_train import fit_on_ray, holdout_split
 from pbip_engine.jobs.resources import read_options
 from pbip_engine.jobs.rundir import tile_files
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
-from pbip_engine.schemas.spec import JobSpec
+from pbip_engine.methods import Stage1Inputs, get_method
+from pbip_engine.schemas.spec import JobSpec, SpecError
 
 TRAIN_COLUMNS = ["tile_id", "image", "labels", "labelled"]
 
@@ -47,11 +49,21 @@ class ClassNetStage(Stage):
 
         spec = ctx.spec
         files = [str(f) for f in tile_files(ctx.stage_dir("tile"))]
+        rows = (
+            pads.dataset(files, format="parquet")
+            .to_table(columns=["tile_id", "labelled", "labels"])
+            .to_pylist()
+        )
+        labelled = [r["tile_id"] for r in rows if r["labelled"]]
+        method = get_method(spec.method.name)
+        per_class = {c: sum(1 for r in rows if r["labelled"] and r["labels"][i] > 0.5)
+                     for i, c in enumerate(spec.class_names)}  # fmt: skip
+        problem = method.check_labels(spec.method, per_class)
+        if problem:
+            raise SpecError(problem)
         ctx.ray()
         ds = ray.data.read_parquet(files, columns=TRAIN_COLUMNS, **read_options())
         ds = ds.filter(lambda row: bool(row["labelled"]), **read_options())  # fuses into the read
-        rows = pads.dataset(files, format="parquet").to_table(columns=["tile_id", "labelled"]).to_pylist()
-        labelled = [r["tile_id"] for r in rows if r["labelled"]]
         datasets, n_train = holdout_split(ds, labelled, spec.stage1.val_fraction)
         bank = ctx.stage_dir("bank") if "bank" in self.dependencies(spec) else None
         config = {
@@ -66,6 +78,10 @@ class ClassNetStage(Stage):
             "classnet", stage1_setup, config, datasets, spec.resources,
             storage=ctx.work_dir / "ray_train", out_dir=ctx.work_dir,
         )  # fmt: skip
+        inputs = Stage1Inputs.from_spec(spec, config["bank_dir"])
+        extra = method.after_stage1(
+            spec.method, ctx.work_dir / "best.pt", inputs, ctx.work_dir, [Path(f) for f in files]
+        )
         last = history[-1]
         ctx.log(
             f"[classnet] {spec.method.name}: {len(history)} epoch(s); last: loss {last.get('loss', float('nan')):.4f} "
@@ -73,5 +89,9 @@ class ClassNetStage(Stage):
         )
         return StageResult(
             counts={"epochs": len(history), "workers": last.get("world_size")},
-            extra={"last_epoch": {k: v for k, v in last.items() if k != "val"}, "method": spec.method.name},
+            extra={
+                "last_epoch": {k: v for k, v in last.items() if k != "val"},
+                "method": spec.method.name,
+                **extra,
+            },
         )

@@ -46,6 +46,7 @@ class Stage1Inputs:
     bank_dir: Path | None = None
     encoder: str = "efficientnet_lite0"
     encoder_checkpoint: str | None = None
+    seed: int = 0  # stage1.seed: lets a method initialise its fresh parameters reproducibly
 
     @property
     def n_classes(self) -> int:
@@ -59,6 +60,7 @@ class Stage1Inputs:
             bank_dir=Path(bank_dir) if bank_dir else None,
             encoder=spec.encoder.name,
             encoder_checkpoint=spec.encoder.checkpoint,
+            seed=int(spec.stage1.seed),
         )
 
 
@@ -75,6 +77,7 @@ class PseudoOptions:
     min_object: int = MIN_WHITE_OBJECT_PX  # px of the tile at tiling.mpp
     gamma: float = 10.0
     flip: bool = False
+    crf: bool = False  # dense CRF post-processing (engine.pseudo.crf)
 
 
 class CamModel(Protocol):
@@ -100,10 +103,12 @@ class MasksFromCams:
         from pbip_engine.engine.training.inputs import rgb_uint8
 
         cfg = self.cfg  # type: ignore[attr-defined]
-        rgb = rgb_uint8(batch, cfg.mean, cfg.std) if "white" in options.background else None
+        need_rgb = "white" in options.background or options.crf  # the CRF's pairwise term reads the RGB
+        rgb = rgb_uint8(batch, cfg.mean, cfg.std) if need_rgb else None
         return cams_to_mask(
             self.predict_cams(batch, options), batch["labels"], options.background, rgb=rgb,  # type: ignore[attr-defined]
             white_threshold=options.white_threshold, min_size=options.min_object, power=options.gamma,
+            crf=options.crf,
         )  # fmt: skip
 
 
@@ -132,6 +137,9 @@ class Method:
     # its own labels.
     stages: ClassVar[frozenset[str]] = frozenset({"bank", "classnet", "pseudo"})
     summary: ClassVar[str] = ""
+    # ``method:`` keys that ``pbip-engine demo --method NAME`` adds to this method's defaults (the demo is a
+    # few hundred small tiles and two epochs: e.g. a warm-up counted in iterations must be shorter).
+    demo_keys: ClassVar[dict[str, Any]] = {}
 
     def uses_stages(self, cfg: MethodConfig) -> frozenset[str]:
         """The method-specific stages this configuration runs (a method may need the bank only for some
@@ -150,3 +158,21 @@ class Method:
 
     def stage2_defaults(self, cfg: MethodConfig) -> Stage2Defaults:
         return Stage2Defaults()
+
+    def check_labels(self, cfg: MethodConfig, labelled_tiles: dict[str, int]) -> str | None:
+        """A one-line spec error (naming the key and value) if this configuration cannot train on a cohort
+        with ``labelled_tiles`` (class name -> labelled tiles that carry it); None when it can. The stage-1
+        stage asks before it trains."""
+        return None
+
+    def after_stage1(
+        self,
+        cfg: MethodConfig,
+        checkpoint: Path,
+        inputs: Stage1Inputs,
+        out_dir: Path,
+        tile_parquets: list[Path],
+    ) -> dict[str, Any]:
+        """Extra outputs of the trained stage-1 model written into its stage folder ``out_dir`` (e.g. a
+        picture of what it learned); returns values for the stage's manifest. Default: nothing."""
+        return {}

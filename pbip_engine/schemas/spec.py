@@ -186,6 +186,11 @@ class PseudoSection(_Section):
         "per pixel; false = each tile's own argmax",
     )
     flip: bool = Field(False, description="test-time flip: average each tile's CAMs with its mirror's")
+    crf: bool = Field(
+        False,
+        description="dense CRF on each tile's class scores and pixels (LPD's post-processing; needs the "
+        "optional package pydensecrf2; CPU-heavy)",
+    )
     heatmaps: bool = True
 
 
@@ -598,6 +603,13 @@ def check_inputs(spec: JobSpec) -> list[Path]:
         val = getattr(getattr(spec, section), key, None)
         if val is not None and not URI_RE.match(val) and not Path(val).exists():
             raise SpecError(f"{section}.{key}: {short_repr(val)} does not exist")
+    if spec.pseudo.crf:
+        from pbip_engine.engine.pseudo.crf import crf_available
+
+        if not crf_available():
+            raise SpecError(
+                "pseudo.crf: true needs the optional package pydensecrf2 (pip install pydensecrf2)"
+            )
     slides = expand_slides(spec.data.slides) if spec.data.slides else []
     check_slide_ids(slides, "data.slides")
     if spec.segment.slides:

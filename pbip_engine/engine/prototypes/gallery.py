@@ -25,10 +25,14 @@ def gallery_shape(bank: Bank, per_row: int = 8, thumb: int = 96) -> tuple[int, i
 
 
 def _label_cell(name: str, j: int, n: int, thumb: int) -> np.ndarray:
+    return label_cell([name, f"k={j + 1}", f"n={n}"], thumb)
+
+
+def label_cell(lines: list[str], thumb: int) -> np.ndarray:
+    """A dark square with a few lines of white text (a row's caption in the gallery and the atlas)."""
     cell = np.full((thumb, thumb, 3), LABEL_BG, np.uint8)
     scale = max(0.3, thumb / 200)
     thick = 1 if thumb < 160 else 2
-    lines = [name, f"k={j + 1}", f"n={n}"]
     step = thumb // (len(lines) + 1)
     for i, text in enumerate(lines):
         (tw, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
@@ -46,7 +50,7 @@ def _label_cell(name: str, j: int, n: int, thumb: int) -> np.ndarray:
     return cell
 
 
-def _thumb(tile: np.ndarray, tile_id: str, thumb: int) -> np.ndarray:
+def thumbnail(tile: np.ndarray, tile_id: str, thumb: int) -> np.ndarray:
     a = np.asarray(tile)
     if a.ndim == 2:
         a = np.repeat(a[:, :, None], 3, axis=2)
@@ -84,9 +88,14 @@ def write_gallery(
             except Exception as e:
                 raise BankError(f"gallery: could not fetch tile {tid}: {type(e).__name__}: {e}") from e
             x = (col + 1) * thumb
-            sheet[y : y + thumb, x : x + thumb] = _thumb(tile, tid, thumb)
+            sheet[y : y + thumb, x : x + thumb] = thumbnail(tile, tid, thumb)
         cv2.line(sheet, (0, y), (w - 1, y), (255, 255, 255), 1)
-    ok, png = cv2.imencode(".png", cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+    return write_png(path, sheet, "gallery")
+
+
+def write_png(path: str | Path, rgb: np.ndarray, what: str) -> Path:
+    """An RGB uint8 sheet as a PNG, written atomically (the gallery's and the atlas's last step)."""
+    ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
-        raise BankError(f"gallery: PNG encoding failed for {path}")
+        raise BankError(f"{what}: PNG encoding failed for {path}")
     return atomic_write_bytes(path, png.tobytes())

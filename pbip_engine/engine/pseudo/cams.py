@@ -114,6 +114,7 @@ def cams_to_mask(
     min_size: int = MIN_WHITE_OBJECT_PX,
     power: float = 10.0,
     tie_break: torch.Tensor | np.ndarray | None = None,
+    crf: bool = False,
 ) -> np.ndarray:
     """[B,N,H,W] fused CAMs (+ [B,N] image labels) -> uint8 [B,H,W]: 0 = background, k = class k, 255 = unsure.
 
@@ -121,7 +122,9 @@ def cams_to_mask(
     where the CAMs carry no signal) must not go to whichever class comes first, or that class wins
     everywhere the model knows nothing: ``tie_break`` ([B,N,H,W], e.g. the raw fused CAM) decides it, and
     a tie left after that is ``UNCERTAIN`` (255), which stage 2 and the metrics ignore. The background
-    rules still apply on top. ``rgb`` (uint8 [B,H,W,3]) is needed by the white rules.
+    rules still apply on top. ``rgb`` (uint8 [B,H,W,3]) is needed by the white rules and by ``crf``, which
+    replaces the argmax over the present classes (and the ``power`` background) with a dense CRF's
+    (``engine.pseudo.crf``); ties then go to the CRF.
     """
     if background not in BACKGROUNDS:
         raise CamError(f"background must be one of {BACKGROUNDS}, got {background!r}")
@@ -151,14 +154,30 @@ def cams_to_mask(
         mask = torch.where(bg > masked.amax(1), torch.zeros_like(mask), mask)
     mask[~present.any(1)] = 0
     out = mask.numpy().astype(np.uint8)
-    if "white" in background:
+    if "white" in background or crf:
         if rgb is None:
-            raise CamError(f"background={background!r} needs the RGB images (rgb=...)")
+            raise CamError(
+                f"background={background!r}{' with crf' if crf else ''} needs the RGB images (rgb=...)"
+            )
         rgb = np.asarray(rgb)
         if rgb.ndim == 3:
             rgb = rgb[None]
         if rgb.shape[:3] != out.shape:
             raise CamError(f"rgb shape {rgb.shape} does not match the masks {out.shape}")
+    if crf:
+        from pbip_engine.engine.pseudo.crf import dense_crf
+
+        for i in range(b):
+            ids = torch.nonzero(present[i]).flatten()
+            if ids.numel() == 0:
+                continue
+            chans = [scores[i, ids]]
+            if "power" in background:
+                chans.insert(0, ((1.0 - scores[i].amax(0)).clamp(0, 1) ** power)[None])
+            won = dense_crf(torch.cat(chans).numpy(), rgb[i])
+            cls = (ids + 1).numpy()
+            out[i] = np.concatenate([[0], cls])[won] if "power" in background else cls[won]
+    if "white" in background:
         for i in range(b):
             out[i][white_mask(rgb[i], white_threshold, min_size)] = 0
     return out

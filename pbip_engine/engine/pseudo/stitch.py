@@ -118,19 +118,20 @@ def stitched_masks(
     white_threshold: int = WHITE_THRESHOLD,
     min_size: int = MIN_WHITE_OBJECT_PX,
     power: float = 10.0,
+    crf: bool = False,
 ) -> list[np.ndarray]:
     """uint8 ``h,w`` pseudo mask per tile (0 = background, k = class k) from the stitched CAMs of one slide.
 
-    ``rgbs`` (uint8 ``h,w,3`` per tile) is needed by the ``white`` rules, as in ``cams_to_mask``.
+    ``rgbs`` (uint8 ``h,w,3`` per tile) is needed by the ``white`` rules and ``crf``, as in ``cams_to_mask``.
     """
     labels = np.asarray(labels, dtype=np.float32)
-    if "white" in background and rgbs is None:
+    if ("white" in background or crf) and rgbs is None:
         raise CamError(f"background={background!r} needs the tiles' RGB images (rgbs=...)")
     out = []
     for i, cam in enumerate(stitch_cams(xs, ys, sizes0, cams, labels)):
         rgb = None if rgbs is None else np.asarray(rgbs[i])[None]
         out.append(
             cams_to_mask(cam[None], labels[i : i + 1], background, rgb=rgb,
-                         white_threshold=white_threshold, min_size=min_size, power=power)[0]
+                         white_threshold=white_threshold, min_size=min_size, power=power, crf=crf)[0]
         )  # fmt: skip
     return out

@@ -196,7 +196,8 @@ class ClassNet(nn.Module):
     """Backbone + per-level prototype projections -> sub-class CAMs -> class CAMs and logits per level.
 
     ``forward(x)`` returns ``cams`` (list of [B,N,h_i,w_i], logit units), ``logits`` (list of [B,N]),
-    ``subclass_cams`` / ``subclass_logits`` (sum K channels) and ``scales`` ([L], the s_i).
+    ``subclass_cams`` / ``subclass_logits`` (sum K channels), ``scales`` ([L], the s_i), and per level the
+    backbone ``features`` and ``projected`` prototypes.
     """
 
     def __init__(
@@ -258,11 +259,12 @@ class ClassNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, Any]:
         feats = self.backbone(x)
-        cams, logits, sub_cams, sub_logits = [], [], [], []
+        cams, logits, sub_cams, sub_logits, projected = [], [], [], [], []
         for i, (f, proj) in enumerate(zip(feats, self.projectors, strict=True)):
             p = proj(self.prototypes.to(f.dtype))
             if self.normalize_prototypes:
                 p = F.normalize(p, dim=-1)
+            projected.append(p)
             cos = torch.einsum("bchw,mc->bmhw", F.normalize(f, dim=1), p)
             sub = self.logit_scale[i] * cos
             sub_cams.append(sub)
@@ -275,6 +277,8 @@ class ClassNet(nn.Module):
             "subclass_cams": sub_cams,
             "subclass_logits": sub_logits,
             "scales": self.logit_scale,
+            "features": feats,  # per level, for methods that regularise on them (LPD's diversity term)
+            "projected": projected,  # the prototypes in each level's channel space
         }
 
 
@@ -355,6 +359,22 @@ class ImgMatchNet(nn.Module):
         return out
 
 
+def classnet_backbone(cfg: ClassNetConfig, backbone: nn.Module | None = None) -> nn.Module:
+    """``cfg.backbone`` with one feature map per ``cfg.levels`` (or ``backbone``, checked the same way)."""
+    if backbone is None:
+        kw: dict[str, Any] = {}
+        if cfg.backbone.startswith("mit_"):
+            kw["strides"] = tuple(cfg.mit_strides)
+        pretrained = cfg.pretrained
+        if isinstance(pretrained, str) and pretrained.lower() in ("true", "false"):
+            pretrained = pretrained.lower() == "true"
+        backbone = create_backbone(cfg.backbone, pretrained=pretrained, out_indices=cfg.levels, **kw)
+    n_levels = len(feature_channels(backbone))
+    if n_levels != len(cfg.levels):
+        raise ValueError(f"backbone returns {n_levels} levels but cfg.levels={cfg.levels}")
+    return backbone
+
+
 def build_classnet(
     cfg: ClassNetConfig,
     prototypes: torch.Tensor | np.ndarray,
@@ -368,19 +388,8 @@ def build_classnet(
     """
     cfg.validate()
     p, k_list = _flatten_prototypes(prototypes, k_list, n_classes)
-    if backbone is None:
-        kw: dict[str, Any] = {}
-        if cfg.backbone.startswith("mit_"):
-            kw["strides"] = tuple(cfg.mit_strides)
-        pretrained = cfg.pretrained
-        if isinstance(pretrained, str) and pretrained.lower() in ("true", "false"):
-            pretrained = pretrained.lower() == "true"
-        backbone = create_backbone(cfg.backbone, pretrained=pretrained, out_indices=cfg.levels, **kw)
-    n_levels = len(feature_channels(backbone))
-    if n_levels != len(cfg.levels):
-        raise ValueError(f"backbone returns {n_levels} levels but cfg.levels={cfg.levels}")
     net = ClassNet(
-        backbone,
+        classnet_backbone(cfg, backbone),
         p,
         k_list,
         hidden=cfg.hidden,
