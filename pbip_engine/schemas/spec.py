@@ -300,6 +300,7 @@ _PATH_KEYS = [
     ("data", "patches"),
     ("encoder", "checkpoint"),
     ("method", "backbone_checkpoint"),
+    ("method", "masks"),
     ("segmenter", "backbone_checkpoint"),
     ("segment", "truth"),
 ]
@@ -451,6 +452,11 @@ def check_inputs(spec: JobSpec) -> list[Path]:
         val = getattr(getattr(spec, section), key, None)
         if val is not None and not URI_RE.match(val) and not Path(val).exists():
             raise SpecError(f"{section}.{key}: {val!r} does not exist")
-    if spec.data.slides:
-        return expand_slides(spec.data.slides)
-    return []
+    slides = expand_slides(spec.data.slides) if spec.data.slides else []
+    from pbip_engine.methods import get_method
+
+    try:
+        get_method(spec.method.name).check_inputs(spec.method, spec)
+    except ValueError as e:  # the method's own checks (masks, labelled split, checkpoints) name their key
+        raise SpecError(str(e)) from None
+    return slides
