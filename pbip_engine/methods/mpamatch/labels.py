@@ -32,13 +32,11 @@ def image_ids(spec: Any) -> list[str]:
     if d.synthetic is not None:
         return [f"synth_{i:03d}" for i in range(d.synthetic.slides)]
     if d.patches is not None:
-        from pbip_engine.engine.ingest.patch_tiles import open_patch_dataset
-
-        ds = open_patch_dataset(d.patch_format, d.patches, split="train")
-        names = getattr(ds, "names", None)
-        if names is None:
+        if d.patch_format != "glas":
             raise LabelError(f"data.patch_format {d.patch_format!r} has no source images to label (use glas)")
-        return list(names)
+        from pbip_engine.engine.ingest.datasets.glas import GlaSImages
+
+        return list(GlaSImages(d.patches, "train").names)  # reads the index only
     from pbip_engine.schemas.spec import expand_slides
 
     return [p.stem for p in expand_slides(d.slides)]

@@ -30,10 +30,9 @@ def _image_hw(spec: Any, image_id: str) -> tuple[int, int] | None:
     """Level-0 (height, width) of one image, for checking its mask; None where unknown before the run."""
     d = spec.data
     if d.patches is not None:
-        from pbip_engine.engine.ingest.patch_tiles import open_patch_dataset
+        from pbip_engine.engine.ingest.datasets.glas import GlaSImages
 
-        ds = open_patch_dataset(d.patch_format, d.patches, split="train")
-        return tuple(ds.image(image_id).shape[:2]) if hasattr(ds, "image") else None  # type: ignore[return-value]
+        return tuple(GlaSImages(d.patches, "train").image(image_id).shape[:2])  # type: ignore[return-value]
     if d.slides:
         from pbip_engine.engine.wsi.slides import open_slide
         from pbip_engine.schemas.spec import expand_slides

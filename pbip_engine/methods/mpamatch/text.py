@@ -98,11 +98,8 @@ class OpenClipTextTower(nn.Module):
 
         if arch not in open_clip.list_models():
             raise TextEncoderError(f"method.text_encoder: unknown OpenCLIP architecture {arch!r}")
-        try:
-            model = open_clip.create_model(arch, pretrained=None, load_weights=False, **kw)
-        except Exception as e:
-            raise TextEncoderError(f"method.text_encoder: open_clip:{arch}: {type(e).__name__}: {e}") from e
-        if checkpoint is not None:
+        sd = None
+        if checkpoint is not None:  # read and check first: a wrong file fails before building the model
             from pbip_engine.engine.embed.encoders.base import EncoderError, read_checkpoint
 
             try:
@@ -116,6 +113,11 @@ class OpenClipTextTower(nn.Module):
                     f"method.text_encoder: {checkpoint} has no OpenCLIP text tower (no token_embedding.weight; "
                     f"keys start {list(sd)[:3]})"
                 )
+        try:
+            model = open_clip.create_model(arch, pretrained=None, load_weights=False, **kw)
+        except Exception as e:
+            raise TextEncoderError(f"method.text_encoder: open_clip:{arch}: {type(e).__name__}: {e}") from e
+        if sd is not None:
             own = {k: v for k, v in model.state_dict().items() if not k.startswith("visual.")}
             bad = [k for k in own if k in sd and sd[k].shape != own[k].shape]
             if bad:
