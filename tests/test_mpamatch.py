@@ -277,3 +277,23 @@ def test_glas_semi_example_validates():
 
     ids, labelled = labelled_split(spec.method, spec, None)
     assert len(ids) == 85 and len(labelled) == 11  # 1/8 of the train images
+
+
+@pytest.mark.slow
+def test_open_clip_text_tower_from_a_checkpoint_matches_encode_text_and_takes_context(tmp_path):
+    import open_clip
+
+    from pbip_engine.methods.mpamatch.text import OpenClipTextTower
+
+    kw = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+          "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}  # fmt: skip
+    ref = open_clip.create_model("ViT-B-32", pretrained=None, load_weights=False, **kw)
+    torch.save(ref.state_dict(), tmp_path / "w.pt")
+    tower = OpenClipTextTower("ViT-B-32", tmp_path / "w.pt", **kw)
+    with torch.no_grad():
+        plain = tower(["a histopathology image of gland"], None)
+        want = ref.encode_text(open_clip.get_tokenizer("ViT-B-32")(["a histopathology image of gland"]))
+    assert torch.allclose(plain, want, atol=1e-5)  # the checkpoint's text tower, read as open_clip reads it
+    ctx = torch.nn.Parameter(torch.randn(3, 32) * 0.02)
+    tower(["a histopathology image of gland"], ctx).sum().backward()
+    assert float(ctx.grad.abs().sum()) > 0

@@ -103,9 +103,14 @@ class TransUNet(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.seg_head = nn.Conv2d(DECODER_CHANNELS[-1], n_classes, 3, padding=1)
         emb_c = DECODER_CHANNELS[self.emb_block]
-        proj = int(config.get("proj_dim", 64))
-        self.proj = nn.Sequential(nn.Conv2d(emb_c, emb_c, 1), nn.BatchNorm2d(emb_c), nn.ReLU(True),
-                                  nn.Conv2d(emb_c, proj, 1))  # fmt: skip
+        proj = int(config.get("proj_dim", 64))  # 0: no embedding head (training without the contrasts)
+        self.proj = (
+            nn.Sequential(
+                nn.Conv2d(emb_c, emb_c, 1), nn.BatchNorm2d(emb_c), nn.ReLU(True), nn.Conv2d(emb_c, proj, 1)
+            )
+            if proj
+            else None
+        )
         # MPAMatch's image-prototype memory (EMA, one row per class incl. background) and text-prompt parts.
         self.register_buffer("prototypes", torch.zeros(n_classes, proj))
         self.register_buffer("proto_seen", torch.zeros(n_classes, dtype=torch.bool))
@@ -137,6 +142,8 @@ class TransUNet(nn.Module):
         if fp:
             out["fp"] = logits[b:]
         if with_emb:
+            if self.proj is None:
+                raise SegmenterError("this TransUNet was built with proj_dim=0: it has no pixel embeddings")
             out["emb"] = F.normalize(self.proj(emb[:b]), dim=1)
         return out
 

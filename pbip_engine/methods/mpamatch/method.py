@@ -96,6 +96,7 @@ def build_task(
     tower = create_text_tower(cfg.text_encoder) if cfg.text_prototypes else None
     tdim = int(tower.dim) if tower is not None else 0
     n_ctx = cfg.n_ctx if tower is not None and tower.takes_context else 0
-    model = build_transunet(len(class_names) + 1, cfg.backbone, backbone_pretrained, proj_dim=cfg.proj_dim,
+    proj = cfg.proj_dim if cfg.image_prototypes or cfg.text_prototypes else 0  # no unused head (DDP)
+    model = build_transunet(len(class_names) + 1, cfg.backbone, backbone_pretrained, proj_dim=proj,
                             text_dim=tdim, text_ctx=n_ctx, backbone_kwargs=cfg.backbone_kwargs)  # fmt: skip
     return MpaMatchTask(model, cfg, class_names, tower, amp=amp)
