@@ -297,3 +297,31 @@ def test_open_clip_text_tower_from_a_checkpoint_matches_encode_text_and_takes_co
     ctx = torch.nn.Parameter(torch.randn(3, 32) * 0.02)
     tower(["a histopathology image of gland"], ctx).sum().backward()
     assert float(ctx.grad.abs().sum()) > 0
+
+
+def test_demo_spec_needs_no_cam_stages_and_labels_one_synthetic_slide_from_its_truth(tmp_path):
+    import tifffile
+
+    import pbip_engine.jobs.stages  # noqa: F401  (registers the stages)
+    from pbip_engine.jobs.stage import get_stage
+    from pbip_engine.methods import get_method
+
+    spec = parse_spec({"run": {"output": str(tmp_path / "run"), "seed": 0}, "data": {"synthetic": {"slides": 4}},
+                       "classes": [{"name": "tumour", "color": [1, 2, 3]}], "method": {"name": "mpamatch"}})  # fmt: skip
+    why = {n: get_stage(n).not_needed(spec) for n in ("bank", "classnet", "pseudo", "segmenter")}
+    assert (
+        all(why[n] and "mpamatch" in why[n] for n in ("bank", "classnet", "pseudo"))
+        and why["segmenter"] is None
+    )
+    truth = tmp_path / "truth"
+    truth.mkdir()
+    for i in range(4):
+        tifffile.imwrite(truth / f"synth_{i:03d}.mask.tif", np.full((64, 64), i % 2, np.uint8))
+    own = get_method("mpamatch").stage2_labels(spec.method, spec, truth)
+    assert len(own.labelled) == 1 and own.unlabelled and len(own.record["unlabelled"]) == 3  # 1 of 4 slides
+    assert (
+        own.labelled == get_method("mpamatch").stage2_labels(spec.method, spec, truth).labelled
+    )  # reproducible
+    rows = {"slide_id": np.array(own.labelled * 2), "x": np.array([0, 32]), "y": np.array([0, 0]),
+            "size0": np.array([32, 32]), "tile_px": np.array([16, 16])}  # fmt: skip
+    assert own.attach(rows)["labelled"].all()

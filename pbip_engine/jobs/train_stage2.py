@@ -28,9 +28,9 @@ def stage2_setup(config: dict[str, Any]):
     from pbip_engine.engine.training.segmentation import SegmentationTask
     from pbip_engine.methods import get_method
 
-    spec = config["spec"]
-    task = get_method(spec.method.name).stage2_task(spec.method, spec, config)
-    if task is not None:
+    spec = config.get("spec")
+    task = get_method(spec.method.name).stage2_task(spec.method, spec, config) if spec is not None else None
+    if task is not None:  # the method's own stage-2 task (Method.stage2_task)
         return task, decode_samples
 
     model = build_segmenter(config["arch"], n_classes=config["n_classes"], backbone=config["backbone"],
