@@ -105,7 +105,11 @@ def main() -> None:
     cfg = MpaMatchConfig(
         labelled_fraction=1.0 if a.variant == "ceiling" else a.fraction, **VARIANTS[a.variant]
     )
-    labelled = choose_labelled(ids, dict.fromkeys(ids, Path("x")), cfg, a.seed)
+
+    def classes_of(i: str) -> set[int]:  # as the pipeline's split reads the masks (cover_classes)
+        return {int(v) for _, m in pools[i] for v in np.unique(m)}
+
+    labelled = choose_labelled(ids, dict.fromkeys(ids, Path("x")), cfg, a.seed, classes_of)
     unlabelled = [i for i in ids if i not in labelled]
     lab_pool = [p for i in labelled for p in pools[i]]
     unl_pool = [p for i in unlabelled for p in pools[i]]

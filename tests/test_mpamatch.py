@@ -101,6 +101,10 @@ def test_split_fraction_is_seeded_and_list_is_checked(tmp_path):
     a, b = choose_labelled(ids, masks, cfg, 1), choose_labelled(ids, masks, cfg, 1)
     assert a == b and len(a) == 4 and set(a) <= set(ids)
     assert choose_labelled(ids, masks, cfg, 2) != a  # another seed, another draw
+    shows = {i: ({1} if i != "im7" else {1, 2}) for i in ids}  # only im7 shows class 2
+    assert choose_labelled(ids, masks, MpaMatchConfig(labelled_fraction=1 / 16), 1, shows.get) == ["im7"]
+    plain = MpaMatchConfig(labelled_fraction=1 / 16, cover_classes=False)
+    assert choose_labelled(ids, masks, plain, 1, shows.get) == choose_labelled(ids, masks, plain, 1)
     explicit = MpaMatchConfig(labelled=["im3", "im1"])
     assert choose_labelled(ids, masks, explicit, 0) == ["im1", "im3"]
     with pytest.raises(LabelError, match=r"method.labelled: \['nope'\] are not images"):

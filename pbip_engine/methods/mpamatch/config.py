@@ -35,6 +35,10 @@ class MpaMatchConfig(MethodConfig):
         le=1,
         description="share of the images with a mask that are labelled, drawn with run.seed",
     )
+    cover_classes: bool = Field(
+        True,
+        description="labelled_fraction: of 32 seeded draws keep the first whose masks show the most classes",
+    )
     backbone: str = Field(
         "efficientnet_lite0", description="features_only CNN or a timm ViT (vit_large_patch16_224 = UNI)"
     )

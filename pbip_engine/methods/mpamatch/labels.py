@@ -20,6 +20,7 @@ import numpy as np
 from pbip_engine.engine.metrics import IGNORE_INDEX
 
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".geojson", ".json")
+DRAWS = 32  # seeded draws compared for class coverage (cover_classes)
 
 
 class LabelError(ValueError):
@@ -56,8 +57,19 @@ def find_masks(folder: str | Path, ids: Sequence[str]) -> dict[str, Path]:
     return out
 
 
-def choose_labelled(ids: Sequence[str], masks: dict[str, Path], cfg: Any, seed: int) -> list[str]:
-    """The labelled ids: ``cfg.labelled`` checked, else ``round(fraction * len(with masks))`` (>= 1) drawn with ``seed``."""
+def choose_labelled(
+    ids: Sequence[str],
+    masks: dict[str, Path],
+    cfg: Any,
+    seed: int,
+    classes_of: Callable[[str], set[int]] | None = None,
+) -> list[str]:
+    """The labelled ids: ``cfg.labelled`` checked, else ``round(fraction * len(with masks))`` (>= 1) drawn with ``seed``.
+
+    With ``classes_of`` (image id -> classes in its mask) and ``cfg.cover_classes``, ``DRAWS`` seeded draws are
+    made and the first that covers the most classes is kept: a class no labelled image shows cannot be learnt
+    (on the demo cohort no slide has all four classes, and a plain draw of 1 of 4 can show only two).
+    """
     if cfg.labelled:
         missing = [n for n in cfg.labelled if n not in ids]
         if missing:
@@ -75,7 +87,14 @@ def choose_labelled(ids: Sequence[str], masks: dict[str, Path], cfg: Any, seed: 
                 "method.masks: no mask is named like an image of the cohort (<image id>.png|.tif|...)"
             )
         k = min(len(pool), max(1, round(cfg.labelled_fraction * len(pool))))
-        chosen = sorted(np.random.default_rng(seed).choice(pool, size=k, replace=False).tolist())
+        rng = np.random.default_rng(seed)
+        best: tuple[int, list[str]] | None = None
+        for _ in range(DRAWS if classes_of is not None and getattr(cfg, "cover_classes", False) else 1):
+            draw = sorted(rng.choice(pool, size=k, replace=False).tolist())
+            score = len(set().union(*(classes_of(i) for i in draw)) - {0, IGNORE_INDEX}) if classes_of else 0
+            if best is None or score > best[0]:
+                best = (score, draw)
+        chosen = best[1]
     if cfg.semi and len(chosen) >= len(ids):
         raise LabelError(
             f"method.labelled: all {len(ids)} images are labelled, no unlabelled data left for the semi-supervised "
@@ -155,6 +174,16 @@ class MaskSource:
                 f"{self.path}: mask values {bad[:8]} are not classes 0..{self.n_classes} (0 = background) or "
                 f"{IGNORE_INDEX} (ignore); raw masks with other codes need method.mask_lut"
             )
+
+    def classes(self) -> set[int]:
+        """Classes present (a large pyramid is read on a strided view; outlines: their classes)."""
+        if self.array is None:
+            return {c for c, _ in self.shapes}
+        step = max(1, max(self.shape) // 2048)  # type: ignore[type-var]
+        vals = np.unique(np.asarray(self.array[::step, ::step]))
+        if self.lut and self.path.suffix.lower() != ".png":
+            vals = np.unique(_lut(vals.astype(np.uint8), self.lut, self.path))
+        return {int(v) for v in vals}
 
     def region(self, x: int, y: int, size0: int, out_px: int) -> np.ndarray:
         """The level-0 square ``size0`` at (x, y) as an ``out_px`` uint8 mask; outside the image is ignore (255)."""

@@ -15,14 +15,25 @@ def labelled_split(
     cfg: MpaMatchConfig, spec: Any, truth_dir: Path | None
 ) -> tuple[list[str], dict[str, Path]]:
     """(all image ids, labelled id -> mask file), from the spec (+ the synthetic cohort's truth folder)."""
-    from pbip_engine.methods.mpamatch.labels import LabelError, choose_labelled, find_masks, image_ids
+    from pbip_engine.methods.mpamatch.labels import (
+        LabelError,
+        MaskSource,
+        choose_labelled,
+        find_masks,
+        image_ids,
+    )
 
     ids = image_ids(spec)
     folder = cfg.masks or (str(truth_dir) if truth_dir is not None else None)
     if folder is None:
         raise LabelError("method.masks: give the folder of exact masks (named like the images)")
     masks = find_masks(folder, ids)
-    chosen = choose_labelled(ids, masks, cfg, spec.run.seed)
+    lut = cfg.mask_lut if cfg.masks is not None else None
+
+    def classes_of(image_id: str) -> set[int]:
+        return MaskSource(masks[image_id], spec.class_names, lut).classes()
+
+    chosen = choose_labelled(ids, masks, cfg, spec.run.seed, classes_of)
     return ids, {i: masks[i] for i in chosen}
 
 
