@@ -8,11 +8,12 @@ from pbip_engine.engine.training.batches import decode_samples
 from pbip_engine.jobs.manifest import write_json_atomic
 from pbip_engine.jobs.ray_train import fit_on_ray, holdout_split
 from pbip_engine.jobs.resources import read_options
-from pbip_engine.jobs.rundir import MODEL_CARD, model_card
+from pbip_engine.jobs.rundir import MODEL_CARD, model_card, synth_truth_dir, tile_files
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
 from pbip_engine.schemas.spec import JobSpec
 
 SAMPLE_COLUMNS = ["tile_id", "image", "mask"]
+TILE_COLUMNS = ["tile_id", "slide_id", "x", "y", "size0", "tile_px", "image"]
 
 
 def segmenter_arch(spec: JobSpec) -> str:
@@ -34,6 +35,12 @@ def stage2_setup(config: dict[str, Any]):
     from pbip_engine.engine.nn.deeplab import build_segmenter
     from pbip_engine.engine.training.losses import stage2_loss
     from pbip_engine.engine.training.segmentation import SegmentationTask
+    from pbip_engine.methods import get_method
+
+    spec = config.get("spec")
+    task = get_method(spec.method.name).stage2_task(spec.method, spec, config) if spec is not None else None
+    if task is not None:  # the method's own stage-2 task (Method.stage2_task)
+        return task, decode_samples
 
     model = build_segmenter(config["arch"], n_classes=config["n_classes"], backbone=config["backbone"],
                             pretrained=config["pretrained"], crop_px=config.get("crop_px"))  # fmt: skip
@@ -46,22 +53,32 @@ def stage2_setup(config: dict[str, Any]):
 class SegmenterStage(Stage):
     name = "segmenter"
     version = 4  # v4: the shared loop (one checkpoint format, per-sample augmentation, best.pt by validation)
-    deps = ("pseudo",)
+    deps = ("synth", "tile", "pseudo")  # synth/tile: methods with their own labels (Method.stage2_labels)
     sections = ("classes", "method", "segmenter")
 
     def run(self, ctx: StageContext) -> StageResult:
         import pyarrow.dataset as pads
         import ray
 
+        from pbip_engine.methods import get_method
+
         spec = ctx.spec
         s = spec.segmenter
-        samples = ctx.stage_dir("pseudo") / "samples"
+        truth = synth_truth_dir(ctx.stage_dir("synth")) if "synth" in self.dependencies(spec) else None
+        own = get_method(spec.method.name).stage2_labels(spec.method, spec, truth)
         ctx.ray()
-        ds = ray.data.read_parquet(str(samples), columns=SAMPLE_COLUMNS, **read_options())
-        ids = (
-            pads.dataset(str(samples), format="parquet").to_table(columns=["tile_id"])["tile_id"].to_pylist()
-        )
-        datasets, n = holdout_split(ds, ids, s.val_fraction)
+        if own is not None:
+            datasets, n, split = own_label_datasets(ctx, own, s.val_fraction)
+        else:
+            samples = ctx.stage_dir("pseudo") / "samples"
+            ds = ray.data.read_parquet(str(samples), columns=SAMPLE_COLUMNS, **read_options())
+            ids = (
+                pads.dataset(str(samples), format="parquet")
+                .to_table(columns=["tile_id"])["tile_id"]
+                .to_pylist()
+            )
+            datasets, n = holdout_split(ds, ids, s.val_fraction)
+            split = None
         config = {
             "loop": {
                 "epochs": s.epochs,
@@ -81,6 +98,7 @@ class SegmenterStage(Stage):
             "crop_px": spec.tiling.tile_px,  # ASPP rates fit the training tile (deeplab.fit_rates)
             "batch_size": s.batch_size,
             "n_train": n,
+            "spec": spec,
         }
         history = fit_on_ray(
             "segmenter", stage2_setup, config, datasets, spec.resources,
@@ -91,5 +109,44 @@ class SegmenterStage(Stage):
         ctx.log(
             f"[segmenter] {len(history)} epoch(s) on {n} pseudo-labelled tiles; last loss {last.get('loss'):.4f}"
         )
-        return StageResult(counts={"epochs": len(history), "samples": n},
-                           extra={"last_epoch": {k: v for k, v in last.items() if k != "val"}})  # fmt: skip
+        extra = {"last_epoch": {k: v for k, v in last.items() if k != "val"}}
+        if split is not None:
+            extra["labelled_split"] = split
+        return StageResult(counts={"epochs": len(history), "samples": n}, extra=extra)
+
+
+def own_label_datasets(ctx: StageContext, own: Any, val_fraction: float) -> tuple[dict[str, Any], int, dict]:
+    """Tiles + the method's masks (``Method.stage2_labels``): train = unlabelled tiles (if kept) + labelled
+    tiles ``repeat`` times; val = labelled tiles held out by the tile-id hash. Returns the split record too."""
+    import pyarrow.dataset as pads
+    import ray
+
+    from pbip_engine.engine.training.split import is_validation
+
+    files = [str(f) for f in tile_files(ctx.stage_dir("tile"))]
+    rows = pads.dataset(files, format="parquet").to_table(columns=["tile_id", "slide_id"]).to_pylist()
+    labelled = set(own.labelled)
+    lab_ids = [r["tile_id"] for r in rows if r["slide_id"] in labelled]
+    if not lab_ids:
+        raise RuntimeError(f"no tiles of the labelled images {sorted(labelled)[:5]} (did they fail tiling?)")
+    n_val = sum(1 for t in lab_ids if is_validation(t, val_fraction))
+    n_lab = len(lab_ids) - n_val
+    n_unl = len(rows) - len(lab_ids) if own.unlabelled else 0
+    repeat = own.repeat or max(1, round(n_unl / max(1, n_lab)))
+    ds = ray.data.read_parquet(files, columns=TILE_COLUMNS, **read_options())
+    ds = ds.map_batches(own.attach, batch_format="numpy", **read_options())
+    lab = ds.filter(lambda r: bool(r["labelled"]), **read_options())
+    parts, _ = holdout_split(lab, lab_ids, val_fraction)
+    train = parts["train"]
+    if repeat > 1:
+        train = train.union(*[parts["train"]] * (repeat - 1))
+    if n_unl:
+        train = train.union(ds.filter(lambda r: not bool(r["labelled"]), **read_options()))
+    datasets = {"train": train.drop_columns(["slide_id", "x", "y", "size0", "tile_px"])}
+    if "val" in parts:
+        datasets["val"] = parts["val"].drop_columns(["slide_id", "x", "y", "size0", "tile_px", "labelled"])
+    record = {**(own.record or {}), "labelled_tiles": n_lab, "val_tiles": n_val, "unlabelled_tiles": n_unl,
+              "repeat": repeat}  # fmt: skip
+    ctx.log(f"[segmenter] own labels: {len(labelled)} labelled image(s), {n_lab} train + {n_val} val tiles "
+            f"(x{repeat}), {n_unl} unlabelled tiles")  # fmt: skip
+    return datasets, n_lab * repeat + n_unl, record

@@ -7,6 +7,7 @@ a method provides, and ``ARCHITECTURE.md`` for where it plugs into the pipeline.
 # One line per method: importing the package registers it.
 import pbip_engine.methods.gland
 import pbip_engine.methods.lpd
+import pbip_engine.methods.mpamatch
 import pbip_engine.methods.pbip  # noqa: F401
 from pbip_engine.methods.base import Method, MethodConfig, PseudoOptions, Stage1Inputs, Stage2Defaults
 from pbip_engine.methods.registry import METHODS, get_method, register_method, unregister_method

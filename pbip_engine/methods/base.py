@@ -120,6 +120,24 @@ class Stage2Defaults:
     loss: str = "ce"
 
 
+@dataclass
+class OwnLabels:
+    """A method that trains stage 2 on its own labels (exact masks of some images) instead of pseudo masks.
+
+    ``attach`` is a picklable callable the segmenter stage maps over tile rows (Ray Data numpy batches with
+    ``tile_id, slide_id, x, y, size0, tile_px, image``); it adds ``mask`` (PNG bytes, 255 = ignore) and
+    ``labelled`` (bool). ``labelled`` names the images with masks; ``unlabelled`` keeps the other images'
+    tiles in the training set (semi-supervised); each labelled tile is seen ``repeat`` times an epoch
+    (None: about as often as the unlabelled tiles). ``record`` goes to the stage's manifest (the split).
+    """
+
+    labelled: list[str]
+    attach: Any
+    unlabelled: bool = True
+    repeat: int | None = None
+    record: dict[str, Any] | None = None
+
+
 METHOD_STAGES: dict[str, str] = {
     "bank": "a prototype bank",
     "classnet": "a CAM network (stage 1)",
@@ -176,3 +194,14 @@ class Method:
         """Extra outputs of the trained stage-1 model written into its stage folder ``out_dir`` (e.g. a
         picture of what it learned); returns values for the stage's manifest. Default: nothing."""
         return {}
+
+    def stage2_labels(self, cfg: MethodConfig, spec: Any, truth_dir: Path | None) -> OwnLabels | None:
+        """Where stage 2's labels come from: None = the pseudo stage's masks (every CAM method)."""
+        return None
+
+    def stage2_task(self, cfg: MethodConfig, spec: Any, config: dict[str, Any]) -> TrainTask | None:
+        """The stage-2 training task (runs in each Ray Train worker); None = ``SegmentationTask``."""
+        return None
+
+    def check_inputs(self, cfg: MethodConfig, spec: Any) -> None:
+        """Checks of the method's inputs that ``pbip-engine validate`` runs before anything (raise ValueError)."""

@@ -346,6 +346,7 @@ _PATH_KEYS = [
     ("data", "patches"),
     ("encoder", "checkpoint"),
     ("method", "backbone_checkpoint"),
+    ("method", "masks"),
     ("segmenter", "backbone_checkpoint"),
     ("segment", "truth"),
 ]
@@ -614,6 +615,12 @@ def check_inputs(spec: JobSpec) -> list[Path]:
     check_slide_ids(slides, "data.slides")
     if spec.segment.slides:
         check_slide_ids(expand_slides(spec.segment.slides, "segment.slides"), "segment.slides")
+    from pbip_engine.methods import get_method
+
+    try:
+        get_method(spec.method.name).check_inputs(spec.method, spec)
+    except ValueError as e:  # the method's own checks (masks, labelled split, checkpoints) name their key
+        raise SpecError(str(e)) from None
     return slides
 
 

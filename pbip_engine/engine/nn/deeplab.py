@@ -249,6 +249,10 @@ def segmenter_from_config(config: dict) -> DeepLab:
     missing = [k for k in ("arch", "n_classes", "backbone") if k not in config]
     if missing:
         raise SegmenterError(f"segmenter config lacks {missing}: {config}")
+    if config["arch"] == "transunet":  # the semi-supervised methods' segmenter (engine/nn/transunet.py)
+        from pbip_engine.engine.nn.transunet import transunet_from_config
+
+        return transunet_from_config(config)  # type: ignore[return-value]
     model = build_segmenter(
         config["arch"],
         int(config["n_classes"]),

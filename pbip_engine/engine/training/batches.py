@@ -32,4 +32,6 @@ def decode_samples(batch: dict[str, Any]) -> dict[str, Any]:
     """Pseudo samples (tile JPEG + mask PNG rows) -> ``{"image": uint8 B,H,W,3, "mask": uint8 B,H,W}``."""
     out = decode_batch({"image": batch["image"], "tile_id": batch["tile_id"]})
     out["mask"] = decode_masks(batch["mask"])
+    if "labelled" in batch:  # semi-supervised stage 2: which rows carry a mask (the others are all-ignore)
+        out["labelled"] = np.asarray(batch["labelled"], dtype=bool)
     return out
