@@ -112,6 +112,27 @@ class MasksFromCams:
         )  # fmt: skip
 
 
+def network_config(
+    cfg: MethodConfig, config_cls: Any, renamed: dict[str, tuple[str, ...]] | None = None, **overrides: Any
+) -> Any:
+    """A method's ``method:`` keys as its network's dataclass config (``config_cls.from_dict``).
+
+    Keys the network does not know (loop or pseudo-mask options) are left out, ``renamed`` maps a spec key to
+    the field(s) it sets, and the backbone checkpoint path becomes ``pretrained`` (True = the packaged
+    ImageNet weights): the one mapping every CAM method's network shares.
+    """
+    from dataclasses import fields
+
+    known = {f.name for f in fields(config_cls)}
+    d: dict[str, Any] = {}
+    for key, value in cfg.model_dump().items():
+        for target in (renamed or {}).get(key, (key,)):
+            if target in known:
+                d[target] = value
+    d["pretrained"] = getattr(cfg, "backbone_checkpoint", None) or True
+    return config_cls.from_dict({**d, **overrides})
+
+
 @dataclass(frozen=True)
 class Stage2Defaults:
     """The method's stage-2 recipe where the spec's ``segmenter:`` leaves it open."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pbip_engine.methods.base import Method, Stage1Inputs, Stage2Defaults
+from pbip_engine.methods.base import Method, Stage1Inputs, Stage2Defaults, network_config
 from pbip_engine.methods.gland.config import GlandConfig
 from pbip_engine.methods.registry import register_method
 
@@ -21,10 +21,7 @@ def net_config(cfg: GlandConfig, n_classes: int) -> GlandNetConfig:
     """The spec's ``method:`` keys as the network's config (the checkpoint path becomes ``pretrained``)."""
     from pbip_engine.methods.gland.model import GlandNetConfig
 
-    d = cfg.model_dump(exclude={"name", "backbone_checkpoint", "new_parts_lr_mult"})
-    return GlandNetConfig.from_dict(
-        {**d, "n_classes": n_classes, "pretrained": cfg.backbone_checkpoint or True}
-    )
+    return network_config(cfg, GlandNetConfig, n_classes=n_classes)
 
 
 @register_method

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pbip_engine.methods.base import Method, Stage1Inputs
+from pbip_engine.methods.base import Method, Stage1Inputs, network_config
 from pbip_engine.methods.lpd.config import LpdConfig
 from pbip_engine.methods.registry import register_method
 
@@ -22,18 +22,9 @@ _RENAMED = {"merge": ("merge_train", "merge_eval")}
 
 def lpdnet_config(cfg: LpdConfig, **overrides: Any) -> LpdNetConfig:
     """The spec's ``method:`` keys as LpdNet's config (the checkpoint path becomes ``pretrained``)."""
-    from dataclasses import fields
-
     from pbip_engine.methods.lpd.model import LpdNetConfig
 
-    known = {f.name for f in fields(LpdNetConfig)}
-    d: dict[str, Any] = {}
-    for key, value in cfg.model_dump().items():
-        for target in _RENAMED.get(key, (key,)):
-            if target in known:
-                d[target] = value
-    d["pretrained"] = cfg.backbone_checkpoint or True
-    return LpdNetConfig.from_dict({**d, **overrides})
+    return network_config(cfg, LpdNetConfig, _RENAMED, **overrides)
 
 
 @register_method

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pbip_engine.methods.base import Method, Stage1Inputs
+from pbip_engine.methods.base import Method, Stage1Inputs, network_config
 from pbip_engine.methods.pbip.config import PbipConfig
 from pbip_engine.methods.registry import register_method
 
@@ -19,14 +19,9 @@ if TYPE_CHECKING:
 
 def classnet_config(cfg: PbipConfig, **overrides: Any) -> ClassNetConfig:
     """The spec's ``method:`` keys as ClassNet's config (the same names; the checkpoint path becomes ``pretrained``)."""
-    from dataclasses import fields
-
     from pbip_engine.methods.pbip.classnet import ClassNetConfig
 
-    known = {f.name for f in fields(ClassNetConfig)}
-    d = {k: v for k, v in cfg.model_dump().items() if k in known}
-    d["pretrained"] = cfg.backbone_checkpoint or True
-    return ClassNetConfig.from_dict({**d, **overrides})
+    return network_config(cfg, ClassNetConfig, **overrides)
 
 
 @register_method
