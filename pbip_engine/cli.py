@@ -221,11 +221,13 @@ segmenter_cmd = _stage_command("segmenter", "Train the stage-2 DeepLab on the ps
 @click.option("--overlap", default=0.25, show_default=True, type=click.FloatRange(0, 0.9))
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--tta/--no-tta", default=True, show_default=True, help="average logits over tile mirrors")
+@click.option("--tta-scales", default="1", show_default=True, help="with --tta: scales, e.g. 0.75,1,1.25")
 @click.option(
     "--tile-px", default=None, type=click.IntRange(16), help="inference tile (default: the training crop)"
 )
 def segment(model_dir: str, slides: str | None, images: str | None, mpp: float | None, out: str,
-            address: str | None, overlap: float, batch_size: int, tta: bool, tile_px: int | None) -> None:  # fmt: skip
+            address: str | None, overlap: float, batch_size: int, tta: bool, tta_scales: str,
+            tile_px: int | None) -> None:  # fmt: skip
     """Segment new slides or images with a trained run: OME-TIFF masks, GeoJSON, overlays."""
     from pbip_engine.jobs.infer import ModelError, segment_cli
     from pbip_engine.schemas.spec import expand_slides
@@ -235,10 +237,17 @@ def segment(model_dir: str, slides: str | None, images: str | None, mpp: float |
     if images and mpp is None:
         raise click.ClickException("--images needs --mpp (plain images carry no physical pixel size)")
     try:
+        scales = tuple(float(v) for v in tta_scales.split(",") if v.strip())
+    except ValueError:
+        raise click.ClickException(f"--tta-scales: comma-separated numbers, got {tta_scales!r}") from None
+    if not scales or min(scales) <= 0:
+        raise click.ClickException(f"--tta-scales: scales must be > 0, got {tta_scales!r}")
+    tta_arg = (scales if scales != (1.0,) else True) if tta else False
+    try:
         key = "--slides" if slides else "--images"
         inputs = expand_slides([slides or images], key)
         res = segment_cli(
-            Path(model_dir), inputs, Path(out), mpp, address, overlap, batch_size, tile_px, tta, key
+            Path(model_dir), inputs, Path(out), mpp, address, overlap, batch_size, tile_px, tta_arg, key
         )
     except (SpecError, ModelError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None

@@ -44,7 +44,8 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory, ray_local) -> Path:
         "encoder": {"batch_size": 32},
         "bank": {"k": 2, "n_k": 5, "holdout_fraction": 0.2},
         "stage1": {"epochs": 1, "batch_size": 8, "lr": 1.0e-4},
-        "segmenter": {"epochs": 1, "batch_size": 16},
+        # crops of the stitched regions (issue 15): 96 px of context, not the 64-px tiles
+        "segmenter": {"epochs": 1, "batch_size": 16, "crop_px": 96, "crops_per_epoch": 1},
         "segment": {"batch_size": 8},
         "resources": {"workers": 1, "autoscale": {"min": 1, "max": 2}},
     }
@@ -115,6 +116,15 @@ def test_pseudo_masks_index_and_score(pipeline_run: Path) -> None:
     metrics = json.loads((d / "metrics.json").read_text())
     assert metrics["ignore_background"] is True and 0.3 < metrics["miou"] <= 1.0
     assert (d / "heatmaps" / "synth_000.png").is_file()
+    regions = pq.read_table(d / "regions" / "synth_000.parquet").to_pylist()
+    assert regions and all(r["slide_id"] == "synth_000" and r["width0"] > 0 for r in regions)
+
+
+def test_stage_2_trained_on_region_crops_and_segments_at_that_context(pipeline_run: Path) -> None:
+    seg = json.loads((pipeline_run / "manifests" / "segmenter.json").read_text())
+    assert seg["regions"]["crop_px"] == 96 and seg["regions"]["train_regions"] > 0
+    card = json.loads((pipeline_run / "segmenter" / "model.json").read_text())
+    assert card["tile_px"] == 96  # segment reads the slides at the crop stage 2 trained on
 
 
 def test_segment_outputs_read_back(pipeline_run: Path) -> None:

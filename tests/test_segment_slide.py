@@ -393,3 +393,24 @@ def test_tta_averages_the_tile_and_its_mirrors():
         SegmentPredictor(color, device="cpu").predict(imgs).astype(np.float32),
         atol=2e-2,
     )
+
+
+def test_multi_scale_tta_adds_resized_views_and_keeps_the_tile_shape():
+    """``tta`` as scales: the three views at each scale, resized back; a per-pixel model on a flat image
+    gives the same answer at every scale, a 3x3 conv on a textured one does not."""
+    color = ColorNet()
+    flat = np.full((2, 16, 16, 3), 90, np.uint8)
+    one = SegmentPredictor(color, device="cpu", tta=True).predict(flat).astype(np.float32)
+    multi = SegmentPredictor(color, device="cpu", tta=(0.5, 1.0, 2.0)).predict(flat).astype(np.float32)
+    assert multi.shape == one.shape
+    np.testing.assert_allclose(multi, one, atol=2e-2)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 3, 3, padding=1)
+    conv.config = {"n_classes": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
+    calls = []
+    conv.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape[-2:])))
+    imgs = np.random.default_rng(1).integers(0, 255, (1, 16, 16, 3), dtype=np.uint8)
+    a = SegmentPredictor(conv, device="cpu", tta=(0.5, 1.0)).predict(imgs)
+    assert sorted(set(calls)) == [(8, 8), (16, 16)] and len(calls) == 6 and a.shape == (1, 3, 16, 16)
+    with pytest.raises(SegmentError, match="TTA scales"):
+        SegmentPredictor(conv, device="cpu", tta=(0.0,))

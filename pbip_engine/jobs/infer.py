@@ -24,7 +24,7 @@ from pbip_engine.schemas.spec import ResourcesSection, check_slide_ids, expand_s
 
 
 def _result_stream(plans: list[Any], overrides: dict[str, float], *, model_path: Path, batch_size: int,
-                   resources: ResourcesSection, tile_px: int, tta: bool) -> Iterator[dict[str, Any]]:  # fmt: skip
+                   resources: ResourcesSection, tile_px: int, tta: bool | tuple[float, ...]) -> Iterator[dict[str, Any]]:  # fmt: skip
     """Every plan's tiles through one Ray Data reader -> predictor actor pool, results in plan order.
 
     One pipeline for the cohort: the model is loaded once per actor, not once per slide, and the pool
@@ -65,7 +65,7 @@ def segment_slides(
     output_mpp: float | None = None,
     whole_image: bool = False,
     tile_px: int | None = None,
-    tta: bool = False,
+    tta: bool | tuple[float, ...] = False,
     max_pixels_per_byte: float = MAX_PIXELS_PER_BYTE,
 ) -> Iterator[tuple[Path, dict[str, Any] | Exception]]:
     """The engine's cohort loop over a Ray Data actor pool when ``resources`` is given, else in process.
@@ -159,7 +159,7 @@ class SegmentStage(Stage):
                                      resources=spec.resources, output_mpp=spec.segment.output_mpp,
                                      mpp_override=spec.segment.input_mpp,
                                      whole_image=spec.segment.whole_image,
-                                     tile_px=spec.segment.tile_px, tta=spec.segment.tta,
+                                     tile_px=spec.segment.tile_px, tta=spec.segment.tta_option,
                                      max_pixels_per_byte=spec.resources.max_slide_pixels_per_byte)  # fmt: skip
             for slide, result in results:
                 sid = slide_id_of(slide)
@@ -227,7 +227,7 @@ def check_model_loads(weights: Path) -> None:
 
 def segment_cli(model_dir: Path, inputs: list[Path], out: Path, mpp: float | None, address: str | None,
                 overlap: float, batch_size: int, tile_px: int | None = None,
-                tta: bool = False, key: str = "--slides") -> dict[str, Any]:  # fmt: skip
+                tta: bool | tuple[float, ...] = False, key: str = "--slides") -> dict[str, Any]:  # fmt: skip
     """``pbip-engine segment``: a finished run's segmenter on new slides or plain images.
 
     Raises ModelError (unusable ``--model``) or SpecError (two inputs with one slide id) before any

@@ -18,10 +18,17 @@ import numpy as np
 from pbip_engine.engine.training.batches import decode_batch
 from pbip_engine.jobs.manifest import write_json_atomic
 from pbip_engine.jobs.resources import actor_pool_options, read_options, write_parquet_fresh
-from pbip_engine.jobs.rundir import mask_relpath, synth_truth_dir, tile_files
+from pbip_engine.jobs.rundir import REGIONS, mask_relpath, synth_truth_dir, tile_files
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
 
 COLUMNS = ["tile_id", "slide_id", "x", "y", "size0", "image", "labels", "labelled"]
+
+
+def _region_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema([("tile_id", pa.string()), ("slide_id", pa.string()), ("x", pa.int64()), ("y", pa.int64()),
+                      ("width0", pa.int64()), ("height0", pa.int64()), ("image", pa.binary()), ("mask", pa.binary())])  # fmt: skip
 
 
 def _mask_rows(batch: dict[str, Any], masks: Any, out_dir: Path, colors: list) -> dict[str, Any]:
@@ -95,21 +102,50 @@ def stitch_slide(batch: dict[str, Any], spec: Any, out_dir: str) -> dict[str, An
     from pbip_engine.engine.pseudo.stitch import decode_cam, stitched_masks
 
     o = _options(spec)
-    rgbs = decode_batch(batch)["image"] if "white" in o.background or o.crf else None
+    rgbs = decode_batch(batch)["image"]
     masks = stitched_masks(
         [int(v) for v in batch["x"]], [int(v) for v in batch["y"]], [int(v) for v in batch["size0"]],
         [decode_cam(c) for c in batch["cam"]], np.stack([np.asarray(v, np.float32) for v in batch["labels"]]),
         o.background, rgbs, white_threshold=o.white_threshold, min_size=o.min_object, power=o.gamma, crf=o.crf,
     )  # fmt: skip
+    write_regions(batch, rgbs, masks, spec.pseudo.region_px, Path(out_dir) / REGIONS)
     return _mask_rows(batch, masks, Path(out_dir), [(255, 255, 255), *spec.class_colors])
+
+
+def write_regions(batch: dict[str, Any], rgbs: Any, masks: Any, region_px: int, folder: Path) -> int:
+    """One slide's stitched regions (``engine/pseudo/regions.py``) as ``<folder>/<slide>.parquet``, for
+    stage 2's crops (``segmenter.crop_px``); written to a temp name and renamed. Returns the region count."""
+    import cv2
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pbip_engine.engine.io.atomic import atomic_path
+    from pbip_engine.engine.pseudo.regions import stitched_regions
+
+    sid = str(batch["slide_id"][0])
+    regions = stitched_regions([int(v) for v in batch["x"]], [int(v) for v in batch["y"]],
+                               [int(v) for v in batch["size0"]], rgbs, masks, region_px)  # fmt: skip
+    rows = []
+    for i, r in enumerate(regions):
+        ok_i, img = cv2.imencode(".png", cv2.cvtColor(r.image, cv2.COLOR_RGB2BGR))
+        ok_m, msk = cv2.imencode(".png", r.mask)
+        if not (ok_i and ok_m):
+            raise RuntimeError(f"slide {sid}: could not encode region {i} as PNG")
+        rows.append({"tile_id": f"{sid}/r{r.x}_{r.y}", "slide_id": sid, "x": r.x, "y": r.y,
+                     "width0": r.width0, "height0": r.height0, "image": img.tobytes(), "mask": msk.tobytes()})  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / f"{sid}.parquet") as tmp:
+        pq.write_table(pa.Table.from_pylist(rows, schema=_region_schema()), tmp)
+    return len(rows)
 
 
 @register_stage
 class PseudoStage(Stage):
     name = "pseudo"
     # v2: samples/ Parquet (image + mask); v3: scored against patch masks; v4: method plug-ins;
-    # v5: CAMs stitched across overlapping tiles (pseudo.stitch), flip TTA (pseudo.flip)
-    version = 5
+    # v5: CAMs stitched across overlapping tiles (pseudo.stitch), flip TTA (pseudo.flip);
+    # v6: stitched regions/ for stage 2's crops (pseudo.region_px)
+    version = 6
     deps = ("tile", "bank", "classnet")
     sections = ("classes", "method", "pseudo")
 
@@ -144,6 +180,9 @@ class PseudoStage(Stage):
             **actor_pool_options(spec.resources),
         )
         if spec.pseudo.stitch:  # every tile of a slide in one call: overlaps need all their tiles' CAMs
+            import shutil
+
+            shutil.rmtree(ctx.work_dir / REGIONS, ignore_errors=True)  # a re-run's slides may differ
             ds = ds.groupby("slide_id").map_groups(
                 stitch_slide, fn_kwargs={"spec": spec, "out_dir": str(ctx.work_dir)}, batch_format="numpy"
             )

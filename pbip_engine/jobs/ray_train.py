@@ -108,7 +108,8 @@ def worker_loop(config: dict[str, Any]) -> None:
     bs = int(config["batch_size"])
     train = shard_batches(ray.train.get_dataset_shard("train"), bs, convert, shuffle=True)
     val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None
-    val = shard_batches(val_shard, bs, convert, shuffle=False) if val_shard is not None else None
+    val_convert = getattr(convert, "validation", convert)  # e.g. RegionCrops: centre crops, no jitter
+    val = shard_batches(val_shard, bs, val_convert, shuffle=False) if val_shard is not None else None
     steps = -(-int(config["n_train"]) // (bs * ctx.get_world_size())) if config.get("n_train") else None
     trainer.fit(train, val, steps_per_epoch=steps)
 

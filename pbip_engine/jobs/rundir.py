@@ -63,6 +63,9 @@ def embeddings_dir(stage_dir: Path) -> Path:
     return embeddings_path(stage_dir, m["embeddings_key"])
 
 
+REGIONS = "regions"  # in the pseudo stage's folder: each slide's stitched regions, stage 2's crops
+
+
 def mask_relpath(slide_id: str, x: int, y: int) -> str:
     """A pseudo mask's path inside the pseudo stage's folder, as its index records it."""
     return f"masks/{slide_id}/{x}_{y}.png"
@@ -72,7 +75,8 @@ def model_card(spec: JobSpec, arch: str) -> dict[str, Any]:
     """What ``pbip-engine segment`` needs to use a trained model without the spec (``arch``: as trained)."""
     return {
         "mpp": spec.tiling.mpp,
-        "tile_px": spec.tiling.tile_px,  # the crop stage 2 trains on = the inference context
+        # the crop stage 2 trains on = the inference context
+        "tile_px": spec.segmenter.crop_px or spec.tiling.tile_px,
         "class_names": spec.class_names,
         "class_colors": [list(c) for c in spec.class_colors],
         "arch": arch,

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 from typing import Any
 
 from pbip_engine.engine.training.batches import decode_samples
 from pbip_engine.jobs.manifest import write_json_atomic
 from pbip_engine.jobs.ray_train import fit_on_ray, holdout_split
 from pbip_engine.jobs.resources import read_options
-from pbip_engine.jobs.rundir import MODEL_CARD, model_card, synth_truth_dir, tile_files
+from pbip_engine.jobs.rundir import MODEL_CARD, REGIONS, model_card, synth_truth_dir, tile_files
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
 from pbip_engine.schemas.spec import JobSpec
 
@@ -46,13 +48,66 @@ def stage2_setup(config: dict[str, Any]):
                             pretrained=config["pretrained"], crop_px=config.get("crop_px"))  # fmt: skip
     loss = config.get("loss") or {"name": "ce", "options": {}}
     task = SegmentationTask(model, amp=config["loop"]["amp"], loss=stage2_loss(loss["name"], loss["options"]))
+    crops = config.get("region_crops")
+    if crops:  # segmenter.crop_px: random scaled crops of the stitched regions
+        from pbip_engine.engine.training.region_crops import RegionCrops
+
+        rank = 0
+        with contextlib.suppress(Exception):  # outside Ray Train (tests): rank 0
+            import ray.train
+
+            rank = ray.train.get_context().get_world_rank()
+        return task, RegionCrops(crops["crop_px"], tuple(crops["zoom"]), crops["jitter"],
+                                 seed=crops["seed"] * 1000 + rank)  # fmt: skip
     return task, decode_samples
+
+
+def region_datasets(ctx: StageContext, s: Any) -> tuple[dict[str, Any], int, dict[str, Any]]:
+    """The pseudo stage's stitched regions, split by id hash, the training part repeated so that one epoch
+    draws ``crops_per_epoch`` x (regions' area / crop area) crops. Returns datasets, rows per epoch, record."""
+    import pyarrow.dataset as pads
+    import ray
+
+    from pbip_engine.engine.training.split import is_validation
+
+    folder = ctx.stage_dir("pseudo") / REGIONS
+    files = sorted(str(f) for f in folder.glob("*.parquet")) if folder.is_dir() else []
+    if not files:
+        raise RuntimeError(f"segmenter.crop_px needs the pseudo stage's stitched regions, none in {folder} "
+                           "(is pseudo.stitch on?)")  # fmt: skip
+    meta = (
+        pads.dataset(files, format="parquet").to_table(columns=["tile_id", "width0", "height0"]).to_pylist()
+    )
+    ds = ray.data.read_parquet(files, columns=SAMPLE_COLUMNS, **read_options())
+    datasets, n = holdout_split(ds, [r["tile_id"] for r in meta], s.val_fraction)
+    # region sizes at tiling.mpp: level-0 extents x the tile scale (tile_px per size0 px)
+    train = [r for r in meta if not is_validation(r["tile_id"], s.val_fraction)]
+    area = sum(r["width0"] * r["height0"] for r in train)
+    area_px = area * _tile_scale(ctx) ** 2
+    repeat = max(1, math.ceil(s.crops_per_epoch * area_px / (s.crop_px**2 * max(n, 1))))
+    if repeat > 1:
+        datasets["train"] = datasets["train"].union(*[datasets["train"]] * (repeat - 1))
+    record = {"regions": len(meta), "train_regions": n, "repeat": repeat, "crop_px": s.crop_px}
+    ctx.log(f"[segmenter] {n} stitched regions (+{len(meta) - n} held out), {repeat} crop(s) of "
+            f"{s.crop_px} px from each per epoch")  # fmt: skip
+    return datasets, n * repeat, record
+
+
+def _tile_scale(ctx: StageContext) -> float:
+    """Tile px per level-0 px (the regions' canvas scale), from the tile stage's first rows."""
+    import pyarrow.dataset as pads
+
+    t = pads.dataset([str(f) for f in tile_files(ctx.stage_dir("tile"))], format="parquet")
+    row = t.head(1, columns=["size0", "tile_px"]).to_pylist()[0]
+    return int(row["tile_px"]) / int(row["size0"])
 
 
 @register_stage
 class SegmenterStage(Stage):
     name = "segmenter"
-    version = 4  # v4: the shared loop (one checkpoint format, per-sample augmentation, best.pt by validation)
+    # v4: the shared loop (one checkpoint format, per-sample augmentation, best.pt by validation);
+    # v5: segmenter.crop_px trains on crops of the pseudo stage's stitched regions
+    version = 5
     deps = ("synth", "tile", "pseudo")  # synth/tile: methods with their own labels (Method.stage2_labels)
     sections = ("classes", "method", "segmenter")
 
@@ -67,8 +122,15 @@ class SegmenterStage(Stage):
         truth = synth_truth_dir(ctx.stage_dir("synth")) if "synth" in self.dependencies(spec) else None
         own = get_method(spec.method.name).stage2_labels(spec.method, spec, truth)
         ctx.ray()
+        regions = None
         if own is not None:
+            if s.crop_px is not None:
+                raise RuntimeError(f"segmenter.crop_px: method {spec.method.name!r} trains stage 2 on its own "
+                                   "labelled tiles, not on stitched pseudo-mask regions; unset it")  # fmt: skip
             datasets, n, split = own_label_datasets(ctx, own, s.val_fraction)
+        elif s.crop_px is not None:
+            datasets, n, regions = region_datasets(ctx, s)
+            split = None
         else:
             samples = ctx.stage_dir("pseudo") / "samples"
             ds = ray.data.read_parquet(str(samples), columns=SAMPLE_COLUMNS, **read_options())
@@ -95,7 +157,11 @@ class SegmenterStage(Stage):
             "backbone": s.backbone,
             "pretrained": s.backbone_checkpoint or True,
             "n_classes": len(spec.classes) + 1,
-            "crop_px": spec.tiling.tile_px,  # ASPP rates fit the training tile (deeplab.fit_rates)
+            "crop_px": s.crop_px
+            or spec.tiling.tile_px,  # ASPP rates fit the training crop (deeplab.fit_rates)
+            "region_crops": None
+            if regions is None
+            else {"crop_px": s.crop_px, "zoom": list(s.zoom), "jitter": s.jitter, "seed": s.seed},
             "batch_size": s.batch_size,
             "n_train": n,
             "spec": spec,
@@ -110,6 +176,8 @@ class SegmenterStage(Stage):
             f"[segmenter] {len(history)} epoch(s) on {n} pseudo-labelled tiles; last loss {last.get('loss'):.4f}"
         )
         extra = {"last_epoch": {k: v for k, v in last.items() if k != "val"}}
+        if regions is not None:
+            extra["regions"] = regions
         if split is not None:
             extra["labelled_split"] = split
         return StageResult(counts={"epochs": len(history), "samples": n}, extra=extra)

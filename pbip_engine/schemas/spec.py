@@ -185,6 +185,12 @@ class PseudoSection(_Section):
         description="average the CAMs of overlapping tiles per slide before the argmax (OEEM): one label "
         "per pixel; false = each tile's own argmax",
     )
+    region_px: int = Field(
+        512,
+        ge=16,
+        description="with stitch: each slide's pseudo-labelled tiles are also pasted into regions of at most "
+        "this many px a side (at tiling.mpp), which stage 2 crops from (segmenter.crop_px)",
+    )
     flip: bool = Field(False, description="test-time flip: average each tile's CAMs with its mirror's")
     crf: bool = Field(
         False,
@@ -227,8 +233,32 @@ class SegmenterSection(_Section):
         lt=1,
         description="pseudo-labelled tiles held out to pick best.pt by mIoU; 0 = the last epoch",
     )
+    crop_px: int | None = Field(
+        None,
+        ge=32,
+        description="train on random crops of this edge (at tiling.mpp) of the stitched pseudo-mask regions "
+        "(pseudo.region_px), with zoom and colour jitter, and segment with the same context; "
+        "None = on the pseudo-labelled tiles themselves",
+    )
+    zoom: tuple[float, float] = Field(
+        (0.75, 2.0), description="crop_px: random magnification range of a crop (> 1 zooms in)"
+    )
+    jitter: float = Field(
+        0.2, ge=0, lt=1, description="crop_px: brightness/contrast/saturation jitter, ± this"
+    )
+    crops_per_epoch: float = Field(
+        2.0,
+        gt=0,
+        description="crop_px: crops per epoch, as a multiple of the regions' area over a crop's area",
+    )
     amp: bool = True
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _zoom(self) -> SegmenterSection:
+        if not 0 < self.zoom[0] <= self.zoom[1]:
+            raise ValueError(f"segmenter.zoom must be 0 < min <= max, got {list(self.zoom)}")
+        return self
 
 
 class SegmentSection(_Section):
@@ -242,6 +272,27 @@ class SegmentSection(_Section):
         description="inference tile edge at the model's µm/px; default: the crop stage 2 trained on",
     )
     tta: bool = Field(True, description="average each tile's logits with its two mirrors (3 passes per tile)")
+    tta_scales: list[float] = Field(
+        default_factory=lambda: [1.0],
+        min_length=1,
+        description="with tta: the mirrors at each of these scales of the tile, resized back (3 passes per "
+        "scale); e.g. [0.75, 1.0, 1.25] for evaluation",
+    )
+
+    @field_validator("tta_scales")
+    @classmethod
+    def _positive_scales(cls, v: list[float]) -> list[float]:
+        if any(x <= 0 for x in v):
+            raise ValueError(f"segment.tta_scales must all be > 0, got {v}")
+        return v
+
+    @property
+    def tta_option(self) -> bool | tuple[float, ...]:
+        """What the predictor takes: False, True (mirrors at scale 1) or the scales."""
+        if not self.tta:
+            return False
+        return True if list(self.tta_scales) == [1.0] else tuple(self.tta_scales)
+
     blend: Literal["gaussian", "average"] = "gaussian"
     output_mpp: float | None = Field(None, gt=0, description="mask µm/px; default = the model's tile µm/px")
     batch_size: int = Field(16, ge=1)
@@ -311,6 +362,15 @@ class JobSpec(_Section):
         unknown = sorted(set(self.bank.k_per_class) - set(names))
         if unknown:
             raise ValueError(f"bank.k_per_class names unknown classes {unknown}; classes are {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _crops_need_regions(self) -> JobSpec:
+        if self.segmenter.crop_px is not None and not self.pseudo.stitch:
+            raise ValueError(
+                f"segmenter.crop_px ({self.segmenter.crop_px}) crops the stitched regions: it needs "
+                "pseudo.stitch: true (or leave segmenter.crop_px unset to train on the tiles)"
+            )
         return self
 
     @model_validator(mode="after")

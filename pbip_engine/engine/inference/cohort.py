@@ -56,7 +56,9 @@ def inference_tile_px(card: dict[str, Any], override: int | None = None) -> int:
     return int(card.get("tile_px") or LEGACY_TILE_PX)
 
 
-def local_stream(model_path: Path, batch_size: int, tile_px: int, tta: bool = False) -> ResultStream:
+def local_stream(
+    model_path: Path, batch_size: int, tile_px: int, tta: bool | tuple[float, ...] = False
+) -> ResultStream:
     """The reader and predictor in this process, batch by batch (``pbip-engine segment`` without Ray)."""
 
     def stream(plans: list[Any], overrides: dict[str, float]) -> Iterator[dict[str, Any]]:

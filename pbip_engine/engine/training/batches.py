@@ -10,22 +10,26 @@ from typing import Any
 import numpy as np
 
 
-def decode_batch(batch: dict[str, Any]) -> dict[str, Any]:
-    """Ray Data numpy batch of tile rows -> the engine's batch convention (uint8 B,H,W,3 + multi-hot)."""
+def decode_batch(batch: dict[str, Any], stack: bool = True) -> dict[str, Any]:
+    """Ray Data numpy batch of tile rows -> the engine's batch convention (uint8 B,H,W,3 + multi-hot).
+
+    ``stack=False`` keeps a list of images (regions of different sizes)."""
     from pbip_engine.engine.ingest.datasets.common import decode_rgb
 
-    images = np.stack([decode_rgb(b) for b in batch["image"]])
+    images = [decode_rgb(b) for b in batch["image"]]
+    images = np.stack(images) if stack else images
     out = {"image": images, "name": batch["tile_id"]}
     if "labels" in batch:
         out["labels"] = np.stack([np.asarray(v, dtype=np.float32) for v in batch["labels"]])
     return out
 
 
-def decode_masks(pngs: Iterable[bytes]) -> np.ndarray:
+def decode_masks(pngs: Iterable[bytes], stack: bool = True) -> np.ndarray | list[np.ndarray]:
     """Palettised PNG bytes -> uint8 index masks (PIL keeps the indices; cv2 would give colours)."""
     from PIL import Image
 
-    return np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in pngs])
+    masks = [np.asarray(Image.open(io.BytesIO(b))) for b in pngs]
+    return np.stack(masks) if stack else masks
 
 
 def decode_samples(batch: dict[str, Any]) -> dict[str, Any]:
