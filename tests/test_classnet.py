@@ -370,3 +370,54 @@ def test_encoder_input_conversion():
     batch = to_model_input(u8, cfg.mean, cfg.std, "cpu")
     back = (batch["image"] * model.matcher.std + model.matcher.mean) * 255
     assert torch.allclose(back.permute(0, 2, 3, 1), torch.as_tensor(u8["image"]).float(), atol=1e-3)
+
+
+def test_competitive_pooling_makes_present_classes_split_the_tile():
+    """GAP scores a class on its own CAM; competitive pooling scores its share of the pixels it wins."""
+    from pbip_engine.methods.pbip.classnet import competitive_logits
+
+    split = torch.zeros(1, 2, 8, 8)
+    split[0, 0, :, :4], split[0, 1, :, 4:] = 5.0, 5.0  # each class wins half the tile
+    everywhere = torch.stack([torch.full((8, 8), 5.0), torch.full((8, 8), 4.0)])[
+        None
+    ]  # both "high" everywhere
+    s, e = competitive_logits(split, 0.1), competitive_logits(everywhere, 0.1)
+    assert s[0, 0] > 3 and s[0, 1] > 3  # both present: each owns its pixels
+    assert e[0, 0] > 0 > e[0, 1]  # class 1 wins no pixel: scored absent, although GAP would score it 4
+    assert everywhere.mean((2, 3))[0, 1] == 4.0
+    cams = split.clone().requires_grad_(True)
+    torch.nn.functional.binary_cross_entropy_with_logits(
+        competitive_logits(cams), torch.ones(1, 2)
+    ).backward()
+    assert cams.grad is not None and cams.grad.abs().sum() > 0
+
+
+def test_competitive_pooling_is_a_classnet_option():
+    from pbip_engine.methods.pbip.classnet import ClassNetConfig
+
+    cfg = ClassNetConfig(pretrained=False, pooling="competitive", pool_top=0.2)
+    net = build_classnet(cfg, torch.randn(4, D), [2, 2], 2, backbone=TinyBackbone())
+    out = net(torch.randn(2, 3, 32, 32))
+    assert all(lg.shape == (2, 2) for lg in out["logits"]) and net.pooling == "competitive"
+    with pytest.raises(ValueError, match="pooling"):
+        ClassNetConfig(pooling="max").validate()
+
+
+def test_input_px_feeds_the_network_a_larger_tile_and_returns_tile_sized_cams():
+    from pbip_engine.methods.pbip.cams import predict_cams
+
+    cfg = tiny_cfg(input_px=64)
+    model, _ = tiny_model(cfg)
+    seen = []
+    model.backbone.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[-2:])))
+    batch = {"image": np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)}
+    task = PbipTask(model, cfg, None)
+    assert tuple(task.prepare(batch, torch.device("cpu"))["image"].shape[-2:]) == (64, 64)
+    cams = predict_cams(model, batch, cfg, "cpu")
+    assert seen[-1] == (64, 64) and tuple(cams.shape) == (2, 2, 32, 32)
+    # the finest level now has 64/2 = 32 cells instead of 16: the CAM is finer, not only upsampled
+    plain, _ = tiny_model(tiny_cfg())
+    assert (
+        plain(torch.zeros(1, 3, 32, 32))["cams"][0].shape[-1] * 2
+        == model(torch.zeros(1, 3, 64, 64))["cams"][0].shape[-1]
+    )

@@ -17,7 +17,12 @@ from pbip_engine.engine.training.amp import autocast
 from pbip_engine.engine.training.checkpoint import load_weights, read_checkpoint
 from pbip_engine.engine.training.inputs import rgb_uint8, to_model_input
 from pbip_engine.methods.base import MasksFromCams, PseudoOptions
-from pbip_engine.methods.pbip.classnet import ClassNetConfig, build_classnet, load_prototypes_from_bank
+from pbip_engine.methods.pbip.classnet import (
+    ClassNetConfig,
+    build_classnet,
+    load_prototypes_from_bank,
+    resize_input,
+)
 from pbip_engine.methods.pbip.task import KIND
 
 
@@ -39,8 +44,8 @@ TIE_EPS = 1e-3
 def _fused(model: nn.Module, image: torch.Tensor, cfg: ClassNetConfig, device: torch.device | str):
     """(min-max normalised fused CAMs, raw fused CAMs, per-level logits)."""
     with autocast(device, cfg.amp):
-        out = model(image)
-    size = tuple(image.shape[-2:])
+        out = model(resize_input(image, getattr(cfg, "input_px", None)))
+    size = tuple(image.shape[-2:])  # CAMs at the tile's own size
     fused = fuse_cams(out["cams"], size, cfg.eval_fuse_weights)
     raw = fuse_cams(out["cams"], size, cfg.eval_fuse_weights, normalize=False)
     return fused, raw, out["logits"]

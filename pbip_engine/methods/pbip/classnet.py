@@ -40,6 +40,7 @@ from pbip_engine.engine.training.inputs import unwrap
 from pbip_engine.methods.pbip import losses as L
 
 MERGES = ("mean", "softmax_max")
+POOLINGS = ("gap", "competitive")  # image logits from the CAMs: Eq. 4 or classes competing per pixel
 
 VARIANTS: dict[str, dict[str, Any]] = {
     # The paper (CVPR 2025, §3.3-3.5, §4.1). These are the ClassNetConfig defaults.
@@ -100,6 +101,9 @@ class ClassNetConfig:
     theta1: float = 1.0
     theta2: float = 0.5
     cam_penalty: float = 0.0
+    input_px: int | None = None  # tiles resized to this edge for the network (OEEM: 112-px patches at 224)
+    pooling: str = "gap"  # "competitive": classes compete per pixel before pooling (see competitive_logits)
+    pool_top: float = 0.1  # competitive: fraction of pixels whose class probability makes the image score
     use_sim: bool = True
     fuse_weights: tuple[float, ...] | None = None  # None = equal (Eq. 3)
     sim_size: int | None = None  # FG/BG edge fed to the bank encoder; None = encoder's input size
@@ -150,6 +154,8 @@ class ClassNetConfig:
                 raise ValueError(f"{name} has {len(w)} entries but levels={self.levels} has {n}")
         if self.tau <= 0:
             raise ValueError(f"tau must be > 0, got {self.tau}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         return self
 
 
@@ -212,11 +218,18 @@ class ClassNet(nn.Module):
         normalize_prototypes: bool = True,
         logit_scale_init: float = 1.0 / 0.07,
         learn_logit_scale: bool = True,
+        pooling: str = "gap",
+        pool_top: float = 0.1,
     ) -> None:
         super().__init__()
         for m in (merge_train, merge_eval):
             if m not in MERGES:
                 raise ValueError(f"merge must be one of {MERGES}, got {m!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if not 0 < pool_top <= 1:
+            raise ValueError(f"pool_top must be in (0, 1], got {pool_top}")
+        self.pooling, self.pool_top = pooling, float(pool_top)
         self.backbone = backbone
         self.k_list = list(k_list)
         self.n_classes = len(self.k_list)
@@ -270,7 +283,10 @@ class ClassNet(nn.Module):
             sub_cams.append(sub)
             sub_logits.append(sub.mean((2, 3)))
             cams.append(self.merge_subclasses(sub))
-            logits.append(self.merge_subclasses(sub_logits[-1]))
+            if self.pooling == "gap":
+                logits.append(self.merge_subclasses(sub_logits[-1]))
+            else:
+                logits.append(competitive_logits(cams[-1], self.pool_top))
         return {
             "cams": cams,
             "logits": logits,
@@ -280,6 +296,34 @@ class ClassNet(nn.Module):
             "features": feats,  # per level, for methods that regularise on them (LPD's diversity term)
             "projected": projected,  # the prototypes in each level's channel space
         }
+
+
+def resize_input(x: torch.Tensor, input_px: int | None) -> torch.Tensor:
+    """Normalised ``B,3,h,w`` -> ``B,3,input_px,input_px`` (bilinear); unchanged without ``input_px``.
+
+    A larger network input than the tile gives finer CAMs (at 112 px the stride-8/16/32 levels are
+    14/7/4 cells, at 224 px 28/14/7); the CAMs are resized back to the tile for the pseudo masks.
+    """
+    if not input_px or tuple(x.shape[-2:]) == (input_px, input_px):
+        return x
+    return F.interpolate(x, size=(input_px, input_px), mode="bilinear", align_corners=False,
+                         antialias=input_px < x.shape[-1])  # fmt: skip
+
+
+def competitive_logits(cams: torch.Tensor, top: float = 0.1, eps: float = 1e-4) -> torch.Tensor:
+    """[B,N,h,w] class CAMs (logit units) -> [B,N] image logits where the classes compete for each pixel.
+
+    With global average pooling (the paper's Eq. 4) each class's CAM is pooled on its own, so where
+    several classes are present (80 % of GlaS patches hold gland and non-gland) the cheapest fit is to
+    raise every present class everywhere: the CAMs then say "present" but not "where". Here each pixel's
+    softmax over the classes is a share of that pixel, and a class's image score is its mean share over
+    its ``top`` fraction of pixels, as a logit for the same BCE. A present class must win some pixels and
+    an absent one none, so the classes have to split the patch between them.
+    """
+    p = cams.float().softmax(1).flatten(2)
+    k = max(1, round(top * p.shape[-1]))
+    q = p.topk(k, dim=-1).values.mean(-1).clamp(eps, 1 - eps)
+    return (q.log() - (-q).log1p()).to(cams.dtype)
 
 
 def freeze_encoder(encoder: nn.Module) -> nn.Module:
@@ -398,6 +442,8 @@ def build_classnet(
         normalize_prototypes=cfg.normalize_prototypes,
         logit_scale_init=cfg.logit_scale_init,
         learn_logit_scale=cfg.learn_logit_scale,
+        pooling=cfg.pooling,
+        pool_top=cfg.pool_top,
     )
     net.matcher = ImgMatchNet(cfg.delta, cfg.threshold, cfg.fuse_weights, cfg.sim_size, cfg.mean, cfg.std)
     return net

@@ -30,6 +30,19 @@ class PbipConfig(MethodConfig):
         description="learning-rate multiple of the freshly initialised prototype projectors and logit scale "
         "over the pretrained backbone (stage1.lr)",
     )
+    input_px: int | None = Field(
+        None,
+        ge=32,
+        description="tiles are resized to this edge for the network (OEEM feeds 112-px GlaS patches at 224): "
+        "finer CAMs at more compute; None = the tile as it is",
+    )
+    pooling: Literal["gap", "competitive"] = Field(
+        "gap",
+        description="image logits from the CAMs: gap = the paper's global average pooling; competitive = "
+        "a per-pixel softmax over the classes, each class scored on its top pool_top pixels (present "
+        "classes must split a tile between them: sharper CAMs where most tiles hold several classes)",
+    )
+    pool_top: float = Field(0.1, gt=0, le=1, description="competitive pooling: fraction of a tile's pixels")
     use_sim: bool = True
     sim_size: int | None = Field(
         None,

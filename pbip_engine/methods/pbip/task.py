@@ -11,7 +11,7 @@ from torch import nn
 
 from pbip_engine.engine.training.inputs import to_model_input, unwrap
 from pbip_engine.engine.training.task import TrainTask, backbone_and_new_groups
-from pbip_engine.methods.pbip.classnet import ClassNetConfig, classnet_step, freeze_encoder
+from pbip_engine.methods.pbip.classnet import ClassNetConfig, classnet_step, freeze_encoder, resize_input
 
 KIND = "stage1:pbip"
 
@@ -38,7 +38,9 @@ class PbipTask(TrainTask):
         return super()._apply(fn, *args, **kwargs)
 
     def prepare(self, batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-        return to_model_input(dict(batch), self.cfg.mean, self.cfg.std, device)
+        out = to_model_input(dict(batch), self.cfg.mean, self.cfg.std, device)
+        out["image"] = resize_input(out["image"], getattr(self.cfg, "input_px", None))
+        return out
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         loss, stats = classnet_step(self.model, self.bank_encoder, batch, self.cfg)
