@@ -56,12 +56,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -175,24 +177,36 @@ def miou_of(meter: SegmentationMeter) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ data
 
 
-def load_split(root: Path, split: str, limit: int | None, dev: torch.device):
+def load_split(root: Path, split: str, limit: int | None, dev: torch.device, scale: float = 1.0):
     ds = GlaSImages(root, split)
     names = ds.names[:limit] if limit else ds.names
     imgs, masks = [], []
     for n in names:
-        imgs.append(to_device_u8(ds.image(n), dev))
-        masks.append(to_device_u8(ds.mask(n).astype(np.uint8), dev))
+        img, msk = ds.image(n), ds.mask(n).astype(np.uint8)
+        if scale != 1.0:  # a coarser magnification (CPU protocols): area-average the image, nearest mask
+            size = (max(1, round(img.shape[1] * scale)), max(1, round(img.shape[0] * scale)))
+            img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+            msk = cv2.resize(msk, size, interpolation=cv2.INTER_NEAREST)
+        imgs.append(to_device_u8(img, dev))
+        masks.append(to_device_u8(msk, dev))
     return names, imgs, masks
 
 
 def load_patches(root: Path, names: list[str], images: list[torch.Tensor], args, dev: torch.device):
     """All train patches of ``names`` as uint8 ``P,input_px,input_px,3`` on the device + labels ``P,2``."""
-    ps = GlaSPatches(root, "train", args.patch, args.stride)
+    f = args.image_scale  # the grid is laid on the native image: --patch/--stride are at the loaded scale
+    ps = GlaSPatches(root, "train", round(args.patch / f), round(args.stride / f))
     pos = {n: i for i, n in enumerate(names)}
     keep = [j for j, (n, _, _) in enumerate(ps.index) if n in pos]
     p = args.patch
-    crops = [images[pos[ps.index[j][0]]][ps.index[j][1] : ps.index[j][1] + p, ps.index[j][2] : ps.index[j][2] + p]
-             for j in keep]  # fmt: skip
+
+    def crop(j: int) -> torch.Tensor:
+        img = images[pos[ps.index[j][0]]]
+        y = min(round(ps.index[j][1] * f), img.shape[0] - p)
+        x = min(round(ps.index[j][2] * f), img.shape[1] - p)
+        return img[y : y + p, x : x + p]
+
+    crops = [crop(j) for j in keep]
     patches = resize_u8(torch.stack(crops), args.input_px)
     labels = torch.from_numpy(ps.labels[keep]).to(dev)
     return patches, labels
@@ -227,7 +241,7 @@ def make_bank(patches: torch.Tensor, labels: torch.Tensor, args, dev: torch.devi
 def stage1_task(bank, enc, args) -> PbipTask:
     """PBIP's ClassNet on the bank, or LPD's learnable prototypes (``--method lpd``; the bank only with
     ``--lpd-init bank``); projectors, prototypes and logit scales at ``new_parts_lr_mult``."""
-    common = dict(lr=args.cls_lr, weight_decay=args.cls_wd, epochs=args.epochs, batch_size=args.cls_batch,
+    common = dict(pooling=args.pooling, pool_top=args.pool_top, lr=args.cls_lr, weight_decay=args.cls_wd, epochs=args.epochs, batch_size=args.cls_batch,
                   use_sim=args.sim, sim_size=args.sim_size, new_parts_lr_mult=args.head_lr_mult, amp=True)  # fmt: skip
     if args.method == "pbip":
         cfg = ClassNetConfig(**common)
@@ -270,7 +284,7 @@ def train_stage1(patches, labels, bank, enc, args, dev):
 
 @torch.inference_mode()
 def whole_image_cams(model, img: torch.Tensor, cfg: ClassNetConfig, scales: Sequence[float], base: float,
-                     flip: bool, dev: torch.device) -> torch.Tensor:  # fmt: skip
+                     flip: bool, dev: torch.device, raw: bool = False) -> torch.Tensor:  # fmt: skip
     """``N,H,W`` CAMs of a whole uint8 image: fused levels, averaged over scales (x ``base``) and flips."""
     h, w = img.shape[:2]
     x0 = normalise(img, cfg.mean, cfg.std)
@@ -281,7 +295,7 @@ def whole_image_cams(model, img: torch.Tensor, cfg: ClassNetConfig, scales: Sequ
         for f in (False, True) if flip else (False,):
             with autocast(dev, cfg.amp):
                 out = model(x.flip(-1) if f else x)
-            fused = fuse_cams(out["cams"], (h, w), cfg.eval_fuse_weights)[0]
+            fused = fuse_cams(out["cams"], (h, w), cfg.eval_fuse_weights, normalize=not raw)[0]
             fused = fused.flip(-1) if f else fused
             acc = fused if acc is None else acc + fused
             n += 1
@@ -306,7 +320,7 @@ def pseudo_masks(model, cfg, images, masks, args, dev):
     out, ties = [], 0
     base = args.input_px / args.patch
     for img, m in zip(images, masks, strict=True):
-        cams = whole_image_cams(model, img, cfg, args.cam_scales, base, not args.no_flip, dev)
+        cams = whole_image_cams(model, img, cfg, args.cam_scales, base, not args.no_flip, dev, args.cam_raw)
         present = torch.from_numpy(labels_from_mask(m.cpu().numpy(), N_CLASSES) > 0.5).to(dev)
         scores = cams.masked_fill(~present[:, None, None], -1.0)
         top2 = scores.topk(2, dim=0).values
@@ -401,6 +415,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--tiny", action="store_true", help="a handful of images, 1 epoch, small crops (CPU check)"
     )
+    ap.add_argument(
+        "--image-scale",
+        type=float,
+        default=1.0,
+        help="resize every image and mask first (0.5: 1.24 µm/px, a CPU protocol); scored there",
+    )
     ap.add_argument("--train-images", type=int, default=None, help="first N train images (default all 85)")
     ap.add_argument("--test-images", type=int, default=None, help="first N testA images (default all 60)")
     ap.add_argument("--method", choices=["pbip", "lpd"], default="pbip", help="stage-1 method")
@@ -426,6 +446,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--cls-wd", type=float, default=1e-3)
     g.add_argument("--head-lr-mult", type=float, default=10.0, help="projectors/logit scales; DeepLab head")
     g.add_argument("--sim-size", type=int, default=None, help="FG/BG edge for the bank encoder (default 224)")
+    g.add_argument("--pooling", choices=["gap", "competitive"], default="gap", help="image logits from CAMs")
+    g.add_argument("--pool-top", type=float, default=0.1, help="competitive pooling: top pixel fraction")
+    g.add_argument("--readouts", action="store_true", help="also score other CAM read-outs (levels, raw)")
+    g.add_argument("--cam-raw", action="store_true", help="argmax of the raw fused CAMs (no per-map min-max)")
     g.add_argument("--no-sim", dest="sim", action="store_false", help="L_CLS only (no FG/BG matching)")
     g.add_argument("--cam-scales", type=floats, default=[0.5, 0.75, 1.0, 1.25, 1.5],
                    help="whole-image CAM scales, relative to the stage-1 magnification")  # fmt: skip
@@ -461,8 +485,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     res: dict[str, Any] = device_record(dev, args)
 
     t = time.perf_counter()
-    tr_names, tr_imgs, tr_masks = load_split(args.data, "train", args.train_images, dev)
-    _, te_imgs, te_masks = load_split(args.data, "testA", args.test_images, dev)
+    tr_names, tr_imgs, tr_masks = load_split(args.data, "train", args.train_images, dev, args.image_scale)
+    _, te_imgs, te_masks = load_split(args.data, "testA", args.test_images, dev, args.image_scale)
     patches, labels = load_patches(args.data, tr_names, tr_imgs, args, dev)
     res["n_train_images"], res["n_test_images"], res["n_patches"] = len(tr_imgs), len(te_imgs), len(patches)
     clock.step("data", t, f"{len(tr_imgs)} train + {len(te_imgs)} testA images, {len(patches)} patches "
@@ -497,6 +521,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t = time.perf_counter()
     pseudo, pres = pseudo_masks(model, cfg, tr_imgs, tr_masks, args, dev)
     res["pseudo_miou"], res["pseudo"] = pres["miou"], pres
+    res["pseudo_readouts"] = []
+    if args.readouts:  # other CAM read-outs of the same model: min-max or raw, level weights
+        for raw in (False, True):
+            for weights in ((1, 1, 1), (1, 0, 0), (1, 1, 0), (0, 1, 0), (0, 0, 1)):
+                c = dataclasses.replace(cfg, eval_fuse_weights=weights)
+                r = pseudo_masks(
+                    model, c, tr_imgs, tr_masks, argparse.Namespace(**{**vars(args), "cam_raw": raw}), dev
+                )[1]
+                res["pseudo_readouts"].append(
+                    {"cam_raw": raw, "weights": weights, "miou": r["miou"], "iou": r["iou"]}
+                )
+                print(
+                    f"    pseudo read-out raw={raw} level weights {weights}: mIoU {r['miou']:.4f} "
+                    f"(IoU {np.round(r['iou'], 4).tolist()})",
+                    flush=True,
+                )
     clock.step(
         "pseudo", t, f"train pseudo masks mIoU {pres['miou']:.4f} (IoU {np.round(pres['iou'], 4).tolist()})"
     )
