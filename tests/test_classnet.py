@@ -421,3 +421,22 @@ def test_input_px_feeds_the_network_a_larger_tile_and_returns_tile_sized_cams():
         plain(torch.zeros(1, 3, 32, 32))["cams"][0].shape[-1] * 2
         == model(torch.zeros(1, 3, 64, 64))["cams"][0].shape[-1]
     )
+
+
+def test_raw_cam_readout_keeps_the_classes_relative_scale():
+    """``cam_readout: raw``: a softmax over the classes of the raw fused CAMs, whose argmax is the raw
+    argmax; min-max per map can flip a pixel to a class that is weak everywhere in the tile."""
+    from pbip_engine.methods.pbip.cams import _fused, _readout, predict_cams
+
+    cfg = tiny_cfg(cam_readout="raw")
+    model, _ = tiny_model(cfg)
+    batch = {"image": np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)}
+    cams = predict_cams(model, batch, cfg, "cpu")
+    assert cams.min() >= 0 and cams.max() <= 1
+    torch.testing.assert_close(cams.sum(1), torch.ones(2, 32, 32))
+    x = to_model_input(batch, cfg.mean, cfg.std, "cpu")["image"]
+    _, raw, _ = _fused(model.eval(), x, cfg, "cpu")
+    assert torch.equal(cams.argmax(1), raw.argmax(1))
+    weak = torch.tensor([[[[0.9, 1.0]], [[-2.0, -1.9]]]])  # class 1 far below class 0 everywhere
+    mm = torch.tensor([[[[0.0, 1.0]], [[0.0, 1.0]]]])  # ... yet both span [0, 1] after min-max
+    assert _readout(mm, weak, cfg).argmax(1).eq(0).all()

@@ -75,11 +75,24 @@ def predict_cams(
     """
     with _eval_mode(model):
         image = to_model_input(batch, cfg.mean, cfg.std, device)["image"]
-        fused = _with_tie_break(*_fused(model, image, cfg, device)[:2])
+        fused = _readout(*_fused(model, image, cfg, device)[:2], cfg)
         if flip:
-            mirrored = _with_tie_break(*_fused(model, image.flip(-1), cfg, device)[:2])
+            mirrored = _readout(*_fused(model, image.flip(-1), cfg, device)[:2], cfg)
             fused = (fused + mirrored.flip(-1)) / 2
         return fused
+
+
+def _readout(fused: torch.Tensor, raw: torch.Tensor, cfg: ClassNetConfig) -> torch.Tensor:
+    """The CAMs the masks are taken from: min-max normalised (ties ordered by the raw CAM), or, with
+    ``cam_readout: raw``, the per-pixel softmax over the classes of the raw fused cosine logits.
+
+    Per-map min-max stretches every class to [0, 1] in every tile, so a class that is weak everywhere in
+    a tile still wins its relatively strongest pixels; the softmax keeps the classes' relative scale (its
+    argmax is the raw argmax) and stays in [0, 1], so stitching's zero for a class a tile lacks still
+    means "not here". On GlaS the raw read-out scored 0.57-0.61 vs 0.51 (BENCHMARKS.md, issue 15)."""
+    if getattr(cfg, "cam_readout", "minmax") == "raw":
+        return raw.float().softmax(1)
+    return _with_tie_break(fused, raw)
 
 
 @torch.inference_mode()
@@ -102,7 +115,7 @@ def predict_masks(
     with _eval_mode(model):
         inp = to_model_input(batch, cfg.mean, cfg.std, device)
         fused, raw, logits = _fused(model, inp["image"], cfg, device)
-        fused = _with_tie_break(fused, raw)  # the same CAMs the pseudo stage turns into masks
+        fused = _readout(fused, raw, cfg)  # the same CAMs the pseudo stage turns into masks
         if use_labels:
             if "labels" not in inp:
                 raise KeyError("use_labels=True needs 'labels' in the batch")

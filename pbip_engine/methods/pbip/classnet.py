@@ -101,6 +101,7 @@ class ClassNetConfig:
     theta1: float = 1.0
     theta2: float = 0.5
     cam_penalty: float = 0.0
+    cam_readout: str = "minmax"  # "raw": pseudo masks from the raw fused CAMs (cams.predict_cams)
     input_px: int | None = None  # tiles resized to this edge for the network (OEEM: 112-px patches at 224)
     pooling: str = "gap"  # "competitive": classes compete per pixel before pooling (see competitive_logits)
     pool_top: float = 0.1  # competitive: fraction of pixels whose class probability makes the image score

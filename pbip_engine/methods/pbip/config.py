@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -36,6 +36,15 @@ class PbipConfig(MethodConfig):
         description="tiles are resized to this edge for the network (OEEM feeds 112-px GlaS patches at 224): "
         "finer CAMs at more compute; None = the tile as it is",
     )
+    cam_readout: Literal["minmax", "raw"] = Field(
+        "minmax",
+        description="pseudo masks from the fused CAMs min-max normalised per map (paper) or raw (a softmax "
+        "over the classes of their cosine logits: the classes keep their relative scale)",
+    )
+    eval_fuse_weights: list[float] | None = Field(
+        None,
+        description="weights of the CAM levels in the pseudo masks (one per level); None = equal (Eq. 3)",
+    )
     pooling: Literal["gap", "competitive"] = Field(
         "gap",
         description="image logits from the CAMs: gap = the paper's global average pooling; competitive = "
@@ -50,3 +59,13 @@ class PbipConfig(MethodConfig):
         description="edge of the FG/BG images fed to the bank encoder; default its input size (224). "
         "CNN encoders accept the tile size: with small tiles that makes L_SIM several times cheaper",
     )
+
+    def check_spec(self, spec: Any) -> None:
+        if self.eval_fuse_weights is not None:
+            if len(self.eval_fuse_weights) != len(self.levels):
+                raise ValueError(f"method.eval_fuse_weights has {len(self.eval_fuse_weights)} entries but "
+                                 f"method.levels {self.levels} has {len(self.levels)}")  # fmt: skip
+            if min(self.eval_fuse_weights) < 0 or sum(self.eval_fuse_weights) <= 0:
+                raise ValueError(
+                    f"method.eval_fuse_weights must be >= 0 and not all 0, got {self.eval_fuse_weights}"
+                )
