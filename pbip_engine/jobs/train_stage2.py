@@ -173,7 +173,8 @@ class SegmenterStage(Stage):
         write_json_atomic(ctx.work_dir / MODEL_CARD, model_card(spec, config["arch"]))
         last = history[-1]
         ctx.log(
-            f"[segmenter] {len(history)} epoch(s) on {n} pseudo-labelled tiles; last loss {last.get('loss'):.4f}"
+            f"[segmenter] {len(history)} epoch(s) on {n} {'region crops' if regions else 'pseudo-labelled tiles'}"
+            f" per epoch; last loss {last.get('loss'):.4f}"
         )
         extra = {"last_epoch": {k: v for k, v in last.items() if k != "val"}}
         if regions is not None:
