@@ -55,7 +55,7 @@ class RegionCrops:
         self.min_side = math.ceil(self.crop_px / self.zoom[0])
 
     def _decode(self, batch: dict[str, Any]) -> tuple[np.ndarray | list, np.ndarray | list, Any]:
-        names = batch.get("tile_id", batch.get("region_id"))
+        names = batch["tile_id"]
         images = decode_batch({"image": batch["image"], "tile_id": names}, stack=False)["image"]
         return images, decode_masks(batch["mask"], stack=False), names
 
