@@ -329,3 +329,39 @@ def test_demo_spec_needs_no_cam_stages_and_labels_one_synthetic_slide_from_its_t
     rows = {"slide_id": np.array(own.labelled * 2), "x": np.array([0, 32]), "y": np.array([0, 0]),
             "size0": np.array([32, 32]), "tile_px": np.array([16, 16])}  # fmt: skip
     assert own.attach(rows)["labelled"].all()
+
+
+def _update_on_rank(rank: int, world: int, pg_file: str, e: torch.Tensor, y: torch.Tensor, out: str) -> None:
+    import torch.distributed as dist
+
+    from pbip_engine.methods.mpamatch.losses import update_prototypes
+
+    dist.init_process_group("gloo", init_method=f"file://{pg_file}", rank=rank, world_size=world)
+    protos, seen = torch.zeros(3, 4), torch.zeros(3, dtype=torch.bool)
+    half = slice(0, 5) if rank == 0 else slice(5, None)  # rank 1 also sees the class rank 0 never sees
+    update_prototypes(protos, seen, e[half], y[half], 0.9)
+    update_prototypes(protos, seen, e[:0], y[:0], 0.9)  # a step with no pixels still joins the collective
+    torch.save({"protos": protos, "seen": seen}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_prototype_memory_is_the_same_global_mean_on_every_worker(tmp_path):
+    """Two gloo workers with different pixels end with the prototypes one worker gets from all the pixels."""
+    import torch.multiprocessing as mp
+
+    from pbip_engine.methods.mpamatch.losses import update_prototypes
+
+    g = torch.Generator().manual_seed(0)
+    e = torch.nn.functional.normalize(torch.randn(12, 4, generator=g), dim=1)
+    y = torch.tensor([0, 0, 1, 0, 1, 1, 1, 0, 2, 2, 1, 0])
+    mp.spawn(_update_on_rank, args=(2, str(tmp_path / "pg"), e, y, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    want, seen = torch.zeros(3, 4), torch.zeros(3, dtype=torch.bool)
+    update_prototypes(want, seen, e, y, 0.9)
+    for got in ranks:
+        assert got["seen"].tolist() == [True, True, True]  # class 2 only ever reached rank 1
+        torch.testing.assert_close(got["protos"], want)
+    # and it is not what one worker would have from its own half
+    alone, seen0 = torch.zeros(3, 4), torch.zeros(3, dtype=torch.bool)
+    update_prototypes(alone, seen0, e[:5], y[:5], 0.9)
+    assert not torch.allclose(alone[:2], want[:2])

@@ -57,9 +57,25 @@ def sample(e: torch.Tensor, y: torch.Tensor, n: int, generator: torch.Generator 
 @torch.no_grad()
 def update_prototypes(protos: torch.Tensor, seen: torch.Tensor, e: torch.Tensor, y: torch.Tensor,
                       momentum: float) -> None:  # fmt: skip
-    """EMA of each class's mean embedding (first sighting: the mean itself), re-normalised; in place."""
-    for c in torch.unique(y).tolist():
-        mean = F.normalize(e[y == c].float().mean(0), dim=0)
+    """EMA of each class's mean embedding (first sighting: the mean itself), re-normalised; in place.
+
+    Under data-parallel training the class sums and counts are summed over all workers first, so every
+    worker moves its prototypes by the same global mean (else DDP's buffer broadcast would keep rank 0's
+    copy and drop what the other workers saw). Every worker must call this on every step, even with no
+    pixels (``e`` and ``y`` empty), because the sum is a collective.
+    """
+    n_classes = protos.shape[0]
+    sums = torch.zeros(protos.shape, dtype=torch.float32, device=protos.device)
+    counts = torch.zeros(n_classes, dtype=torch.float32, device=protos.device)
+    if len(y):
+        sums.index_add_(0, y, e.float())
+        counts.index_add_(0, y, torch.ones(len(y), dtype=torch.float32, device=protos.device))
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+        dist.all_reduce(counts)
+    for c in torch.nonzero(counts > 0).flatten().tolist():
+        mean = F.normalize(sums[c] / counts[c], dim=0).to(protos.dtype)
         if bool(seen[c]):
             protos[c] = F.normalize(momentum * protos[c] + (1 - momentum) * mean, dim=0)
         else:

@@ -173,13 +173,17 @@ class MpaMatchTask(SegmentationTask):
                 y_w = torch.where(keep, pl, torch.full_like(pl, IGNORE_INDEX))
                 emb_pix.append(e_w)
                 lab_pix.append(labels_at(y_w, e_w.shape[-2:]))
-        if need_emb and emb_pix:
-            e, y = [], []
-            for em, yy in zip(emb_pix, lab_pix, strict=True):
-                a, b = pixels(em, yy)
-                e.append(a)
-                y.append(b)
-            e_all, y_all = sample(torch.cat(e), torch.cat(y), cfg.max_pixels)
+        if need_emb:
+            if emb_pix:
+                e, y = [], []
+                for em, yy in zip(emb_pix, lab_pix, strict=True):
+                    a, b = pixels(em, yy)
+                    e.append(a)
+                    y.append(b)
+                e_all, y_all = sample(torch.cat(e), torch.cat(y), cfg.max_pixels)
+            else:  # nothing to contrast here; the prototype update below still joins the other workers
+                e_all = out["emb"].new_zeros((0, out["emb"].shape[1]))
+                y_all = mask.new_zeros((0,))
             model = unwrap(self.model)
             if cfg.image_prototypes:
                 update_prototypes(
