@@ -440,3 +440,54 @@ def test_raw_cam_readout_keeps_the_classes_relative_scale():
     weak = torch.tensor([[[[0.9, 1.0]], [[-2.0, -1.9]]]])  # class 1 far below class 0 everywhere
     mm = torch.tensor([[[[0.0, 1.0]], [[0.0, 1.0]]]])  # ... yet both span [0, 1] after min-max
     assert _readout(mm, weak, cfg).argmax(1).eq(0).all()
+
+
+def test_readout_keys_rerun_the_pseudo_stage_and_keep_the_trained_model(tmp_path):
+    """``cam_readout`` / ``eval_fuse_weights`` only change how CAMs are read: the classnet stage's input hash
+    leaves them out (no retraining), the pseudo stage's keeps them, and the CAM model takes them from the
+    spec over the values saved in the checkpoint."""
+    from pbip_engine.engine.prototypes.bank import Bank
+    from pbip_engine.jobs.pseudo import PseudoStage
+    from pbip_engine.jobs.train_stage1 import ClassNetStage
+    from pbip_engine.methods import Stage1Inputs, get_method
+    from pbip_engine.methods.base import PseudoOptions
+    from pbip_engine.methods.pbip.cams import predict_cams
+    from pbip_engine.schemas.spec import parse_spec
+
+    base = {
+        "run": {"name": "t", "output": "out"},
+        "data": {"synthetic": {"slides": 1, "size": 768}},
+        "classes": [{"name": "red", "color": [200, 0, 0]}, {"name": "blue", "color": [0, 0, 200]}],
+    }
+
+    def spec(**method):
+        return parse_spec({**base, "method": {"name": "pbip", "use_sim": False, **method}}, tmp_path)
+
+    trained = spec(levels=[2, 3], cam_readout="minmax")
+    reread = spec(levels=[2, 3], cam_readout="raw", eval_fuse_weights=[1, 0])
+    retrained = spec(levels=[2, 3], cam_readout="minmax", input_px=64)
+    classnet, pseudo = ClassNetStage(), PseudoStage()
+    assert classnet.spec_json(trained) == classnet.spec_json(reread)
+    assert pseudo.spec_json(trained) != pseudo.spec_json(reread)
+    assert classnet.spec_json(trained) != classnet.spec_json(retrained)
+
+    torch.manual_seed(0)
+    Bank(["red", "blue"], [2, 2], 5, "tiny", F.normalize(torch.randn(4, D), dim=1).numpy(),
+         [["a"]] * 4).save(tmp_path / "bank")  # fmt: skip
+    method = get_method("pbip")
+    inputs = Stage1Inputs(["red", "blue"], bank_dir=tmp_path / "bank")
+    cfg = trained.method.model_copy(update={"backbone_checkpoint": None})
+    task = method.stage1_task(cfg.model_copy(update={"lr": 1e-3}), inputs)
+    fit_local(task, lambda e: [toy_batch(4, seed=e)], LoopConfig(epochs=1, lr=1e-3, amp=False), tmp_path / "s1",
+              log_fn=None)  # fmt: skip
+    batch = toy_batch(3, seed=5)
+    as_trained = method.load_cam_model(trained.method, tmp_path / "s1" / "last.pt", inputs, "cpu")
+    as_reread = method.load_cam_model(reread.method, tmp_path / "s1" / "last.pt", inputs, "cpu")
+    assert as_trained.cfg.cam_readout == "minmax" and as_trained.cfg.eval_fuse_weights is None
+    assert as_reread.cfg.cam_readout == "raw" and as_reread.cfg.eval_fuse_weights == (1, 0)
+    opts = PseudoOptions(background="none")
+    got = as_reread.predict_cams(batch, opts)
+    want = predict_cams(as_reread.model, batch, as_reread.cfg, "cpu").numpy()
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-5)  # the raw read-out is a softmax over classes
+    assert not np.allclose(got, as_trained.predict_cams(batch, opts), atol=1e-3)

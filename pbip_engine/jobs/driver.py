@@ -144,7 +144,7 @@ def run_pipeline(
             continue
         deps = stage.dependencies(spec)
         upstream = {d: hashes.get(d) or _finished_hash(out, d) or "" for d in deps}
-        spec_json = spec.section_json(*stage.sections)
+        spec_json = stage.spec_json(spec)
         h = input_hash(stage.name, stage.version, spec_json, upstream)
         hashes[stage.name] = h
         if stage not in stages:

@@ -77,6 +77,10 @@ class Stage:
             return f"method {method.name!r} does not use {METHOD_STAGES[self.name]}"
         return None
 
+    def spec_json(self, spec: JobSpec) -> str:
+        """The part of the spec this stage's input hash covers: its ``sections``, whole unless overridden."""
+        return spec.section_json(*self.sections)
+
     def dependencies(self, spec: JobSpec) -> tuple[str, ...]:
         """Upstream stages that this spec enables (a stage may follow synth or real slides)."""
         return tuple(d for d in self.deps if get_stage(d).enabled(spec))

@@ -43,6 +43,10 @@ class ClassNetStage(Stage):
     deps = ("tile", "bank")
     sections = ("classes", "encoder", "method", "stage1")
 
+    def spec_json(self, spec: JobSpec) -> str:
+        # the method's read-out keys change the pseudo masks, not the trained model: no retraining for them
+        return spec.section_json(*self.sections, drop={"method": get_method(spec.method.name).readout_keys})
+
     def run(self, ctx: StageContext) -> StageResult:
         import pyarrow.dataset as pads
         import ray

@@ -179,6 +179,10 @@ class Method:
     # ``method:`` keys that ``pbip-engine demo --method NAME`` adds to this method's defaults (the demo is a
     # few hundred small tiles and two epochs: e.g. a warm-up counted in iterations must be shorter).
     demo_keys: ClassVar[dict[str, Any]] = {}
+    # ``method:`` keys that only change how the trained stage-1 model's CAMs are read into pseudo masks, not
+    # what stage 1 learns: changing one re-runs the pseudo stage and keeps the trained model (the classnet
+    # stage's input hash leaves them out). ``load_cam_model`` must take them from the spec, not the checkpoint.
+    readout_keys: ClassVar[frozenset[str]] = frozenset()
 
     def uses_stages(self, cfg: MethodConfig) -> frozenset[str]:
         """The method-specific stages this configuration runs (a method may need the bank only for some

@@ -11,6 +11,7 @@ import glob
 import json
 import re
 import reprlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -391,10 +392,17 @@ class JobSpec(_Section):
         # rebuilds a spec from its (already resolved) values instead of looking the class up by name.
         return (_rebuild_spec, (self.model_dump(mode="json"),))
 
-    def section_json(self, *names: str) -> str:
-        """Canonical JSON of some sections: what a stage's manifest hash is computed from."""
+    def section_json(self, *names: str, drop: dict[str, Iterable[str]] | None = None) -> str:
+        """Canonical JSON of some sections: what a stage's manifest hash is computed from.
+
+        ``drop`` leaves keys out of a section (section -> keys), for a stage whose output they do not change.
+        """
         d = self.model_dump(mode="json")
-        return json.dumps({n: d[n] for n in names}, sort_keys=True)
+        out = {n: d[n] for n in names}
+        for section, keys in (drop or {}).items():
+            if isinstance(out.get(section), dict):
+                out[section] = {k: v for k, v in out[section].items() if k not in set(keys)}
+        return json.dumps(out, sort_keys=True)
 
 
 # -- loading ------------------------------------------------------------------------------------

@@ -162,11 +162,18 @@ class PbipCamModel(MasksFromCams):
     """A trained ClassNet (rebuilt around the run's bank) that turns labelled tiles into pseudo masks."""
 
     def __init__(
-        self, checkpoint: str | Path, bank_dir: str | Path, device: torch.device | str = "cpu"
+        self,
+        checkpoint: str | Path,
+        bank_dir: str | Path,
+        device: torch.device | str = "cpu",
+        *,
+        readout: dict[str, Any] | None = None,
     ) -> None:
+        """``readout``: read-out keys (``cam_readout``, ``eval_fuse_weights``) from the spec, which win over
+        the ones saved at training time (changing them does not retrain stage 1)."""
         p = Path(checkpoint)
         state = read_checkpoint(p, KIND, map_location=device)
-        cfg = ClassNetConfig.from_dict(state["model_config"])
+        cfg = ClassNetConfig.from_dict({**state["model_config"], **(readout or {})})
         cfg.pretrained = False  # the checkpoint carries every weight
         protos, k_list, names = load_prototypes_from_bank(bank_dir)
         model = build_classnet(cfg, protos, k_list, n_classes=len(names))

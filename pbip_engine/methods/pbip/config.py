@@ -39,11 +39,13 @@ class PbipConfig(MethodConfig):
     cam_readout: Literal["minmax", "raw"] = Field(
         "minmax",
         description="pseudo masks from the fused CAMs min-max normalised per map (paper) or raw (a softmax "
-        "over the classes of their cosine logits: the classes keep their relative scale)",
+        "over the classes of their cosine logits: the classes keep their relative scale); a read-out key: "
+        "changing it re-runs the pseudo stage, not stage 1",
     )
     eval_fuse_weights: list[float] | None = Field(
         None,
-        description="weights of the CAM levels in the pseudo masks (one per level); None = equal (Eq. 3)",
+        description="weights of the CAM levels in the pseudo masks (one per level); None = equal (Eq. 3); "
+        "a read-out key (no retraining)",
     )
     pooling: Literal["gap", "competitive"] = Field(
         "gap",

@@ -29,6 +29,7 @@ class PbipMethod(Method):
     name = "pbip"
     config_model = PbipConfig
     summary = "PBIP (CVPR 2025): prototype-cosine CAMs on a bank of sub-class prototypes + FG/BG matching"
+    readout_keys = frozenset({"cam_readout", "eval_fuse_weights"})
 
     def stage1_task(self, cfg: PbipConfig, inputs: Stage1Inputs) -> PbipTask:
         from pbip_engine.engine.embed.encoders import create_encoder
@@ -48,4 +49,5 @@ class PbipMethod(Method):
     ) -> PbipCamModel:
         from pbip_engine.methods.pbip.cams import PbipCamModel
 
-        return PbipCamModel(checkpoint, inputs.bank_dir, device)
+        readout = {k: getattr(cfg, k) for k in self.readout_keys}
+        return PbipCamModel(checkpoint, inputs.bank_dir, device, readout=readout)
