@@ -401,7 +401,8 @@ class JobSpec(_Section):
         out = {n: d[n] for n in names}
         for section, keys in (drop or {}).items():
             if isinstance(out.get(section), dict):
-                out[section] = {k: v for k, v in out[section].items() if k not in set(keys)}
+                gone = set(keys)
+                out[section] = {k: v for k, v in out[section].items() if k not in gone}
         return json.dumps(out, sort_keys=True)
 
 
