@@ -195,6 +195,44 @@ def test_trains_end_to_end_and_the_checkpoint_makes_pseudo_masks(tmp_path):
     assert power.shape == masks.shape
 
 
+def test_input_size_and_cam_readout_keys_are_pbips(tmp_path, monkeypatch):
+    """LPD takes PBIP's CAM keys, so both run the same protocol (e.g. GlaS: 56-px tiles at 112 px, raw read-out):
+    input_px resizes what the network sees, and the read-out keys re-read a checkpoint without retraining."""
+    from pbip_engine.jobs.train_stage1 import ClassNetStage
+    from pbip_engine.methods.lpd import cams as lpd_cams
+
+    def spec(**method):
+        return parse_spec({**SPEC, "method": {"name": "lpd", "levels": [2, 3], **method}}, tmp_path)
+
+    trained, reread = spec(input_px=64), spec(input_px=64, cam_readout="raw", eval_fuse_weights=[1, 0])
+    assert ClassNetStage().spec_json(trained) == ClassNetStage().spec_json(reread)
+    assert ClassNetStage().spec_json(trained) != ClassNetStage().spec_json(spec(input_px=96))
+    assert lpdnet_config(trained.method).input_px == 64
+    with pytest.raises(SpecError, match="eval_fuse_weights"):
+        spec(eval_fuse_weights=[1, 0, 0])
+
+    task, _ = tiny_lpd(k=2, input_px=64)
+    assert task.prepare(toy_batch(2), torch.device("cpu"))["image"].shape[-1] == 64
+    fit_local(task, lambda e: [toy_batch(8, seed=e)], LoopConfig(epochs=1, lr=1e-2, amp=False), tmp_path / "s1",
+              log_fn=None)  # fmt: skip
+    ckpt = tmp_path / "s1" / "last.pt"
+    readout = {"cam_readout": "raw", "eval_fuse_weights": [1, 0, 0]}
+    raw = LpdCamModel(ckpt, "cpu", backbone=TinyBackbone(), readout=readout)
+    as_trained = LpdCamModel(ckpt, "cpu", backbone=TinyBackbone())
+    assert raw.cfg.input_px == 64 and raw.cfg.cam_readout == "raw" and raw.cfg.eval_fuse_weights == (1, 0, 0)
+    assert as_trained.cfg.cam_readout == "minmax"
+    batch, opts = toy_batch(3, seed=5), PseudoOptions(background="none")
+    got = raw.predict_cams(batch, opts)
+    assert got.shape == (3, 2, 32, 32)  # CAMs come back at the tile's size
+    np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-5)  # the raw read-out: a softmax over the classes
+    assert not np.allclose(got, as_trained.predict_cams(batch, opts), atol=1e-3)
+
+    seen = {}
+    monkeypatch.setattr(lpd_cams, "LpdCamModel", lambda ckpt, device, readout: seen.update(readout))
+    get_method("lpd").load_cam_model(reread.method, ckpt, Stage1Inputs(["red", "blue"]), "cpu")
+    assert seen == {"cam_readout": "raw", "eval_fuse_weights": [1.0, 0.0]}
+
+
 # -- atlas ---------------------------------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ from pbip_engine.engine.ingest.datasets.common import decode_rgb
 from pbip_engine.engine.prototypes.atlas import AtlasRow, write_atlas
 from pbip_engine.engine.training.inputs import to_model_input
 from pbip_engine.methods.lpd.model import LpdNet, LpdNetConfig
+from pbip_engine.methods.pbip.classnet import resize_input
 
 
 def read_labelled_tiles(files: Sequence[Path], limit: int) -> tuple[list[str], list[bytes], np.ndarray]:
@@ -50,7 +51,7 @@ def prototype_maps(
     for s in range(0, len(images), batch):
         rgb = np.stack([decode_rgb(b) for b in images[s : s + batch]])
         x = to_model_input({"image": rgb}, cfg.mean, cfg.std, device)["image"]
-        o = model(x)
+        o = model(resize_input(x, cfg.input_px))  # the network's training input size
         cos = o["subclass_cams"][cfg.div_level] / o["scales"][cfg.div_level]
         out.append(cos.float().cpu().numpy().astype(np.float16))
     return np.concatenate(out)

@@ -6,14 +6,13 @@ from typing import Literal
 
 from pydantic import Field
 
-from pbip_engine.methods.base import MethodConfig
+from pbip_engine.methods.pbip.config import CamReadoutConfig
 
 
-class LpdConfig(MethodConfig):
+class LpdConfig(CamReadoutConfig):
     name: Literal["lpd"] = "lpd"
     backbone: str = "efficientnet_lite0"
     backbone_checkpoint: str | None = None
-    levels: list[int] = Field(default_factory=lambda: [2, 3, 4])
     hidden: int = Field(256, ge=8, description="width of the per-level prototype heads phi_i")
     k: int = Field(10, ge=1, description="learnable prototypes per class (paper's best: 10; 3 also reported)")
     proto_dim: int = Field(

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from pbip_engine.methods.base import Method, Stage1Inputs, network_config
 from pbip_engine.methods.lpd.config import LpdConfig
+from pbip_engine.methods.pbip.config import CAM_READOUT_KEYS
 from pbip_engine.methods.registry import register_method
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ class LpdMethod(Method):
         "prototype diversity regulariser"
     )
     demo_keys = {"warmup_iters": 10, "sim_size": 96}
+    readout_keys = CAM_READOUT_KEYS
 
     def uses_stages(self, cfg: LpdConfig) -> frozenset[str]:
         """The bank only to initialise the prototypes from it (``init: bank``)."""
@@ -71,7 +73,7 @@ class LpdMethod(Method):
     ) -> LpdCamModel:
         from pbip_engine.methods.lpd.cams import LpdCamModel
 
-        return LpdCamModel(checkpoint, device)
+        return LpdCamModel(checkpoint, device, readout={k: getattr(cfg, k) for k in self.readout_keys})
 
     def check_labels(self, cfg: LpdConfig, labelled_tiles: dict[str, int]) -> str | None:
         few = {c: n for c, n in labelled_tiles.items() if n < cfg.k}

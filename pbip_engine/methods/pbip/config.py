@@ -8,28 +8,15 @@ from pydantic import Field
 
 from pbip_engine.methods.base import MethodConfig
 
+# How a trained network's CAMs are read (not how it trains): changing them re-runs the pseudo stage only.
+CAM_READOUT_KEYS = frozenset({"cam_readout", "eval_fuse_weights"})
 
-class PbipConfig(MethodConfig):
-    name: Literal["pbip"] = "pbip"
-    backbone: str = "efficientnet_lite0"
-    backbone_checkpoint: str | None = None
+
+class CamReadoutConfig(MethodConfig):
+    """The CAM keys every prototype-cosine ClassNet (PBIP, LPD) shares: the network's input size and how its
+    fused CAMs are read into pseudo masks. Shared so that the methods compare on the same protocol."""
+
     levels: list[int] = Field(default_factory=lambda: [2, 3, 4])
-    hidden: int = Field(256, ge=8)
-    merge_train: Literal["mean", "softmax_max"] = "mean"
-    merge_eval: Literal["mean", "softmax_max"] = "mean"
-    delta: float = Field(0.15, ge=0, le=1)
-    threshold: Literal["per_class", "per_image"] = "per_class"
-    alpha: float = 1.0
-    beta: float = 0.5
-    tau: float = Field(1.0, gt=0)
-    theta1: float = 1.0
-    theta2: float = 0.5
-    new_parts_lr_mult: float = Field(
-        1.0,
-        gt=0,
-        description="learning-rate multiple of the freshly initialised prototype projectors and logit scale "
-        "over the pretrained backbone (stage1.lr)",
-    )
     input_px: int | None = Field(
         None,
         ge=32,
@@ -47,6 +34,38 @@ class PbipConfig(MethodConfig):
         description="weights of the CAM levels in the pseudo masks (one per level); None = equal (Eq. 3); "
         "a read-out key (no retraining)",
     )
+
+    def check_spec(self, spec: Any) -> None:
+        if self.eval_fuse_weights is not None:
+            if len(self.eval_fuse_weights) != len(self.levels):
+                raise ValueError(f"method.eval_fuse_weights has {len(self.eval_fuse_weights)} entries but "
+                                 f"method.levels {self.levels} has {len(self.levels)}")  # fmt: skip
+            if min(self.eval_fuse_weights) < 0 or sum(self.eval_fuse_weights) <= 0:
+                raise ValueError(
+                    f"method.eval_fuse_weights must be >= 0 and not all 0, got {self.eval_fuse_weights}"
+                )
+
+
+class PbipConfig(CamReadoutConfig):
+    name: Literal["pbip"] = "pbip"
+    backbone: str = "efficientnet_lite0"
+    backbone_checkpoint: str | None = None
+    hidden: int = Field(256, ge=8)
+    merge_train: Literal["mean", "softmax_max"] = "mean"
+    merge_eval: Literal["mean", "softmax_max"] = "mean"
+    delta: float = Field(0.15, ge=0, le=1)
+    threshold: Literal["per_class", "per_image"] = "per_class"
+    alpha: float = 1.0
+    beta: float = 0.5
+    tau: float = Field(1.0, gt=0)
+    theta1: float = 1.0
+    theta2: float = 0.5
+    new_parts_lr_mult: float = Field(
+        1.0,
+        gt=0,
+        description="learning-rate multiple of the freshly initialised prototype projectors and logit scale "
+        "over the pretrained backbone (stage1.lr)",
+    )
     pooling: Literal["gap", "competitive"] = Field(
         "gap",
         description="image logits from the CAMs: gap = the paper's global average pooling; competitive = "
@@ -61,13 +80,3 @@ class PbipConfig(MethodConfig):
         description="edge of the FG/BG images fed to the bank encoder; default its input size (224). "
         "CNN encoders accept the tile size: with small tiles that makes L_SIM several times cheaper",
     )
-
-    def check_spec(self, spec: Any) -> None:
-        if self.eval_fuse_weights is not None:
-            if len(self.eval_fuse_weights) != len(self.levels):
-                raise ValueError(f"method.eval_fuse_weights has {len(self.eval_fuse_weights)} entries but "
-                                 f"method.levels {self.levels} has {len(self.levels)}")  # fmt: skip
-            if min(self.eval_fuse_weights) < 0 or sum(self.eval_fuse_weights) <= 0:
-                raise ValueError(
-                    f"method.eval_fuse_weights must be >= 0 and not all 0, got {self.eval_fuse_weights}"
-                )

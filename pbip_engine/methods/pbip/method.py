@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pbip_engine.methods.base import Method, Stage1Inputs, network_config
-from pbip_engine.methods.pbip.config import PbipConfig
+from pbip_engine.methods.pbip.config import CAM_READOUT_KEYS, PbipConfig
 from pbip_engine.methods.registry import register_method
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ class PbipMethod(Method):
     name = "pbip"
     config_model = PbipConfig
     summary = "PBIP (CVPR 2025): prototype-cosine CAMs on a bank of sub-class prototypes + FG/BG matching"
-    readout_keys = frozenset({"cam_readout", "eval_fuse_weights"})
+    readout_keys = CAM_READOUT_KEYS
 
     def stage1_task(self, cfg: PbipConfig, inputs: Stage1Inputs) -> PbipTask:
         from pbip_engine.engine.embed.encoders import create_encoder
