@@ -119,6 +119,12 @@ class Clock:
         )
         return dt
 
+    def close(self, res: dict[str, Any], summary: str) -> None:
+        """Put the step timings and the total into ``res`` and print the run's last line."""
+        res["timings_s"], res["cpu_s"] = self.times, self.cpu
+        res["total_s"] = round(time.perf_counter() - self.t0, 2)
+        print(f"total: {res['total_s']:.1f} s; {summary}", flush=True)
+
 
 def train_budgeted(trainer: Trainer, batches: Callable[[int], Iterator[dict]], steps: int, epochs: int,
                    budget_s: float, name: str) -> tuple[list[dict[str, Any]], int]:  # fmt: skip
@@ -511,9 +517,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     if args.control_only:  # stage 2 on the true masks alone: the ceiling of the stage-2 recipe
         stage2_run("control", tr_imgs, tr_masks, te_imgs, te_masks, args, dev, clock, res)
-        res["timings_s"], res["cpu_s"] = clock.times, clock.cpu
-        res["total_s"] = round(time.perf_counter() - clock.t0, 2)
-        print(f"total: {res['total_s']:.1f} s; control {res['control_testA_miou']:.4f}", flush=True)
+        clock.close(res, f"control {res['control_testA_miou']:.4f}")
         return finish(res, args.out, dev)
 
     t = time.perf_counter()
@@ -572,10 +576,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for tag, masks in runs:
         stage2_run(tag, tr_imgs, masks, te_imgs, te_masks, args, dev, clock, res)
 
-    res["timings_s"], res["cpu_s"] = clock.times, clock.cpu
-    res["total_s"] = round(time.perf_counter() - clock.t0, 2)
-    print(f"total: {res['total_s']:.1f} s; pseudo {res['pseudo_miou']:.4f}, stage 2 {res['stage2_testA_miou']:.4f}"
-          + ("" if args.no_control else f", control {res['control_testA_miou']:.4f}"), flush=True)  # fmt: skip
+    control = "" if args.no_control else f", control {res['control_testA_miou']:.4f}"
+    clock.close(res, f"pseudo {res['pseudo_miou']:.4f}, stage 2 {res['stage2_testA_miou']:.4f}{control}")
     return finish(res, args.out, dev)
 
 

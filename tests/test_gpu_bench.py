@@ -73,6 +73,15 @@ def test_gpu_glas_tiny_lpd(tmp_path: Path) -> None:
     assert len(res["pseudo"]["iou"]) == 2 and len(res["stage2"]["iou"]) == 2
 
 
+def test_gpu_glas_tiny_control_only(tmp_path: Path) -> None:
+    """``--control-only``: stage 2 on the true masks alone (the recipe's ceiling), no bank or stage 1."""
+    if not (GLAS / "labels.csv").is_file():
+        pytest.skip(f"GlaS data not found at {GLAS}")
+    res = _run("gpu_glas.py", tmp_path / "control.json", "--data", str(GLAS), "--control-only")
+    assert _unit(res["control_testA_miou"]) and "pseudo_miou" not in res
+    assert set(res["timings_s"]) == {"data", "control"} and res["total_s"] >= res["timings_s"]["control"]
+
+
 def test_gpu_throughput_tiny(tmp_path: Path) -> None:
     res = _run("gpu_throughput.py", tmp_path / "tp.json")
     expected = {"embed_efficientnet_lite0", "embed_timm_vit_base_patch16_224", "stage1_pbip",

@@ -62,6 +62,11 @@ def stage2_setup(config: dict[str, Any]):
     return task, decode_samples
 
 
+def repeated(ds: Any, times: int) -> Any:
+    """A Ray dataset ``times`` over (a union of itself): how one epoch sees each row ``times`` times."""
+    return ds.union(*[ds] * (times - 1)) if times > 1 else ds
+
+
 def region_datasets(ctx: StageContext, s: Any) -> tuple[dict[str, Any], int, dict[str, Any]]:
     """The pseudo stage's stitched regions, split by id hash, the training part repeated so that one epoch
     draws ``crops_per_epoch`` x (regions' area / crop area) crops. Returns datasets, rows per epoch, record."""
@@ -85,8 +90,7 @@ def region_datasets(ctx: StageContext, s: Any) -> tuple[dict[str, Any], int, dic
     area = sum(r["width0"] * r["height0"] for r in train)
     area_px = area * _tile_scale(ctx) ** 2
     repeat = max(1, math.ceil(s.crops_per_epoch * area_px / (s.crop_px**2 * max(n, 1))))
-    if repeat > 1:
-        datasets["train"] = datasets["train"].union(*[datasets["train"]] * (repeat - 1))
+    datasets["train"] = repeated(datasets["train"], repeat)
     record = {"regions": len(meta), "train_regions": n, "repeat": repeat, "crop_px": s.crop_px}
     ctx.log(f"[segmenter] {n} stitched regions (+{len(meta) - n} held out), {repeat} crop(s) of "
             f"{s.crop_px} px from each per epoch")  # fmt: skip
@@ -206,9 +210,7 @@ def own_label_datasets(ctx: StageContext, own: Any, val_fraction: float) -> tupl
     ds = ds.map_batches(own.attach, batch_format="numpy", **read_options())
     lab = ds.filter(lambda r: bool(r["labelled"]), **read_options())
     parts, _ = holdout_split(lab, lab_ids, val_fraction)
-    train = parts["train"]
-    if repeat > 1:
-        train = train.union(*[parts["train"]] * (repeat - 1))
+    train = repeated(parts["train"], repeat)
     if n_unl:
         train = train.union(ds.filter(lambda r: not bool(r["labelled"]), **read_options()))
     datasets = {"train": train.drop_columns(["slide_id", "x", "y", "size0", "tile_px"])}
