@@ -118,6 +118,8 @@ def test_pseudo_masks_index_and_score(pipeline_run: Path) -> None:
     assert (d / "heatmaps" / "synth_000.png").is_file()
     regions = pq.read_table(d / "regions" / "synth_000.parquet").to_pylist()
     assert regions and all(r["slide_id"] == "synth_000" and r["width0"] > 0 for r in regions)
+    # px at tiling.mpp (what stage 2 sizes its crops by): 1 µm/px tiles of a 0.5 µm/px level 0, half its extent
+    assert all(r["width"] > 0 and abs(2 * r["width"] - r["width0"]) <= 2 for r in regions)
 
 
 def test_stage_2_trained_on_region_crops_and_segments_at_that_context(pipeline_run: Path) -> None:

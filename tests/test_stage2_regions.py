@@ -147,6 +147,7 @@ def test_pseudo_stage_writes_each_slides_regions(tmp_path):
     rows = stitch_slide(batch, spec, str(tmp_path))
     table = pq.read_table(tmp_path / REGIONS / "s.parquet").to_pylist()
     assert len(table) == 1 and (table[0]["width0"], table[0]["height0"]) == (16, 8)
+    assert (table[0]["width"], table[0]["height"]) == (16, 8)  # px at tiling.mpp: the 8-px tiles side by side
     (mask,) = decode_masks([table[0]["mask"]])
     tiles = decode_masks(list(rows["mask"]))
     np.testing.assert_array_equal(mask, np.concatenate(list(tiles), axis=1))

@@ -28,7 +28,8 @@ def _region_schema() -> Any:
     import pyarrow as pa
 
     return pa.schema([("tile_id", pa.string()), ("slide_id", pa.string()), ("x", pa.int64()), ("y", pa.int64()),
-                      ("width0", pa.int64()), ("height0", pa.int64()), ("image", pa.binary()), ("mask", pa.binary())])  # fmt: skip
+                      ("width0", pa.int64()), ("height0", pa.int64()), ("width", pa.int64()), ("height", pa.int64()),
+                      ("image", pa.binary()), ("mask", pa.binary())])  # fmt: skip
 
 
 def _mask_rows(batch: dict[str, Any], masks: Any, out_dir: Path, colors: list) -> dict[str, Any]:
@@ -132,7 +133,8 @@ def write_regions(batch: dict[str, Any], rgbs: Any, masks: Any, region_px: int, 
         if not (ok_i and ok_m):
             raise RuntimeError(f"slide {sid}: could not encode region {i} as PNG")
         rows.append({"tile_id": f"{sid}/r{r.x}_{r.y}", "slide_id": sid, "x": r.x, "y": r.y,
-                     "width0": r.width0, "height0": r.height0, "image": img.tobytes(), "mask": msk.tobytes()})  # fmt: skip
+                     "width0": r.width0, "height0": r.height0, "width": r.image.shape[1], "height": r.image.shape[0],
+                     "image": img.tobytes(), "mask": msk.tobytes()})  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / f"{sid}.parquet") as tmp:
         pq.write_table(pa.Table.from_pylist(rows, schema=_region_schema()), tmp)
@@ -144,8 +146,8 @@ class PseudoStage(Stage):
     name = "pseudo"
     # v2: samples/ Parquet (image + mask); v3: scored against patch masks; v4: method plug-ins;
     # v5: CAMs stitched across overlapping tiles (pseudo.stitch), flip TTA (pseudo.flip);
-    # v6: stitched regions/ for stage 2's crops (pseudo.region_px)
-    version = 6
+    # v6: stitched regions/ for stage 2's crops (pseudo.region_px); v7: regions carry their px size
+    version = 7
     deps = ("tile", "bank", "classnet")
     sections = ("classes", "method", "pseudo")
 

@@ -80,30 +80,17 @@ def region_datasets(ctx: StageContext, s: Any) -> tuple[dict[str, Any], int, dic
     if not files:
         raise RuntimeError(f"segmenter.crop_px needs the pseudo stage's stitched regions, none in {folder} "
                            "(is pseudo.stitch on?)")  # fmt: skip
-    meta = (
-        pads.dataset(files, format="parquet").to_table(columns=["tile_id", "width0", "height0"]).to_pylist()
-    )
+    meta = pads.dataset(files, format="parquet").to_table(columns=["tile_id", "width", "height"]).to_pylist()
     ds = ray.data.read_parquet(files, columns=SAMPLE_COLUMNS, **read_options())
     datasets, n = holdout_split(ds, [r["tile_id"] for r in meta], s.val_fraction)
-    # region sizes at tiling.mpp: level-0 extents x the tile scale (tile_px per size0 px)
     train = [r for r in meta if not is_validation(r["tile_id"], s.val_fraction)]
-    area = sum(r["width0"] * r["height0"] for r in train)
-    area_px = area * _tile_scale(ctx) ** 2
+    area_px = sum(r["width"] * r["height"] for r in train)  # at tiling.mpp, where the crops are cut
     repeat = max(1, math.ceil(s.crops_per_epoch * area_px / (s.crop_px**2 * max(n, 1))))
     datasets["train"] = repeated(datasets["train"], repeat)
     record = {"regions": len(meta), "train_regions": n, "repeat": repeat, "crop_px": s.crop_px}
     ctx.log(f"[segmenter] {n} stitched regions (+{len(meta) - n} held out), {repeat} crop(s) of "
             f"{s.crop_px} px from each per epoch")  # fmt: skip
     return datasets, n * repeat, record
-
-
-def _tile_scale(ctx: StageContext) -> float:
-    """Tile px per level-0 px (the regions' canvas scale), from the tile stage's first rows."""
-    import pyarrow.dataset as pads
-
-    t = pads.dataset([str(f) for f in tile_files(ctx.stage_dir("tile"))], format="parquet")
-    row = t.head(1, columns=["size0", "tile_px"]).to_pylist()[0]
-    return int(row["tile_px"]) / int(row["size0"])
 
 
 @register_stage
