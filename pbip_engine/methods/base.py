@@ -184,6 +184,10 @@ class Method:
     # stage's input hash leaves them out). ``load_cam_model`` must take them from the spec, not the checkpoint.
     readout_keys: ClassVar[frozenset[str]] = frozenset()
 
+    def readout(self, cfg: MethodConfig) -> dict[str, Any]:
+        """The spec's values of ``readout_keys``, for ``load_cam_model`` to apply over the checkpoint's."""
+        return {k: getattr(cfg, k) for k in self.readout_keys}
+
     def uses_stages(self, cfg: MethodConfig) -> frozenset[str]:
         """The method-specific stages this configuration runs (a method may need the bank only for some
         settings, e.g. prototypes initialised from it); ``stages`` unless a method overrides this."""

@@ -73,7 +73,7 @@ class LpdMethod(Method):
     ) -> LpdCamModel:
         from pbip_engine.methods.lpd.cams import LpdCamModel
 
-        return LpdCamModel(checkpoint, device, readout={k: getattr(cfg, k) for k in self.readout_keys})
+        return LpdCamModel(checkpoint, device, readout=self.readout(cfg))
 
     def check_labels(self, cfg: LpdConfig, labelled_tiles: dict[str, int]) -> str | None:
         few = {c: n for c, n in labelled_tiles.items() if n < cfg.k}

@@ -49,5 +49,4 @@ class PbipMethod(Method):
     ) -> PbipCamModel:
         from pbip_engine.methods.pbip.cams import PbipCamModel
 
-        readout = {k: getattr(cfg, k) for k in self.readout_keys}
-        return PbipCamModel(checkpoint, inputs.bank_dir, device, readout=readout)
+        return PbipCamModel(checkpoint, inputs.bank_dir, device, readout=self.readout(cfg))
