@@ -195,3 +195,26 @@ def test_rerun_after_failed_pseudo_counts_each_tile_once(pipeline_run: Path) -> 
     assert pq.read_table(final / "index.parquet").num_rows == n
     assert pads.dataset(str(final / "samples"), format="parquet").count_rows() == n
     assert json.loads((final / "metrics.json").read_text())["n_images"] == n
+
+
+@pytest.mark.timeout(600)
+def test_mpamatch_segmenter_trains_with_every_cpu_on_the_train_worker(ray_local, tmp_path: Path) -> None:
+    """examples/glas-semi.yaml on 2 cores hung at its first epoch: the Train worker held both CPUs and the
+    own-labels dataset's drop_columns asked Ray Data for a whole one. Same shape here: 2 CPUs, 2 per worker."""
+    raw = {
+        "run": {"name": "semi", "output": str(tmp_path / "out"), "seed": 0},
+        "data": {"synthetic": {"slides": 2, "size": 1536, "seed": 2}},
+        "classes": CLASSES,
+        "tiling": {"mpp": 1.0, "tile_px": 64, "min_tissue": 0.5},
+        "method": {"name": "mpamatch", "labelled_fraction": 0.5},
+        "segmenter": {"epochs": 1, "batch_size": 8},
+        "resources": {"workers": 1, "cpus_per_worker": 2},
+    }
+    p = tmp_path / "spec.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    s = run_pipeline(load_spec(p), only=["synth", "tile", "segmenter"], log=print, progress=False)
+    assert s.exit_code == 0, s.stages
+    manifest = json.loads((tmp_path / "out" / "segmenter" / "manifest.json").read_text())
+    split = manifest["labelled_split"]
+    assert manifest["status"] == "done", manifest
+    assert split["labelled_tiles"] > 0 and split["unlabelled_tiles"] > 0, split

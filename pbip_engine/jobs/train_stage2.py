@@ -200,9 +200,14 @@ def own_label_datasets(ctx: StageContext, own: Any, val_fraction: float) -> tupl
     train = repeated(parts["train"], repeat)
     if n_unl:
         train = train.union(ds.filter(lambda r: not bool(r["labelled"]), **read_options()))
-    datasets = {"train": train.drop_columns(["slide_id", "x", "y", "size0", "tile_px"])}
+    # fractional CPUs like every op above: at Ray Data's default of 1 CPU, a Train worker holding all of a
+    # node's CPUs (cpus_per_worker = node CPUs, as in examples/glas-semi.yaml on 2 cores) starves this op
+    # and the first epoch never starts
+    datasets = {"train": train.drop_columns(["slide_id", "x", "y", "size0", "tile_px"], **read_options())}
     if "val" in parts:
-        datasets["val"] = parts["val"].drop_columns(["slide_id", "x", "y", "size0", "tile_px", "labelled"])
+        datasets["val"] = parts["val"].drop_columns(
+            ["slide_id", "x", "y", "size0", "tile_px", "labelled"], **read_options()
+        )
     record = {**(own.record or {}), "labelled_tiles": n_lab, "val_tiles": n_val, "unlabelled_tiles": n_unl,
               "repeat": repeat}  # fmt: skip
     ctx.log(f"[segmenter] own labels: {len(labelled)} labelled image(s), {n_lab} train + {n_val} val tiles "
