@@ -139,6 +139,25 @@ def test_glas_and_demo_specs_accept_the_gland_method(tmp_path):
     assert parse_spec(demo, tmp_path).method.name == "gland"
 
 
+def test_glas_gland_example_is_the_glas_protocol_with_only_the_budget_keys_changed():
+    """glas-gland.yaml's figures stand beside glas.yaml's only while both specs share tiles, stage 2 and test."""
+    import yaml
+
+    pbip = yaml.safe_load((REPO / "examples" / "glas.yaml").read_text())
+    gland = yaml.safe_load((REPO / "examples" / "glas-gland.yaml").read_text())
+    spec = parse_spec(gland, REPO / "examples")
+    assert spec.method.name == "gland" and spec.pseudo.flip is False and spec.stage1.epochs == 1
+    assert max(spec.method.mpfp_sizes) <= spec.method.cam_px(spec.tiling.tile_px)
+    for key in ("data", "classes", "tiling", "segmenter", "segment", "resources"):
+        assert gland[key] == pbip[key], key
+    assert {k: v for k, v in gland["stage1"].items() if k != "epochs"} == {
+        k: v for k, v in pbip["stage1"].items() if k != "epochs"
+    }
+    assert {k: v for k, v in gland["pseudo"].items() if k != "flip"} == {
+        k: v for k, v in pbip["pseudo"].items() if k != "flip"
+    }
+
+
 def _batch(n: int, seed: int) -> dict[str, np.ndarray]:
     """Red left / blue right halves, or one colour only, with matching image labels and masks."""
     rng = np.random.default_rng(seed)
