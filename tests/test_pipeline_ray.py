@@ -197,6 +197,27 @@ def test_rerun_after_failed_pseudo_counts_each_tile_once(pipeline_run: Path) -> 
     assert json.loads((final / "metrics.json").read_text())["n_images"] == n
 
 
+def test_balanced_class_weights_come_from_the_pseudo_masks(pipeline_run: Path, tmp_path: Path) -> None:
+    """segmenter.class_weights: balanced on a real Ray: counted from the stitched regions, recorded, trained."""
+    import shutil
+
+    from pbip_engine.engine.training.losses import balanced_weights
+
+    out = tmp_path / "out"
+    shutil.copytree(pipeline_run, out, ignore=shutil.ignore_patterns("segmenter", "segment", ".work"))
+    raw = yaml.safe_load((pipeline_run.parent / "spec.yaml").read_text())
+    raw["run"]["output"] = str(out)
+    raw["segmenter"]["class_weights"] = "balanced"
+    p = tmp_path / "spec.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    s = run_pipeline(load_spec(p), only=["segmenter"], log=print, progress=False)
+    assert s.exit_code == 0, s.stages
+    m = json.loads((out / "segmenter" / "manifest.json").read_text())
+    assert len(m["class_pixels"]) == len(CLASSES) + 1 and sum(m["class_pixels"]) > 0
+    assert m["class_weights"] == pytest.approx(balanced_weights(m["class_pixels"]))
+    assert len(set(m["class_weights"])) > 1  # the synthetic cohort's classes are not balanced
+
+
 @pytest.mark.timeout(600)
 def test_mpamatch_segmenter_trains_with_every_cpu_on_the_train_worker(ray_local, tmp_path: Path) -> None:
     """examples/glas-semi.yaml on 2 cores hung at its first epoch: the Train worker held both CPUs and the

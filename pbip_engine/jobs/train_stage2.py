@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 from typing import Any
 
 from pbip_engine.engine.training.batches import decode_samples
@@ -47,7 +48,8 @@ def stage2_setup(config: dict[str, Any]):
     model = build_segmenter(config["arch"], n_classes=config["n_classes"], backbone=config["backbone"],
                             pretrained=config["pretrained"], crop_px=config.get("crop_px"))  # fmt: skip
     loss = config.get("loss") or {"name": "ce", "options": {}}
-    task = SegmentationTask(model, amp=config["loop"]["amp"], loss=stage2_loss(loss["name"], loss["options"]))
+    loss_fn = stage2_loss(loss["name"], loss["options"], class_weights=loss.get("class_weights"))
+    task = SegmentationTask(model, amp=config["loop"]["amp"], loss=loss_fn)
     crops = config.get("region_crops")
     if crops:  # segmenter.crop_px: random scaled crops of the stitched regions
         from pbip_engine.engine.training.region_crops import RegionCrops
@@ -65,6 +67,34 @@ def stage2_setup(config: dict[str, Any]):
 def repeated(ds: Any, times: int) -> Any:
     """A Ray dataset ``times`` over (a union of itself): how one epoch sees each row ``times`` times."""
     return ds.union(*[ds] * (times - 1)) if times > 1 else ds
+
+
+# Masks read to count class pixels for segmenter.class_weights: balanced: a stable frequency, cheap on a cohort.
+WEIGHT_SAMPLE_MASKS = 4096
+
+
+def loss_class_weights(spec: JobSpec, masks: Path) -> tuple[list[float] | None, dict[str, Any]]:
+    """``segmenter.class_weights`` as a list (background first) and what to record of it; ``balanced`` counts
+    the class pixels of up to ``WEIGHT_SAMPLE_MASKS`` pseudo masks (evenly spaced) of the Parquet ``masks``."""
+    import pyarrow.dataset as pads
+
+    from pbip_engine.engine.training.batches import decode_masks
+    from pbip_engine.engine.training.losses import balanced_weights, mask_class_counts
+
+    w = spec.segmenter.class_weights
+    if w is None or isinstance(w, list):
+        return w, {} if w is None else {"class_weights": w}
+    ds = pads.dataset(str(masks), format="parquet")
+    rows = ds.count_rows()
+    step = max(1, math.ceil(rows / WEIGHT_SAMPLE_MASKS))
+    pngs = ds.take(list(range(0, rows, step)), columns=["mask"]).column("mask").to_pylist()
+    counts = mask_class_counts(decode_masks(pngs, stack=False), len(spec.classes) + 1)
+    weights = balanced_weights(counts)
+    return weights, {
+        "class_weights": weights,
+        "class_pixels": [int(c) for c in counts],
+        "weight_masks": len(pngs),
+    }
 
 
 def region_datasets(ctx: StageContext, s: Any) -> tuple[dict[str, Any], int, dict[str, Any]]:
@@ -97,8 +127,8 @@ def region_datasets(ctx: StageContext, s: Any) -> tuple[dict[str, Any], int, dic
 class SegmenterStage(Stage):
     name = "segmenter"
     # v4: the shared loop (one checkpoint format, per-sample augmentation, best.pt by validation);
-    # v5: segmenter.crop_px trains on crops of the pseudo stage's stitched regions
-    version = 5
+    # v5: segmenter.crop_px trains on crops of the pseudo stage's stitched regions; v6: segmenter.class_weights
+    version = 6
     deps = ("synth", "tile", "pseudo")  # synth/tile: methods with their own labels (Method.stage2_labels)
     sections = ("classes", "method", "segmenter")
 
@@ -132,6 +162,16 @@ class SegmenterStage(Stage):
             )
             datasets, n = holdout_split(ds, ids, s.val_fraction)
             split = None
+        weights, weight_record = (
+            (None, {})
+            if own is not None
+            else loss_class_weights(
+                spec, ctx.stage_dir("pseudo") / (REGIONS if regions is not None else "samples")
+            )
+        )
+        if weight_record.get("class_pixels"):
+            ctx.log(f"[segmenter] class weights {[round(w, 3) for w in weights]} (balanced: class pixels "
+                    f"{weight_record['class_pixels']} in {weight_record['weight_masks']} pseudo masks)")  # fmt: skip
         config = {
             "loop": {
                 "epochs": s.epochs,
@@ -144,7 +184,7 @@ class SegmenterStage(Stage):
                 "seed": s.seed,
             },
             "arch": segmenter_arch(spec),
-            "loss": segmenter_loss(spec),
+            "loss": {**segmenter_loss(spec), "class_weights": weights},
             "backbone": s.backbone,
             "pretrained": s.backbone_checkpoint or True,
             "n_classes": len(spec.classes) + 1,
@@ -167,7 +207,7 @@ class SegmenterStage(Stage):
             f"[segmenter] {len(history)} epoch(s) on {n} {'region crops' if regions else 'pseudo-labelled tiles'}"
             f" per epoch; last loss {last.get('loss'):.4f}"
         )
-        extra = {"last_epoch": {k: v for k, v in last.items() if k != "val"}}
+        extra = {"last_epoch": {k: v for k, v in last.items() if k != "val"}, **weight_record}
         if regions is not None:
             extra["regions"] = regions
         if split is not None:

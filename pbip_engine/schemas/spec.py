@@ -222,6 +222,12 @@ class SegmenterSection(_Section):
         None, description="pixel loss: cross-entropy or PLF (gland paper); default: the method's choice"
     )
     plf: PlfOptions = Field(default_factory=PlfOptions)
+    class_weights: Literal["balanced"] | list[float] | None = Field(
+        None,
+        description="per-class weights of the pixel loss: 'balanced' = inverse pixel frequency in the pseudo "
+        "masks (stage 2 otherwise amplifies their class imbalance), or one weight per class, background "
+        "first; None = unweighted",
+    )
     backbone: str = "efficientnet_lite0"
     backbone_checkpoint: str | None = None
     epochs: int = Field(10, ge=1)
@@ -371,6 +377,16 @@ class JobSpec(_Section):
             raise ValueError(
                 f"segmenter.crop_px ({self.segmenter.crop_px}) crops the stitched regions: it needs "
                 "pseudo.stitch: true (or leave segmenter.crop_px unset to train on the tiles)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _class_weights_fit(self) -> JobSpec:
+        w = self.segmenter.class_weights
+        if isinstance(w, list) and (len(w) != len(self.classes) + 1 or min(w) < 0):
+            raise ValueError(
+                f"segmenter.class_weights: {len(w)} weight(s) {w}; it needs {len(self.classes) + 1} "
+                f"non-negative weights, background first, then one per entry of classes {self.class_names}"
             )
         return self
 

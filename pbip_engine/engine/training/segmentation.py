@@ -70,11 +70,16 @@ def batch_to_tensors(
 
 
 def segmentation_loss(
-    logits: torch.Tensor, mask: torch.Tensor, ignore_index: int = IGNORE_INDEX
+    logits: torch.Tensor,
+    mask: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Pixel-mean cross-entropy over non-ignored pixels; 0 (with a graph) when every pixel is ignored."""
+    """Pixel-mean cross-entropy over non-ignored pixels (with ``weight`` per class: the weighted mean, as
+    torch computes it); 0 (with a graph) when every pixel is ignored."""
     if bool((mask != ignore_index).any()):
-        return F.cross_entropy(logits.float(), mask, ignore_index=ignore_index)
+        w = None if weight is None else weight.to(logits.device, torch.float32)
+        return F.cross_entropy(logits.float(), mask, weight=w, ignore_index=ignore_index)
     return logits.float().sum() * 0.0
 
 

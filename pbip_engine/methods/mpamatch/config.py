@@ -76,6 +76,13 @@ class MpaMatchConfig(MethodConfig):
             raise ValueError(f"method.prompt must contain '{{}}' for the class name, got {self.prompt!r}")
         return self
 
+    def check_spec(self, spec: Any) -> None:
+        if spec.segmenter.class_weights is not None:
+            raise ValueError(
+                "segmenter.class_weights weights the loss of the pseudo-mask stage 2; method.name: mpamatch "
+                "trains its own segmenter with its own losses, so leave segmenter.class_weights unset"
+            )
+
     @property
     def semi(self) -> bool:
         """Whether unlabelled images are used at all (any part beyond the supervised loss)."""

@@ -2,17 +2,19 @@
 
 ``stage2_loss(name, options)`` returns ``loss(logits B,N,H,W, mask B,H,W) -> scalar``; ``ce`` is the plain
 pixel cross-entropy of ``engine.training.segmentation``, ``plf`` the gland paper's Purified Labels Filtration.
+Either takes per-class weights (``class_weights``, background first; ``class_weights.py`` derives them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
 import torch
 
 from pbip_engine.engine.metrics import IGNORE_INDEX
+from pbip_engine.engine.training.losses.class_weights import balanced_weights, mask_class_counts
 from pbip_engine.engine.training.losses.plf import plf_loss, plf_weights
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -20,16 +22,29 @@ STAGE2_LOSSES = ("ce", "plf")
 
 
 def stage2_loss(
-    name: str, options: Mapping[str, Any] | None = None, ignore_index: int = IGNORE_INDEX
+    name: str,
+    options: Mapping[str, Any] | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    class_weights: Sequence[float] | None = None,
 ) -> LossFn:
-    """The stage-2 loss ``name`` with its options (``plf``: ``normalize``, ``confidence``)."""
+    """The stage-2 loss ``name`` with its options (``plf``: ``normalize``, ``confidence``) and optional
+    per-class weights (one per mask value 0..N)."""
+    w = None if class_weights is None else torch.tensor([float(x) for x in class_weights])
     if name == "ce":
         from pbip_engine.engine.training.segmentation import segmentation_loss
 
-        return partial(segmentation_loss, ignore_index=ignore_index)
+        return partial(segmentation_loss, ignore_index=ignore_index, weight=w)
     if name == "plf":
-        return partial(plf_loss, ignore_index=ignore_index, **dict(options or {}))
+        return partial(plf_loss, ignore_index=ignore_index, class_weights=w, **dict(options or {}))
     raise ValueError(f"unknown stage-2 loss {name!r}; losses are {list(STAGE2_LOSSES)}")
 
 
-__all__ = ["STAGE2_LOSSES", "LossFn", "plf_loss", "plf_weights", "stage2_loss"]
+__all__ = [
+    "STAGE2_LOSSES",
+    "LossFn",
+    "balanced_weights",
+    "mask_class_counts",
+    "plf_loss",
+    "plf_weights",
+    "stage2_loss",
+]

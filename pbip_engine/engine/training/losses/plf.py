@@ -64,12 +64,19 @@ def plf_loss(
     normalize: Normalize = "mean",
     confidence: Confidence = "max_minus_min",
     ignore_index: int = IGNORE_INDEX,
+    class_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Eq. 11: the PLF-weighted pixel CE, averaged over the labelled pixels (0 with a graph if there are none)."""
+    """Eq. 11: the PLF-weighted pixel CE, averaged over the labelled pixels (0 with a graph if there are none).
+
+    ``class_weights`` (one per class) multiply each pixel's term by its target's weight after PLF has chosen
+    its weights from the unweighted CE, so class balance and label purification stay separate.
+    """
     logits = logits.float()
     valid = mask != ignore_index
     if not bool(valid.any()):
         return logits.sum() * 0.0
     ce = F.cross_entropy(logits, mask, ignore_index=ignore_index, reduction="none")  # Eq. 10 per pixel
     w = plf_weights(logits, mask, ce, normalize=normalize, confidence=confidence, ignore_index=ignore_index)
+    if class_weights is not None:
+        w = w * class_weights.to(logits.device, torch.float32)[mask.masked_fill(~valid, 0)]
     return (ce * w).sum() / valid.sum()
