@@ -48,6 +48,7 @@ Protocol (QUALITY_AUDIT.md "A GPU run worth preparing", METHODS.md §4.3/§8):
 * (d) stage 2: ``build_segmenter`` (DeepLab-v3+ at OS 16 by default; ASPP rates fitted to the crop) on random
   ``--crop`` crops of whole train images with the pseudo masks (zoom 0.75-2, dihedral, colour jitter),
   ``SegmentationTask`` (backbone lr, head 10x) through ``Trainer.train_epoch`` for ``--iters`` iterations, poly;
+  CE weighted by the masks' inverse class frequency (``--class-weights balanced``, the CPU protocol's setting);
 * (e) testA whole images with flip + ``--tta-scales``, argmax over the two tissue classes, 2-class mIoU;
 * (f) control: the same stage 2 on the true train masks.
 """
@@ -85,6 +86,7 @@ from pbip_engine.engine.training.device_augment import (
 )
 from pbip_engine.engine.training.inputs import unwrap
 from pbip_engine.engine.training.loop import LoopConfig, Trainer
+from pbip_engine.engine.training.losses import balanced_weights, mask_class_counts, stage2_loss
 from pbip_engine.engine.training.segmentation import SegmentationTask
 from pbip_engine.methods.lpd.model import LpdNetConfig, build_lpdnet, initial_prototypes
 from pbip_engine.methods.lpd.task import LpdTask
@@ -350,7 +352,11 @@ def make_segmenter(args) -> torch.nn.Module:
 def train_stage2(images, masks, args, dev, tag: str):
     torch.manual_seed(args.seed)
     model = make_segmenter(args)
-    task = SegmentationTask(model, head_lr_mult=args.head_lr_mult, amp=True)
+    weights = None  # --class-weights balanced: the engine's segmenter.class_weights, from these masks
+    if args.class_weights == "balanced":
+        weights = balanced_weights(mask_class_counts([m.cpu().numpy() for m in masks], N_CLASSES + 1))
+    task = SegmentationTask(model, head_lr_mult=args.head_lr_mult, amp=True,
+                            loss=stage2_loss("ce", class_weights=weights))  # fmt: skip
     loop = LoopConfig(epochs=1, lr=args.seg_lr, weight_decay=args.seg_wd, schedule="poly", amp=True,
                       augment=False, seed=args.seed)  # fmt: skip
     trainer = Trainer(task, loop, NullStore(), device=dev, log_fn=None)
@@ -369,7 +375,7 @@ def train_stage2(images, masks, args, dev, tag: str):
     hist, n = train_budgeted(
         trainer, batches, chunk, math.ceil(args.iters / chunk), args.stage2_budget_s, tag
     )
-    return task.model, {**hist[-1], "iters": n * chunk}
+    return task.model, {**hist[-1], "iters": n * chunk, "class_weights": weights}
 
 
 @torch.inference_mode()
@@ -417,7 +423,7 @@ def stage2_run(tag: str, tr_imgs, masks, te_imgs, te_masks, args, dev, clock: Cl
     score = test_segmenter(seg, te_imgs, te_masks, args, dev)
     sync(dev)
     res[f"{tag}_testA_miou"] = score["miou"]
-    res[tag] = {**score, "iters_run": last["iters"], "train_loss": last["loss"], "images_per_s": last["images_per_s"], "train_s": t_train,
+    res[tag] = {**score, "iters_run": last["iters"], "class_weights": last["class_weights"], "train_loss": last["loss"], "images_per_s": last["images_per_s"], "train_s": t_train,
                 "test_s": time.perf_counter() - t2, "aspp_rates": unwrap(seg).config.get("aspp_rates")}  # fmt: skip
     what = "pseudo masks" if tag == "stage2" else "TRUE masks (control)"
     clock.step(tag, t, f"DeepLab on {what}: {last['iters']} it, loss {last['loss']:.4f}, testA mIoU "
@@ -486,6 +492,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--seg-batch", type=int, default=16)
     g.add_argument("--seg-lr", type=float, default=1e-4, help="backbone; the head gets --head-lr-mult x")
     g.add_argument("--seg-wd", type=float, default=1e-4)
+    g.add_argument("--class-weights", choices=["none", "balanced"], default="balanced",
+                   help="stage-2 CE weighted by inverse class frequency of its masks (segmenter.class_weights)")  # fmt: skip
     g.add_argument("--tta-scales", type=floats, default=[0.75, 1.0, 1.25])
     g.add_argument("--no-flip", action="store_true", help="no horizontal-flip TTA (CAMs and test)")
     g.add_argument("--no-control", action="store_true", help="skip stage 2 on the true masks")

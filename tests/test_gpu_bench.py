@@ -58,6 +58,10 @@ def test_gpu_glas_tiny(tmp_path: Path) -> None:
     for key in ("data", "bank", "stage1", "pseudo", "stage2", "control"):
         assert res["timings_s"][key] > 0, key
     assert res["device"] == "cpu" and res["settings"]["tiny"] is True
+    weights = res["stage2"][
+        "class_weights"
+    ]  # --class-weights balanced (default): one per class, background 1.0
+    assert len(weights) == 3 and weights[0] == 1.0 and all(0.1 <= w <= 10 for w in weights)
 
 
 def test_gpu_glas_tiny_lpd(tmp_path: Path) -> None:
@@ -77,8 +81,17 @@ def test_gpu_glas_tiny_control_only(tmp_path: Path) -> None:
     """``--control-only``: stage 2 on the true masks alone (the recipe's ceiling), no bank or stage 1."""
     if not (GLAS / "labels.csv").is_file():
         pytest.skip(f"GlaS data not found at {GLAS}")
-    res = _run("gpu_glas.py", tmp_path / "control.json", "--data", str(GLAS), "--control-only")
+    res = _run(
+        "gpu_glas.py",
+        tmp_path / "control.json",
+        "--data",
+        str(GLAS),
+        "--control-only",
+        "--class-weights",
+        "none",
+    )
     assert _unit(res["control_testA_miou"]) and "pseudo_miou" not in res
+    assert res["control"]["class_weights"] is None
     assert set(res["timings_s"]) == {"data", "control"} and res["total_s"] >= res["timings_s"]["control"]
 
 
