@@ -162,13 +162,10 @@ class SegmenterStage(Stage):
             )
             datasets, n = holdout_split(ds, ids, s.val_fraction)
             split = None
-        weights, weight_record = (
-            (None, {})
-            if own is not None
-            else loss_class_weights(
-                spec, ctx.stage_dir("pseudo") / (REGIONS if regions is not None else "samples")
-            )
-        )
+        weights, weight_record = None, {}
+        if own is None:  # trained on pseudo masks: they are what the class weights count
+            masks = ctx.stage_dir("pseudo") / (REGIONS if regions is not None else "samples")
+            weights, weight_record = loss_class_weights(spec, masks)
         if weight_record.get("class_pixels"):
             ctx.log(f"[segmenter] class weights {[round(w, 3) for w in weights]} (balanced: class pixels "
                     f"{weight_record['class_pixels']} in {weight_record['weight_masks']} pseudo masks)")  # fmt: skip
