@@ -104,9 +104,16 @@ def test_embed_table_schema_passthrough_and_values(vit_ckpt):
     np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)
     cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     assert cos.min() > 0.999
-    # chunking does not change the result
+    # chunking does not change the result: same rows in the same order. Not bit-equal: a different
+    # micro-batch takes another BLAS path on CPU, and a float32 difference in the last bit can round
+    # to the neighbouring float16 (seen with torch 2.14 in CI).
     out2 = embed_table(table, emb, batch_size=64)
-    assert out2.column("embedding").equals(out.column("embedding"))
+    assert out2.column("tile_id").to_pylist() == out.column("tile_id").to_pylist()
+    got2 = np.stack(out2.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    np.testing.assert_allclose(got2, got, rtol=1e-2, atol=1e-2)
+    unit, unit2 = (a / np.linalg.norm(a, axis=1, keepdims=True) for a in (got, got2))
+    sim = unit2 @ unit.T
+    assert (sim.argmax(1) == np.arange(len(got))).all() and sim.diagonal().min() > 0.9999
 
 
 def test_call_returns_numpy_columns_for_ray():
