@@ -331,6 +331,13 @@ def test_crf_snaps_a_blurred_cam_to_the_image_edge():
     assert (plain == truth).mean() < 0.95 and (crf == truth).mean() > (plain == truth).mean()
     only1 = cams_to_mask(cams, np.array([[1.0, 0.0]]), "power", rgb=rgb, crf=True)
     assert set(np.unique(only1)) <= {0, 1}  # an absent class never comes back through the CRF
+    # nor does a class ruled out per pixel (overlapping tiles' shared labels): class 1 only left of x = 24
+    allowed = np.ones((1, 2, 32, 32), bool)
+    allowed[0, 1, :, :24] = False
+    narrowed = cams_to_mask(cams, labels, "none", rgb=rgb, crf=True, allowed=allowed)
+    assert (crf[0, :, 16:24] == 2).all()  # without the rule the CRF puts class 2 there ...
+    assert (narrowed[0, :, :24] == 1).all()  # ... not with it
+    assert (narrowed[0, :, 24:] == 2).mean() > 0.9  # right of it the CAMs and the CRF still decide
 
 
 def test_labels_only_validation_scores_the_classification_loss():

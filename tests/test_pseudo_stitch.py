@@ -11,6 +11,7 @@ from pbip_engine.engine.pseudo.stitch import (
     decode_cam,
     encode_cam,
     masks_as_votes,
+    shared_labels,
     stitch_cams,
     stitched_masks,
 )
@@ -56,12 +57,58 @@ def test_overlap_at_a_coarser_tile_scale_and_in_two_dimensions():
 def test_a_class_absent_from_a_tile_never_appears_in_its_mask():
     xs, ys, s0, cams, _ = _disagreeing_pair()
     labels = np.array([[1, 0], [1, 1]], np.float32)  # A has no class 2, B's strong class 2 spills over
-    a, b = stitched_masks(xs, ys, s0, cams, labels, "none")
+    a, b = stitched_masks(xs, ys, s0, cams, labels, "none", overlap_labels="own")
     assert set(np.unique(a)) == {1}
     # B's overlap averages with A's zeroed class 2: class 1 (0.6+0.1)/2 = 0.35 vs class 2 0.9/2 = 0.45
     assert (b[:, :4] == 2).all()
     none = stitched_masks(xs, ys, s0, cams, np.array([[0, 0], [0, 1]], np.float32), "none")
     assert none[0].max() == 0 and set(np.unique(none[1])) == {2}  # unlabelled tile -> all background
+
+
+def test_a_single_label_neighbour_settles_the_overlap():
+    """A lists class 1 only, so every pixel of A is class 1, in B's mask too (the default ``intersect``)."""
+    xs, ys, s0, cams, _ = _disagreeing_pair()
+    labels = np.array([[1, 0], [1, 1]], np.float32)
+    a, b = stitched_masks(xs, ys, s0, cams, labels, "none")
+    assert (a == 1).all()
+    assert (b[:, :4] == 1).all()  # B's CAM says 2 there (0.45 vs 0.35), but A's label rules 2 out
+    assert (b[:, 4:] == 2).all()  # outside A, B's own labels and CAMs decide
+    np.testing.assert_array_equal(a[:, 4:], b[:, :4])  # one label per pixel, as the regions assume
+    # the same under a method without CAMs (mask votes) and with the power background rule
+    votes = list(masks_as_votes(np.array([np.full((8, 8), 1), np.full((8, 8), 2)], np.uint8), 2))
+    _, vb = stitched_masks(xs, ys, s0, votes, labels, "power", power=1.0)
+    assert (vb[:, :4] == 1).all() and (vb[:, 4:] == 2).all()
+
+
+def test_contradictory_overlap_labels_fall_back_to_each_tiles_own():
+    """A says only 1, B only 2: the overlap can satisfy neither, so each tile keeps its own label there."""
+    xs, ys, s0, cams, _ = _disagreeing_pair()
+    labels = np.array([[1, 0], [0, 1]], np.float32)
+    a, b = stitched_masks(xs, ys, s0, cams, labels, "none")
+    assert (a == 1).all() and (b == 2).all()
+
+
+def test_shared_labels_on_a_coarser_grid_around_a_corner():
+    """Four 16-px (level 0) tiles at stride 8 with 8-px CAMs; the top-left tile is single-label."""
+    xs, ys = [0, 8, 0, 8], [0, 0, 8, 8]
+    labels = np.array([[1, 0, 0], [1, 1, 0], [1, 0, 1], [1, 1, 1]], np.float32)
+    ok = shared_labels(xs, ys, [16] * 4, [8] * 4, labels)
+    assert [o.shape for o in ok] == [(3, 8, 8)] * 4 and all(o.dtype == bool for o in ok)
+    # the shared 4x4 centre (level 0 8..16) is under all four tiles: only class 1 is listed by all
+    for o, (r, c) in zip(ok, [(4, 4), (4, 0), (0, 4), (0, 0)], strict=True):
+        assert (o[:, r : r + 4, c : c + 4] == np.array([1, 0, 0], bool)[:, None, None]).all()
+    # the last tile's own corner (under it alone) keeps all three of its classes
+    assert ok[3][:, 4:, 4:].all()
+    # its right edge strip over rows 0..3 is shared with tile 1 (classes 1, 2) only
+    assert (ok[3][:, :4, 4:] == np.array([1, 1, 0], bool)[:, None, None]).all()
+    rng = np.random.default_rng(4)
+    cams = [rng.random((3, 8, 8)).astype(np.float32) for _ in range(4)]
+    for m, o in zip(stitched_masks(xs, ys, [16] * 4, cams, labels, "none"), ok, strict=True):
+        assert np.take_along_axis(o, (m[None].astype(np.int64) - 1), 0).all()  # every label allowed
+    with pytest.raises(CamError, match="overlap_labels"):
+        stitched_masks(xs, ys, [16] * 4, cams, labels, "none", overlap_labels="union")
+    with pytest.raises(CamError, match="allowed"):
+        cams_to_mask(np.stack(cams), labels, "none", allowed=np.ones((4, 3, 4, 4), bool))
 
 
 def test_background_rules_still_apply():
@@ -160,6 +207,7 @@ def test_pseudo_stage_stitch_function_writes_one_label_per_pixel(tmp_path):
     }
     spec = parse_spec(raw, tmp_path)
     assert spec.pseudo.stitch and not spec.pseudo.flip  # the documented defaults
+    assert spec.pseudo.overlap_labels == "intersect"
     xs, ys, s0, cams, _ = _disagreeing_pair()
     batch = {
         "tile_id": np.array(["s:0_0", "s:4_0"], dtype=object),
@@ -176,6 +224,14 @@ def test_pseudo_stage_stitch_function_writes_one_label_per_pixel(tmp_path):
     a, b = (np.asarray(Image.open(tmp_path / p)) for p in rows["mask_path"])
     np.testing.assert_array_equal(a[:, 4:], b[:, :4])
     assert rows["mask"][0] == (tmp_path / rows["mask_path"][0]).read_bytes()
+    # the spec's overlap_labels reaches the stitcher: A single-label settles the overlap by default ...
+    batch["labels"] = np.array([[1, 0], [1, 1]], np.uint8)
+    rows = stitch_slide(batch, spec, str(tmp_path))
+    assert (np.asarray(Image.open(tmp_path / rows["mask_path"][1]))[:, :4] == 1).all()
+    # ... and "own" keeps B's own argmax there (class 2 by its CAM)
+    own = parse_spec({**raw, "pseudo": {"background": "none", "overlap_labels": "own"}}, tmp_path)
+    rows = stitch_slide(batch, own, str(tmp_path))
+    assert (np.asarray(Image.open(tmp_path / rows["mask_path"][1]))[:, :4] == 2).all()
 
 
 class _FlatCams(torch.nn.Module):

@@ -108,6 +108,7 @@ def stitch_slide(batch: dict[str, Any], spec: Any, out_dir: str) -> dict[str, An
         [int(v) for v in batch["x"]], [int(v) for v in batch["y"]], [int(v) for v in batch["size0"]],
         [decode_cam(c) for c in batch["cam"]], np.stack([np.asarray(v, np.float32) for v in batch["labels"]]),
         o.background, rgbs, white_threshold=o.white_threshold, min_size=o.min_object, power=o.gamma, crf=o.crf,
+        overlap_labels=spec.pseudo.overlap_labels,
     )  # fmt: skip
     write_regions(batch, rgbs, masks, spec.pseudo.region_px, Path(out_dir) / REGIONS)
     return _mask_rows(batch, masks, Path(out_dir), [(255, 255, 255), *spec.class_colors])
@@ -146,8 +147,9 @@ class PseudoStage(Stage):
     name = "pseudo"
     # v2: samples/ Parquet (image + mask); v3: scored against patch masks; v4: method plug-ins;
     # v5: CAMs stitched across overlapping tiles (pseudo.stitch), flip TTA (pseudo.flip);
-    # v6: stitched regions/ for stage 2's crops (pseudo.region_px); v7: regions carry their px size
-    version = 7
+    # v6: stitched regions/ for stage 2's crops (pseudo.region_px); v7: regions carry their px size;
+    # v8: a pixel under overlapping tiles takes only the classes they all list (pseudo.overlap_labels)
+    version = 8
     deps = ("tile", "bank", "classnet")
     sections = ("classes", "method", "pseudo")
 

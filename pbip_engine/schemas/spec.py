@@ -186,6 +186,12 @@ class PseudoSection(_Section):
         description="average the CAMs of overlapping tiles per slide before the argmax (OEEM): one label "
         "per pixel; false = each tile's own argmax",
     )
+    overlap_labels: Literal["intersect", "own"] = Field(
+        "intersect",
+        description="with stitch: a pixel takes only the classes that every tile over it lists (a patch "
+        "label holds for all its pixels, so a single-label neighbour settles the overlap); own = each "
+        "tile's own labels",
+    )
     region_px: int = Field(
         512,
         ge=16,

@@ -115,6 +115,7 @@ def cams_to_mask(
     power: float = 10.0,
     tie_break: torch.Tensor | np.ndarray | None = None,
     crf: bool = False,
+    allowed: torch.Tensor | np.ndarray | None = None,
 ) -> np.ndarray:
     """[B,N,H,W] fused CAMs (+ [B,N] image labels) -> uint8 [B,H,W]: 0 = background, k = class k, 255 = unsure.
 
@@ -124,7 +125,9 @@ def cams_to_mask(
     a tie left after that is ``UNCERTAIN`` (255), which stage 2 and the metrics ignore. The background
     rules still apply on top. ``rgb`` (uint8 [B,H,W,3]) is needed by the white rules and by ``crf``, which
     replaces the argmax over the present classes (and the ``power`` background) with a dense CRF's
-    (``engine.pseudo.crf``); ties then go to the CRF.
+    (``engine.pseudo.crf``); ties then go to the CRF. ``allowed`` (bool [B,N,H,W]) narrows the present
+    classes per pixel (``engine.pseudo.stitch.shared_labels``: the classes every overlapping tile lists);
+    a class it rules out cannot win there, the CRF's choice included.
     """
     if background not in BACKGROUNDS:
         raise CamError(f"background must be one of {BACKGROUNDS}, got {background!r}")
@@ -137,10 +140,16 @@ def cams_to_mask(
     )
     if present.shape != (b, n):
         raise CamError(f"labels must be [{b}, {n}], got shape {tuple(present.shape)}")
-    scores = f * present[:, :, None, None]
-    masked = scores.masked_fill(~present[:, :, None, None], -1.0)
+    here = present[:, :, None, None].expand_as(f)
+    if allowed is not None:
+        a = torch.as_tensor(np.asarray(allowed)).cpu().bool()
+        if a.shape != f.shape:
+            raise CamError(f"allowed must have the CAMs' shape {tuple(f.shape)}, got {tuple(a.shape)}")
+        here = here & a
+    scores = f * here
+    masked = scores.masked_fill(~here, -1.0)
     mask = masked.argmax(1) + 1
-    tied = (masked == masked.amax(1, keepdim=True)) & present[:, :, None, None]
+    tied = (masked == masked.amax(1, keepdim=True)) & here
     if tie_break is not None:
         t = torch.as_tensor(tie_break).detach().float().cpu()
         if t.shape != f.shape:
@@ -171,12 +180,20 @@ def cams_to_mask(
             ids = torch.nonzero(present[i]).flatten()
             if ids.numel() == 0:
                 continue
-            chans = [scores[i, ids]]
+            # the tile's own classes: per-pixel zeros where ``allowed`` rules a class out would read as
+            # "certainly not" and spread through the CRF's appearance kernel; the rule is applied after it
+            own = f[i] * present[i][:, None, None]
+            chans = [own[ids]]
             if "power" in background:
-                chans.insert(0, ((1.0 - scores[i].amax(0)).clamp(0, 1) ** power)[None])
+                chans.insert(0, ((1.0 - own.amax(0)).clamp(0, 1) ** power)[None])
             won = dense_crf(torch.cat(chans).numpy(), rgb[i])
             cls = (ids + 1).numpy()
-            out[i] = np.concatenate([[0], cls])[won] if "power" in background else cls[won]
+            crf_mask = np.concatenate([[0], cls])[won] if "power" in background else cls[won]
+            if allowed is not None:  # a ruled-out class the CRF chose gives way to the plain argmax
+                ok = np.concatenate([np.ones((1, *crf_mask.shape), bool), here[i].numpy()])
+                ruled_out = ~np.take_along_axis(ok, crf_mask[None].astype(np.int64), 0)[0]
+                crf_mask = np.where(ruled_out, out[i], crf_mask)
+            out[i] = crf_mask
     if "white" in background:
         for i in range(b):
             out[i][white_mask(rgb[i], white_threshold, min_size)] = 0

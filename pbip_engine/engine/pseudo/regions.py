@@ -61,8 +61,9 @@ def stitched_regions(
     """The tiles of one slide (level-0 ``xs, ys, sizes0``; uint8 ``h,w,3`` images and ``h,w`` masks at
     the tile scale) as regions of at most ``region_px`` canvas pixels a side.
 
-    Where tiles overlap the later tile wins; with stitched masks (``stitch.stitched_masks``) the tiles
-    agree there, so the order does not matter. Regions with no covered pixel are dropped.
+    Where tiles overlap the later tile wins; with stitched masks (``stitch.stitched_masks``, overlap
+    labels ``intersect``) the tiles agree there, so the order does not matter. Regions with no covered
+    pixel are dropped.
     """
     if not len(images):
         return []

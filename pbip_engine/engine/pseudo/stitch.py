@@ -8,11 +8,20 @@ CAM and takes the argmax there; this module does that per slide (or per source i
 1. each tile's CAM (``N,h,w`` in [0, 1]) is zeroed for the classes not in that tile's labels, resized to
    the canvas scale and added at the tile's level-0 position, with a per-pixel count;
 2. each tile's area of the averaged canvas is cut out again and becomes its mask with ``cams_to_mask``
-   (argmax over the tile's own labels, then the ``none`` / ``white`` / ``power`` background rule).
+   (argmax over the tile's labels, or with ``intersect`` over the labels of every tile at the pixel, see
+   below; then the ``none`` / ``white`` / ``power`` background rule).
 
 Zeroing absent classes before averaging is what keeps a tile's labels meaningful: a neighbour labelled
-with a class this tile lacks can lower this tile's scores there but never put that class in its mask,
-and every tile whose labels include a pixel's winning class gives that pixel the same label.
+with a class this tile lacks can lower this tile's scores there but never put that class in its mask.
+
+Overlapping labels say more than each tile's own: a patch label is a statement about every pixel of the
+patch, so a pixel can only hold a class that *every* tile over it lists. With ``intersect`` (the default
+of ``pseudo.overlap_labels``) the argmax at a pixel runs over that intersection: a single-label patch
+settles its whole area for its multi-label neighbours too, and every tile over a pixel gives it the same
+label, so the stitched regions stage 2 trains on are consistent. On GlaS (112-px patches every 56 px)
+29 % of the pixels are settled this way, all of them correctly, and the pseudo masks gain 0.02 mIoU
+(BENCHMARKS.md). Where the tiles over a pixel share no class (contradictory labels) the tile's own labels
+apply, as without the rule.
 
 Memory: the canvas is float32 ``N x H x W`` at the tiles' pixel scale over the bounding box of one
 slide's tiles (those passed in: the labelled ones), i.e. 4 classes on a 1536 x 1536 px demo slide at tile
@@ -32,6 +41,8 @@ import numpy as np
 
 from pbip_engine.engine.pseudo import MIN_WHITE_OBJECT_PX, WHITE_THRESHOLD
 from pbip_engine.engine.pseudo.cams import CamError, cams_to_mask
+
+OVERLAP_LABELS = ("intersect", "own")
 
 
 def encode_cam(cam: np.ndarray) -> bytes:
@@ -65,6 +76,44 @@ def _resize(cam: np.ndarray, side: int) -> np.ndarray:
     return out.reshape(side, side, cam.shape[0]).transpose(2, 0, 1)
 
 
+def _layout(
+    xs: Sequence[int], ys: Sequence[int], sizes0: Sequence[int], sides: Sequence[int]
+) -> tuple[list[tuple[int, int, int]], int, int]:
+    """Canvas position and extent ``(px, py, e)`` of each tile at the finest tile scale, and the canvas h, w."""
+    scale = max(side / s for side, s in zip(sides, sizes0, strict=True))
+    x0, y0 = min(xs), min(ys)
+    pos = [(round((x - x0) * scale), round((y - y0) * scale), max(1, round(s * scale)))
+           for x, y, s in zip(xs, ys, sizes0, strict=True)]  # fmt: skip
+    return pos, max(py + e for _px, py, e in pos), max(px + e for px, _py, e in pos)
+
+
+def shared_labels(
+    xs: Sequence[int], ys: Sequence[int], sizes0: Sequence[int], sides: Sequence[int], labels: np.ndarray
+) -> list[np.ndarray]:
+    """Per tile, bool ``N,side,side``: the classes that every tile covering the pixel lists.
+
+    Where the covering tiles share no class (contradictory labels) the tile's own labels are returned, so
+    the result is never empty where the tile has a label. ``sides``: each tile's mask/CAM side in px.
+    """
+    labels = np.asarray(labels) > 0.5
+    pos, h, w = _layout(xs, ys, sizes0, sides)
+    n = labels.shape[1]
+    covered = np.zeros((h, w), np.int32)
+    listed = np.zeros((n, h, w), np.int32)
+    for (px, py, e), lab in zip(pos, labels, strict=True):
+        covered[py : py + e, px : px + e] += 1
+        listed[:, py : py + e, px : px + e] += lab[:, None, None]
+    every = listed == covered[None]
+    out = []
+    for (px, py, e), lab, side in zip(pos, labels, sides, strict=True):
+        area = every[:, py : py + e, px : px + e]
+        if e != side:
+            area = _resize(area.astype(np.float32), side) > 0.5
+        area = area & lab[:, None, None]
+        out.append(np.where(area.any(0, keepdims=True), area, lab[:, None, None]))
+    return out
+
+
 def stitch_cams(
     xs: Sequence[int],
     ys: Sequence[int],
@@ -88,12 +137,7 @@ def stitch_cams(
     n = cams[0].shape[0]
     if labels.shape[1] != n or any(c.ndim != 3 or c.shape[0] != n for c in cams):
         raise CamError(f"stitch: every CAM must be N,h,w with N = {labels.shape[1]} (the labels' width)")
-    scale = max(c.shape[1] / s for c, s in zip(cams, sizes0, strict=True))
-    x0, y0 = min(xs), min(ys)
-    pos = [(round((x - x0) * scale), round((y - y0) * scale), max(1, round(s * scale)))
-           for x, y, s in zip(xs, ys, sizes0, strict=True)]  # fmt: skip
-    w = max(px + e for px, _py, e in pos)
-    h = max(py + e for _px, py, e in pos)
+    pos, h, w = _layout(xs, ys, sizes0, [c.shape[1] for c in cams])
     total = np.zeros((n, h, w), np.float32)
     count = np.zeros((h, w), np.float32)
     for (px, py, e), cam, lab in zip(pos, cams, labels, strict=True):
@@ -119,19 +163,27 @@ def stitched_masks(
     min_size: int = MIN_WHITE_OBJECT_PX,
     power: float = 10.0,
     crf: bool = False,
+    overlap_labels: str = "intersect",
 ) -> list[np.ndarray]:
     """uint8 ``h,w`` pseudo mask per tile (0 = background, k = class k) from the stitched CAMs of one slide.
 
     ``rgbs`` (uint8 ``h,w,3`` per tile) is needed by the ``white`` rules and ``crf``, as in ``cams_to_mask``.
+    ``overlap_labels``: ``intersect`` (a pixel takes only classes every tile over it lists) or ``own``.
     """
+    if overlap_labels not in OVERLAP_LABELS:
+        raise CamError(f"overlap_labels must be one of {OVERLAP_LABELS}, got {overlap_labels!r}")
     labels = np.asarray(labels, dtype=np.float32)
     if ("white" in background or crf) and rgbs is None:
         raise CamError(f"background={background!r} needs the tiles' RGB images (rgbs=...)")
+    stitched = stitch_cams(xs, ys, sizes0, cams, labels)
+    allowed: list[np.ndarray | None] = [None] * len(stitched)
+    if overlap_labels == "intersect" and stitched:
+        allowed = list(shared_labels(xs, ys, sizes0, [c.shape[1] for c in stitched], labels))
     out = []
-    for i, cam in enumerate(stitch_cams(xs, ys, sizes0, cams, labels)):
+    for i, (cam, ok) in enumerate(zip(stitched, allowed, strict=True)):
         rgb = None if rgbs is None else np.asarray(rgbs[i])[None]
         out.append(
-            cams_to_mask(cam[None], labels[i : i + 1], background, rgb=rgb,
+            cams_to_mask(cam[None], labels[i : i + 1], background, rgb=rgb, allowed=None if ok is None else ok[None],
                          white_threshold=white_threshold, min_size=min_size, power=power, crf=crf)[0]
         )  # fmt: skip
     return out
