@@ -76,7 +76,7 @@ def test_a_single_label_neighbour_settles_the_overlap():
     np.testing.assert_array_equal(a[:, 4:], b[:, :4])  # one label per pixel, as the regions assume
     # the same under a method without CAMs (mask votes) and with the power background rule
     votes = list(masks_as_votes(np.array([np.full((8, 8), 1), np.full((8, 8), 2)], np.uint8), 2))
-    _, vb = stitched_masks(xs, ys, s0, votes, labels, "power", power=1.0)
+    _, vb = stitched_masks(xs, ys, s0, votes, labels, "power", power=2.0)
     assert (vb[:, :4] == 1).all() and (vb[:, 4:] == 2).all()
 
 
@@ -105,6 +105,14 @@ def test_shared_labels_on_a_coarser_grid_around_a_corner():
     cams = [rng.random((3, 8, 8)).astype(np.float32) for _ in range(4)]
     for m, o in zip(stitched_masks(xs, ys, [16] * 4, cams, labels, "none"), ok, strict=True):
         assert np.take_along_axis(o, (m[None].astype(np.int64) - 1), 0).all()  # every label allowed
+    # a tile twice as coarse (size0 32, also 8-px CAMs) over all four: its pixels at the single-label
+    # tile's area allow class 1 only, its own far corner all three classes; an unlabelled tile changes nothing
+    big = shared_labels([*xs, 0, 0], [*ys, 0, 0], [16] * 4 + [32, 16], [8] * 6,
+                        np.concatenate([labels, [[1, 1, 1], [0, 0, 0]]]))  # fmt: skip
+    assert (big[4][:, :4, :4] == np.array([1, 0, 0], bool)[:, None, None]).all()
+    assert big[4][:, 6:, 6:].all()
+    for a, b in zip(big[:4], ok, strict=True):
+        np.testing.assert_array_equal(a, b)
     with pytest.raises(CamError, match="overlap_labels"):
         stitched_masks(xs, ys, [16] * 4, cams, labels, "none", overlap_labels="union")
     with pytest.raises(CamError, match="allowed"):

@@ -127,7 +127,8 @@ def cams_to_mask(
     replaces the argmax over the present classes (and the ``power`` background) with a dense CRF's
     (``engine.pseudo.crf``); ties then go to the CRF. ``allowed`` (bool [B,N,H,W]) narrows the present
     classes per pixel (``engine.pseudo.stitch.shared_labels``: the classes every overlapping tile lists);
-    a class it rules out cannot win there, the CRF's choice included.
+    a class it rules out cannot win there: where the CRF chose one, the plain argmax stands (which may
+    be ``UNCERTAIN`` on a tie).
     """
     if background not in BACKGROUNDS:
         raise CamError(f"background must be one of {BACKGROUNDS}, got {background!r}")
@@ -142,7 +143,7 @@ def cams_to_mask(
         raise CamError(f"labels must be [{b}, {n}], got shape {tuple(present.shape)}")
     here = present[:, :, None, None].expand_as(f)
     if allowed is not None:
-        a = torch.as_tensor(np.asarray(allowed)).cpu().bool()
+        a = torch.as_tensor(allowed).cpu().bool()
         if a.shape != f.shape:
             raise CamError(f"allowed must have the CAMs' shape {tuple(f.shape)}, got {tuple(a.shape)}")
         here = here & a

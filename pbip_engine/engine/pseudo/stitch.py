@@ -93,7 +93,8 @@ def shared_labels(
     """Per tile, bool ``N,side,side``: the classes that every tile covering the pixel lists.
 
     Where the covering tiles share no class (contradictory labels) the tile's own labels are returned, so
-    the result is never empty where the tile has a label. ``sides``: each tile's mask/CAM side in px.
+    the result is never empty where the tile has a label. A tile with no label says nothing about its
+    pixels and does not take part. ``sides``: each tile's mask/CAM side in px.
     """
     labels = np.asarray(labels) > 0.5
     pos, h, w = _layout(xs, ys, sizes0, sides)
@@ -101,14 +102,16 @@ def shared_labels(
     covered = np.zeros((h, w), np.int32)
     listed = np.zeros((n, h, w), np.int32)
     for (px, py, e), lab in zip(pos, labels, strict=True):
-        covered[py : py + e, px : px + e] += 1
-        listed[:, py : py + e, px : px + e] += lab[:, None, None]
+        if lab.any():
+            covered[py : py + e, px : px + e] += 1
+            listed[:, py : py + e, px : px + e] += lab[:, None, None]
     every = listed == covered[None]
     out = []
     for (px, py, e), lab, side in zip(pos, labels, sides, strict=True):
         area = every[:, py : py + e, px : px + e]
-        if e != side:
-            area = _resize(area.astype(np.float32), side) > 0.5
+        if e != side:  # a coarser tile: nearest, so a class is allowed where the canvas allows it
+            area = np.stack([cv2.resize(a.astype(np.uint8), (side, side), interpolation=cv2.INTER_NEAREST)
+                             for a in area]).astype(bool)  # fmt: skip
         area = area & lab[:, None, None]
         out.append(np.where(area.any(0, keepdims=True), area, lab[:, None, None]))
     return out
