@@ -43,7 +43,8 @@ Protocol (QUALITY_AUDIT.md "A GPU run worth preparing", METHODS.md §4.3/§8):
   network input (224 = OEEM's), AdamW, projectors and logit scales at 10x the backbone rate, poly decay;
 * (c) pseudo masks: ClassNet run fully convolutionally on each whole train image at ``--cam-scales`` (relative
   to the stage-1 magnification) + horizontal flip, levels fused by ``engine.pseudo.cams.fuse_cams``,
-  averaged, restricted to the image's labels (the union of its patch labels = the classes in its mask),
+  averaged, restricted per pixel to the classes every patch over it lists (``--overlap-labels
+  intersect``, the engine's default; ``image``: the image's labels, i.e. the union of its patch labels),
   argmax; scored against the train masks (gland = 1, non-gland = 2, one confusion matrix, 2-class mIoU);
 * (d) stage 2: ``build_segmenter`` (DeepLab-v3+ at OS 16 by default; ASPP rates fitted to the crop) on random
   ``--crop`` crops of whole train images with the pseudo masks (zoom 0.75-2, dihedral, colour jitter),
@@ -78,6 +79,7 @@ from pbip_engine.engine.metrics import SegmentationMeter
 from pbip_engine.engine.nn.deeplab import build_segmenter
 from pbip_engine.engine.prototypes.bank import BankParams, build_bank
 from pbip_engine.engine.pseudo.cams import fuse_cams
+from pbip_engine.engine.pseudo.stitch import listed_by_all
 from pbip_engine.engine.training.amp import autocast
 from pbip_engine.engine.training.device_augment import (
     colour_jitter,
@@ -88,6 +90,7 @@ from pbip_engine.engine.training.inputs import unwrap
 from pbip_engine.engine.training.loop import LoopConfig, Trainer
 from pbip_engine.engine.training.losses import balanced_weights, mask_class_counts, stage2_loss
 from pbip_engine.engine.training.segmentation import SegmentationTask
+from pbip_engine.engine.wsi.grid import grid_positions
 from pbip_engine.methods.lpd.model import LpdNetConfig, build_lpdnet, initial_prototypes
 from pbip_engine.methods.lpd.task import LpdTask
 from pbip_engine.methods.pbip.classnet import ClassNetConfig, build_classnet
@@ -322,6 +325,20 @@ def no_cudnn_autotune() -> Iterator[None]:
 
 
 @no_cudnn_autotune()
+def patch_label_rule(mask: np.ndarray, args) -> np.ndarray:
+    """bool ``N,H,W``: the classes every training patch over a pixel lists, from the same grid of patches
+    the ClassNet learnt from (their labels come from the mask; the mask itself is never read elsewhere).
+    The engine's ``pseudo.overlap_labels: intersect``; a pixel no patch covers keeps the image's labels."""
+    h, w = mask.shape
+    p = min(args.patch, h, w)
+    boxes, labels = [], []
+    for y in grid_positions(h, p, args.stride, edge="cover").tolist():
+        for x in grid_positions(w, p, args.stride, edge="cover").tolist():
+            boxes.append((x, y, p))
+            labels.append(labels_from_mask(mask[y : y + p, x : x + p], N_CLASSES))
+    return listed_by_all(boxes, np.asarray(labels).reshape(-1, N_CLASSES), h, w)
+
+
 def pseudo_masks(model, cfg, images, masks, args, dev):
     model.eval()
     meter = SegmentationMeter(N_CLASSES, ignore_background=False, boundary=False)
@@ -329,10 +346,14 @@ def pseudo_masks(model, cfg, images, masks, args, dev):
     base = args.input_px / args.patch
     for img, m in zip(images, masks, strict=True):
         cams = whole_image_cams(model, img, cfg, args.cam_scales, base, not args.no_flip, dev, args.cam_raw)
-        present = torch.from_numpy(labels_from_mask(m.cpu().numpy(), N_CLASSES) > 0.5).to(dev)
-        scores = cams.masked_fill(~present[:, None, None], -1.0)
+        m_np = m.cpu().numpy()
+        present = torch.from_numpy(labels_from_mask(m_np, N_CLASSES) > 0.5).to(dev)[:, None, None]
+        if args.overlap_labels == "intersect":
+            here = present & torch.from_numpy(patch_label_rule(m_np, args)).to(dev)
+            present = torch.where(here.any(0, keepdim=True), here, present)
+        scores = cams.masked_fill(~present, -1.0)
         top2 = scores.topk(2, dim=0).values
-        ties += int((top2[0] == top2[1]).sum()) if int(present.sum()) > 1 else 0
+        ties += int(((top2[0] == top2[1]) & (present.sum(0) > 1)).sum())
         pred = (scores.argmax(0) + 1).to(torch.uint8)
         meter.update(pred.cpu().numpy(), m.cpu().numpy())
         out.append(pred)
@@ -478,6 +499,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--pool-top", type=float, default=0.1, help="competitive pooling: top pixel fraction")
     g.add_argument("--readouts", action="store_true", help="also score other CAM read-outs (levels, raw)")
     g.add_argument("--cam-raw", action="store_true", help="argmax of the raw fused CAMs (no per-map min-max)")
+    g.add_argument("--overlap-labels", choices=("intersect", "image"), default="intersect",
+                   help="a pixel takes only the classes every training patch over it lists (the engine's "
+                   "pseudo.overlap_labels default), or any class of its image")  # fmt: skip
     g.add_argument("--no-sim", dest="sim", action="store_false", help="L_CLS only (no FG/BG matching)")
     g.add_argument("--cam-scales", type=floats, default=[0.5, 0.75, 1.0, 1.25, 1.5],
                    help="whole-image CAM scales, relative to the stage-1 magnification")  # fmt: skip

@@ -104,3 +104,28 @@ def test_gpu_throughput_tiny(tmp_path: Path) -> None:
         for key in ("end_to_end", "bare", "ratio"):
             v = r[key]
             assert isinstance(v, (int, float)) and math.isfinite(v) and v > 0, (name, key, v)
+
+
+def test_gpu_glas_pseudo_masks_take_the_classes_every_patch_lists() -> None:
+    """Two half-image classes, 4-px patches every 2 px: every pixel is settled, and correctly."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import gpu_glas
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    import argparse
+
+    import numpy as np
+
+    mask = np.ones((8, 8), np.uint8)
+    mask[:, 4:] = 2
+    allowed = gpu_glas.patch_label_rule(mask, argparse.Namespace(patch=4, stride=2))
+    assert allowed.shape == (2, 8, 8) and allowed.dtype == bool
+    assert (allowed.sum(0) == 1).all()  # the x = 2 patch lists both, but its neighbours settle each column
+    np.testing.assert_array_equal(allowed.argmax(0) + 1, mask)
+    # one gland pixel inside every patch over it: those pixels allow both classes, the far corner only 2
+    mask = np.full((8, 8), 2, np.uint8)
+    mask[3, 3] = 1
+    allowed = gpu_glas.patch_label_rule(mask, argparse.Namespace(patch=4, stride=2))
+    assert allowed[:, 3, 3].all() and allowed[:, 2:4, 2:4].all()
+    assert (allowed[:, 7, 7] == [False, True]).all()

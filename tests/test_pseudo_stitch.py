@@ -10,6 +10,7 @@ from pbip_engine.engine.pseudo.cams import CamError, cams_to_mask
 from pbip_engine.engine.pseudo.stitch import (
     decode_cam,
     encode_cam,
+    listed_by_all,
     masks_as_votes,
     shared_labels,
     stitch_cams,
@@ -261,3 +262,14 @@ def test_stitched_path_keeps_the_raw_cam_tie_order():
     cams = predict_cams(_FlatCams(), batch, cfg, "cpu")
     assert float(cams.max()) < 1e-2  # both flattened to ~0 ...
     assert (cams_to_mask(cams, batch["labels"], "none") == 2).all()  # ... yet class 2 (raw 0.7) wins
+
+
+def test_listed_by_all_on_a_canvas():
+    """Squares (x, y, side): the overlap keeps the classes both list; uncovered pixels allow every class."""
+    labels = np.array([[1, 1, 0], [0, 1, 1], [0, 0, 0]], np.float32)  # the third square is unlabelled
+    every = listed_by_all([(0, 0, 4), (2, 0, 4), (0, 0, 8)], labels, 6, 8)
+    assert every.shape == (3, 6, 8)
+    assert (every[:, :4, 2:4] == np.array([0, 1, 0], bool)[:, None, None]).all()  # overlap: class 2 only
+    assert (every[:, :4, :2] == np.array([1, 1, 0], bool)[:, None, None]).all()
+    assert (every[:, :4, 4:6] == np.array([0, 1, 1], bool)[:, None, None]).all()
+    assert every[:, 4:].all() and every[:, :, 6:].all()  # no labelled square there

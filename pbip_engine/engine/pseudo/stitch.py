@@ -87,6 +87,19 @@ def _layout(
     return pos, max(py + e for _px, py, e in pos), max(px + e for px, _py, e in pos)
 
 
+def listed_by_all(boxes: Sequence[tuple[int, int, int]], labels: np.ndarray, h: int, w: int) -> np.ndarray:
+    """bool ``N,h,w``: at each canvas pixel, the classes that every labelled square ``(x, y, side)`` over it
+    lists (``labels``: multi-hot ``T,N``). A pixel no labelled square covers allows every class."""
+    labels = np.asarray(labels) > 0.5
+    covered = np.zeros((h, w), np.int32)
+    listed = np.zeros((labels.shape[1], h, w), np.int32)
+    for (px, py, e), lab in zip(boxes, labels, strict=True):
+        if lab.any():
+            covered[py : py + e, px : px + e] += 1
+            listed[:, py : py + e, px : px + e] += lab[:, None, None]
+    return listed == covered[None]
+
+
 def shared_labels(
     xs: Sequence[int], ys: Sequence[int], sizes0: Sequence[int], sides: Sequence[int], labels: np.ndarray
 ) -> list[np.ndarray]:
@@ -98,14 +111,7 @@ def shared_labels(
     """
     labels = np.asarray(labels) > 0.5
     pos, h, w = _layout(xs, ys, sizes0, sides)
-    n = labels.shape[1]
-    covered = np.zeros((h, w), np.int32)
-    listed = np.zeros((n, h, w), np.int32)
-    for (px, py, e), lab in zip(pos, labels, strict=True):
-        if lab.any():
-            covered[py : py + e, px : px + e] += 1
-            listed[:, py : py + e, px : px + e] += lab[:, None, None]
-    every = listed == covered[None]
+    every = listed_by_all(pos, labels, h, w)
     out = []
     for (px, py, e), lab, side in zip(pos, labels, sides, strict=True):
         area = every[:, py : py + e, px : px + e]
