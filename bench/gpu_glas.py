@@ -324,7 +324,6 @@ def no_cudnn_autotune() -> Iterator[None]:
         torch.backends.cudnn.benchmark = old
 
 
-@no_cudnn_autotune()
 def patch_label_rule(mask: np.ndarray, args) -> np.ndarray:
     """bool ``N,H,W``: the classes every training patch over a pixel lists, from the same grid of patches
     the ClassNet learnt from (their labels come from the mask; the mask itself is never read elsewhere).
@@ -339,6 +338,7 @@ def patch_label_rule(mask: np.ndarray, args) -> np.ndarray:
     return listed_by_all(boxes, np.asarray(labels).reshape(-1, N_CLASSES), h, w)
 
 
+@no_cudnn_autotune()
 def pseudo_masks(model, cfg, images, masks, args, dev):
     model.eval()
     meter = SegmentationMeter(N_CLASSES, ignore_background=False, boundary=False)
