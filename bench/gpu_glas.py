@@ -79,7 +79,7 @@ from pbip_engine.engine.metrics import SegmentationMeter
 from pbip_engine.engine.nn.deeplab import build_segmenter
 from pbip_engine.engine.prototypes.bank import BankParams, build_bank
 from pbip_engine.engine.pseudo.cams import fuse_cams
-from pbip_engine.engine.pseudo.stitch import listed_by_all
+from pbip_engine.engine.pseudo.stitch import fill_enclosed, listed_by_all
 from pbip_engine.engine.training.amp import autocast
 from pbip_engine.engine.training.device_augment import (
     colour_jitter,
@@ -355,6 +355,9 @@ def pseudo_masks(model, cfg, images, masks, args, dev):
         top2 = scores.topk(2, dim=0).values
         ties += int(((top2[0] == top2[1]) & (present.sum(0) > 1)).sum())
         pred = (scores.argmax(0) + 1).to(torch.uint8)
+        if args.fill_holes:  # the engine's pseudo.fill_holes: [gland], where gland is allowed
+            filled = torch.from_numpy(fill_enclosed(pred.cpu().numpy(), [1], args.fill_holes)).to(dev)
+            pred = torch.where(present[0] & (filled == 1), filled, pred)
         meter.update(pred.cpu().numpy(), m.cpu().numpy())
         out.append(pred)
     npx = sum(m.numel() for m in masks)
@@ -502,6 +505,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--overlap-labels", choices=("intersect", "image"), default="intersect",
                    help="a pixel takes only the classes every training patch over it lists (the engine's "
                    "pseudo.overlap_labels default), or any class of its image")  # fmt: skip
+    g.add_argument("--fill-holes", type=int, default=0, metavar="PX",
+                   help="gland takes the regions it encloses, up to PX px at --image-scale (the engine's "
+                   "pseudo.fill_holes: [gland] with max_hole_px); 0 = off")  # fmt: skip
     g.add_argument("--no-sim", dest="sim", action="store_false", help="L_CLS only (no FG/BG matching)")
     g.add_argument("--cam-scales", type=floats, default=[0.5, 0.75, 1.0, 1.25, 1.5],
                    help="whole-image CAM scales, relative to the stage-1 magnification")  # fmt: skip

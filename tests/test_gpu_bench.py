@@ -52,7 +52,8 @@ def _unit(v: object) -> bool:
 def test_gpu_glas_tiny(tmp_path: Path) -> None:
     if not (GLAS / "labels.csv").is_file():
         pytest.skip(f"GlaS data not found at {GLAS}")
-    res = _run("gpu_glas.py", tmp_path / "glas.json", "--data", str(GLAS))
+    res = _run("gpu_glas.py", tmp_path / "glas.json", "--data", str(GLAS), "--fill-holes", "50")
+    assert res["settings"]["fill_holes"] == 50  # the lumen filling runs in the pseudo step
     for key in ("pseudo_miou", "stage2_testA_miou", "control_testA_miou", "bank_macro_f1"):
         assert _unit(res[key]), (key, res[key])
     for key in ("data", "bank", "stage1", "pseudo", "stage2", "control"):

@@ -10,6 +10,7 @@ from pbip_engine.engine.pseudo.cams import CamError, cams_to_mask
 from pbip_engine.engine.pseudo.stitch import (
     decode_cam,
     encode_cam,
+    fill_enclosed,
     listed_by_all,
     masks_as_votes,
     shared_labels,
@@ -241,6 +242,15 @@ def test_pseudo_stage_stitch_function_writes_one_label_per_pixel(tmp_path):
     own = parse_spec({**raw, "pseudo": {"background": "none", "overlap_labels": "own"}}, tmp_path)
     rows = stitch_slide(batch, own, str(tmp_path))
     assert (np.asarray(Image.open(tmp_path / rows["mask_path"][1]))[:, :4] == 2).all()
+    # pseudo.fill_holes reaches the stitcher: class "a" around a class-"b" core takes the core
+    ring = np.zeros((2, 8, 8), np.float32)
+    ring[0], ring[1, 2:6, 2:6], ring[0, 2:6, 2:6] = 0.9, 0.9, 0.1
+    batch.update(labels=np.array([[1, 1]], np.uint8), cam=np.array([encode_cam(ring)], dtype=object),
+                 **{k: batch[k][:1] for k in ("tile_id", "slide_id", "x", "y", "size0", "image")})  # fmt: skip
+    for fill, core in (([], 2), (["a"], 1)):
+        filled = parse_spec({**raw, "pseudo": {"background": "none", "fill_holes": fill}}, tmp_path)
+        rows = stitch_slide(batch, filled, str(tmp_path))
+        assert (np.asarray(Image.open(tmp_path / rows["mask_path"][0]))[2:6, 2:6] == core).all()
 
 
 class _FlatCams(torch.nn.Module):
@@ -273,3 +283,73 @@ def test_listed_by_all_on_a_canvas():
     assert (every[:, :4, :2] == np.array([1, 1, 0], bool)[:, None, None]).all()
     assert (every[:, :4, 4:6] == np.array([0, 1, 1], bool)[:, None, None]).all()
     assert every[:, 4:].all() and every[:, :, 6:].all()  # no labelled square there
+
+
+def _ring(size: int = 12) -> np.ndarray:
+    """Class 1 ring (2 px thick) around a class-2 core of 4x4 px, class 2 outside: a gland with its lumen."""
+    m = np.full((size, size), 2, np.uint8)
+    m[2:10, 2:10] = 1
+    m[4:8, 4:8] = 2
+    return m
+
+
+def test_fill_enclosed_fills_holes_up_to_a_size_and_never_an_open_bay():
+    m = _ring()
+    filled = fill_enclosed(m, [1])
+    assert (filled[2:10, 2:10] == 1).all() and (filled[m == 1] == 1).all()
+    assert (filled[:2] == 2).all() and (filled[:, 10:] == 2).all()  # outside the ring: untouched
+    assert (fill_enclosed(m, [1], max_px=15) == m).all()  # the 16-px hole is larger than allowed
+    assert (fill_enclosed(m, [1], max_px=16)[4:8, 4:8] == 1).all()
+    bay = m.copy()
+    bay[5:7, 7:10] = 2  # the lumen opens to the outside through the ring: not a hole
+    assert (fill_enclosed(bay, [1]) == bay).all()
+    assert (fill_enclosed(m, [2]) == 2).all()  # the stroma encloses the whole gland: name the class with care
+    unsure = m.copy()
+    unsure[5, 5] = 255  # an undecided pixel inside the lumen is filled with it
+    assert (fill_enclosed(unsure, [1])[4:8, 4:8] == 1).all()
+
+
+def test_fill_holes_works_on_the_stitched_mask_across_tiles_where_the_class_is_allowed():
+    """A lumen cut in two by a tile border: neither tile's own mask encloses it, the stitched one does."""
+    truth = _ring()
+    cams = []
+    for x0 in (0, 4):  # two 8-px tiles, x = 0 and 4 (overlap at columns 4..7)
+        part = truth[2:10, x0 : x0 + 8]
+        cams.append(np.stack([(part == 1), (part == 2)]).astype(np.float32))
+    xs, ys, s0, labels = [0, 4], [0, 0], [8, 8], np.ones((2, 2), np.float32)
+    plain = stitched_masks(xs, ys, s0, cams, labels, "none")
+    assert all((fill_enclosed(m, [1]) == m).all() for m in plain)  # per tile there is no hole
+    a, b = stitched_masks(xs, ys, s0, cams, labels, "none", fill_holes=[1])
+    assert (a[2:6, 4:8] == 1).all() and (b[2:6, 0:4] == 1).all()  # the 4x4 lumen, rows 4..7 of the ring
+    assert (
+        (a[0:2, 2:] == 1).all() and (a[:, :2] == 2).all() and (b[:, 6:] == 2).all()
+    )  # the ring and the outside keep their labels
+    assert (
+        stitched_masks(xs, ys, s0, cams, labels, "none", fill_holes=[1], max_hole_px=15)[0] == plain[0]
+    ).all()
+    # a 2-px tile C inside the lumen lists only class 2: its pixels may not become class 1, the rest may
+    cams.append(np.stack([np.zeros((2, 2)), np.ones((2, 2))]).astype(np.float32))
+    a, b, c = stitched_masks([*xs, 5], [*ys, 3], [*s0, 2], cams, np.array([[1, 1], [1, 1], [0, 1]], np.float32),
+                             "none", fill_holes=[1])  # fmt: skip
+    assert (c == 2).all() and (a[3:5, 5:7] == 2).all() and (b[3:5, 1:3] == 2).all()
+    lumen = np.zeros((8, 8), bool)
+    lumen[2:6, 4:8] = True
+    lumen[3:5, 5:7] = False
+    assert (a[lumen] == 1).all()
+
+
+def test_fill_holes_spec_names_classes_and_needs_stitching(tmp_path):
+    from pbip_engine.schemas.spec import parse_spec
+
+    raw = {
+        "run": {"name": "t", "output": "out"},
+        "data": {"synthetic": {"slides": 1, "size": 768}},
+        "classes": [{"name": "gland", "color": [200, 0, 0]}, {"name": "stroma", "color": [0, 0, 200]}],
+    }
+    spec = parse_spec({**raw, "pseudo": {"fill_holes": ["gland"], "max_hole_px": 800}}, tmp_path)
+    assert spec.pseudo.fill_holes == ["gland"] and spec.pseudo.max_hole_px == 800
+    assert parse_spec(raw, tmp_path).pseudo.fill_holes == []  # off by default
+    with pytest.raises(ValueError, match=r"pseudo.fill_holes names unknown classes \['lumen'\]"):
+        parse_spec({**raw, "pseudo": {"fill_holes": ["lumen"]}}, tmp_path)
+    with pytest.raises(ValueError, match=r"pseudo\.fill_holes.*pseudo\.stitch: true"):
+        parse_spec({**raw, "pseudo": {"fill_holes": ["gland"], "stitch": False}}, tmp_path)

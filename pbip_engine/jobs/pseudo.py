@@ -109,6 +109,8 @@ def stitch_slide(batch: dict[str, Any], spec: Any, out_dir: str) -> dict[str, An
         [decode_cam(c) for c in batch["cam"]], np.stack([np.asarray(v, np.float32) for v in batch["labels"]]),
         o.background, rgbs, white_threshold=o.white_threshold, min_size=o.min_object, power=o.gamma, crf=o.crf,
         overlap_labels=spec.pseudo.overlap_labels,
+        fill_holes=[spec.class_names.index(c) + 1 for c in spec.pseudo.fill_holes],
+        max_hole_px=spec.pseudo.max_hole_px,
     )  # fmt: skip
     write_regions(batch, rgbs, masks, spec.pseudo.region_px, Path(out_dir) / REGIONS)
     return _mask_rows(batch, masks, Path(out_dir), [(255, 255, 255), *spec.class_colors])
@@ -148,8 +150,9 @@ class PseudoStage(Stage):
     # v2: samples/ Parquet (image + mask); v3: scored against patch masks; v4: method plug-ins;
     # v5: CAMs stitched across overlapping tiles (pseudo.stitch), flip TTA (pseudo.flip);
     # v6: stitched regions/ for stage 2's crops (pseudo.region_px); v7: regions carry their px size;
-    # v8: a pixel under overlapping tiles takes only the classes they all list (pseudo.overlap_labels)
-    version = 8
+    # v8: a pixel under overlapping tiles takes only the classes they all list (pseudo.overlap_labels);
+    # v9: holes a class encloses on the stitched mask can take that class (pseudo.fill_holes)
+    version = 9
     deps = ("tile", "bank", "classnet")
     sections = ("classes", "method", "pseudo")
 

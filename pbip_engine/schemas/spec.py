@@ -192,6 +192,17 @@ class PseudoSection(_Section):
         "label holds for all its pixels, so a single-label neighbour settles the overlap); own = each "
         "tile's own labels",
     )
+    fill_holes: list[str] = Field(
+        default_factory=list,
+        description="with stitch: classes that take every region they fully enclose on a slide's stitched "
+        "mask (up to max_hole_px), e.g. gland, whose textureless lumens the CAMs leave to the stroma class",
+    )
+    max_hole_px: int | None = Field(
+        None,
+        ge=1,
+        description="fill_holes: largest hole filled, in px at tiling.mpp (scale by 1/mpp² to keep an area "
+        "in µm²); null = any enclosed region",
+    )
     region_px: int = Field(
         512,
         ge=16,
@@ -375,6 +386,14 @@ class JobSpec(_Section):
         unknown = sorted(set(self.bank.k_per_class) - set(names))
         if unknown:
             raise ValueError(f"bank.k_per_class names unknown classes {unknown}; classes are {names}")
+        unknown = sorted(set(self.pseudo.fill_holes) - set(names))
+        if unknown:
+            raise ValueError(f"pseudo.fill_holes names unknown classes {unknown}; classes are {names}")
+        if self.pseudo.fill_holes and not self.pseudo.stitch:
+            raise ValueError(
+                f"pseudo.fill_holes ({self.pseudo.fill_holes}) fills holes on the stitched masks: it needs "
+                "pseudo.stitch: true"
+            )
         return self
 
     @model_validator(mode="after")

@@ -23,6 +23,12 @@ label, so the stitched regions stage 2 trains on are consistent. On GlaS (112-px
 (BENCHMARKS.md). Where the tiles over a pixel share no class (contradictory labels) the tile's own labels
 apply, as without the rule.
 
+Some classes have holes the CAMs cannot see: a gland's lumen is textureless, so the CAMs fire on the
+epithelium ring and leave the lumen to the surrounding class, while the truth (GlaS, and a pathologist's
+outline) counts the lumen as gland. ``fill_holes`` gives such a class every region it fully encloses on
+the slide's stitched mask, up to ``max_hole_px``, where that class is allowed. This needs the stitched
+canvas: a lumen is rarely inside one tile.
+
 Memory: the canvas is float32 ``N x H x W`` at the tiles' pixel scale over the bounding box of one
 slide's tiles (those passed in: the labelled ones), i.e. 4 classes on a 1536 x 1536 px demo slide at tile
 scale are 38 MB, a GlaS image less. That is fine for the cohorts here; a whole-slide cohort with
@@ -38,6 +44,7 @@ from collections.abc import Sequence
 
 import cv2
 import numpy as np
+from scipy import ndimage as ndi
 
 from pbip_engine.engine.pseudo import MIN_WHITE_OBJECT_PX, WHITE_THRESHOLD
 from pbip_engine.engine.pseudo.cams import CamError, cams_to_mask
@@ -123,6 +130,57 @@ def shared_labels(
     return out
 
 
+def fill_enclosed(mask: np.ndarray, classes: Sequence[int], max_px: int | None = None) -> np.ndarray:
+    """uint8 ``h,w`` mask with the holes of each class in ``classes`` given to that class.
+
+    A hole of class k is a 4-connected region of other values that class k's pixels enclose, i.e. one
+    that cannot reach the mask's border without crossing class k (``scipy.ndimage.binary_fill_holes``).
+    Holes larger than ``max_px`` pixels are left alone (None: any size). Classes are filled in order, so
+    a later class can take a hole an earlier one just filled only if it encloses it.
+    """
+    out = np.array(mask, dtype=np.uint8, copy=True)
+    for k in classes:
+        fg = out == k
+        if not fg.any():
+            continue
+        holes = ndi.binary_fill_holes(fg) & ~fg
+        if max_px is not None and holes.any():
+            lab, n = ndi.label(holes)
+            small = np.bincount(lab.ravel(), minlength=n + 1) <= max_px
+            small[0] = False
+            holes = small[lab]
+        out[holes] = k
+    return out
+
+
+def _fill_tiles(
+    masks: list[np.ndarray],
+    pos: Sequence[tuple[int, int, int]],
+    h: int,
+    w: int,
+    ok: Sequence[np.ndarray],
+    classes: Sequence[int],
+    max_px: int | None,
+) -> list[np.ndarray]:
+    """``fill_enclosed`` on the canvas the tiles' masks make together, written back to each tile where the
+    filled class is allowed (``ok``: bool ``N,side,side`` per tile). Where masks of overlapping tiles
+    disagree (contradictory labels) the tile pasted last draws the canvas."""
+    canvas = np.zeros((h, w), np.uint8)
+    for (px, py, e), m in zip(pos, masks, strict=True):
+        canvas[py : py + e, px : px + e] = cv2.resize(m, (e, e), interpolation=cv2.INTER_NEAREST)
+    filled = fill_enclosed(canvas, classes, max_px)
+    if (filled == canvas).all():
+        return masks
+    out = []
+    for (px, py, e), m, allow in zip(pos, masks, ok, strict=True):
+        side = m.shape[0]
+        f = cv2.resize(filled[py : py + e, px : px + e], (side, side), interpolation=cv2.INTER_NEAREST)
+        cls = np.clip(f.astype(np.int64) - 1, 0, allow.shape[0] - 1)
+        take = (f != m) & np.isin(f, classes) & np.take_along_axis(allow, cls[None], 0)[0]
+        out.append(np.where(take, f, m).astype(np.uint8))
+    return out
+
+
 def stitch_cams(
     xs: Sequence[int],
     ys: Sequence[int],
@@ -173,11 +231,15 @@ def stitched_masks(
     power: float = 10.0,
     crf: bool = False,
     overlap_labels: str = "intersect",
+    fill_holes: Sequence[int] = (),
+    max_hole_px: int | None = None,
 ) -> list[np.ndarray]:
     """uint8 ``h,w`` pseudo mask per tile (0 = background, k = class k) from the stitched CAMs of one slide.
 
     ``rgbs`` (uint8 ``h,w,3`` per tile) is needed by the ``white`` rules and ``crf``, as in ``cams_to_mask``.
     ``overlap_labels``: ``intersect`` (a pixel takes only classes every tile over it lists) or ``own``.
+    ``fill_holes``: class values (1-based) whose enclosed holes up to ``max_hole_px`` (at the tiles' pixel
+    scale) take that class, on the slide's stitched mask (:func:`fill_enclosed`).
     """
     if overlap_labels not in OVERLAP_LABELS:
         raise CamError(f"overlap_labels must be one of {OVERLAP_LABELS}, got {overlap_labels!r}")
@@ -195,4 +257,10 @@ def stitched_masks(
             cams_to_mask(cam[None], labels[i : i + 1], background, rgb=rgb, allowed=None if ok is None else ok[None],
                          white_threshold=white_threshold, min_size=min_size, power=power, crf=crf)[0]
         )  # fmt: skip
+    if fill_holes and out:
+        sides = [c.shape[1] for c in stitched]
+        pos, h, w = _layout(xs, ys, sizes0, sides)
+        ok = [np.broadcast_to((lab > 0.5)[:, None, None], (len(lab), s, s)) if a is None else a
+              for a, lab, s in zip(allowed, labels, sides, strict=True)]  # fmt: skip
+        out = _fill_tiles(out, pos, h, w, ok, fill_holes, max_hole_px)
     return out
