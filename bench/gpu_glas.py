@@ -45,7 +45,8 @@ Protocol (QUALITY_AUDIT.md "A GPU run worth preparing", METHODS.md §4.3/§8):
   to the stage-1 magnification) + horizontal flip, levels fused by ``engine.pseudo.cams.fuse_cams``,
   averaged, restricted per pixel to the classes every patch over it lists (``--overlap-labels
   intersect``, the engine's default; ``image``: the image's labels, i.e. the union of its patch labels),
-  argmax; scored against the train masks (gland = 1, non-gland = 2, one confusion matrix, 2-class mIoU);
+  argmax, then gland takes the holes it encloses (lumens; ``--fill-holes``, the GlaS specs'
+  ``pseudo.fill_holes``); scored against the train masks (gland = 1, non-gland = 2, one confusion matrix, 2-class mIoU);
 * (d) stage 2: ``build_segmenter`` (DeepLab-v3+ at OS 16 by default; ASPP rates fitted to the crop) on random
   ``--crop`` crops of whole train images with the pseudo masks (zoom 0.75-2, dihedral, colour jitter),
   ``SegmentationTask`` (backbone lr, head 10x) through ``Trainer.train_epoch`` for ``--iters`` iterations, poly;
@@ -356,7 +357,8 @@ def pseudo_masks(model, cfg, images, masks, args, dev):
         ties += int(((top2[0] == top2[1]) & (present.sum(0) > 1)).sum())
         pred = (scores.argmax(0) + 1).to(torch.uint8)
         if args.fill_holes:  # the engine's pseudo.fill_holes: [gland], where gland is allowed
-            filled = torch.from_numpy(fill_enclosed(pred.cpu().numpy(), [1], args.fill_holes)).to(dev)
+            max_px = max(1, round(args.fill_holes * args.image_scale**2))
+            filled = torch.from_numpy(fill_enclosed(pred.cpu().numpy(), [1], max_px)).to(dev)
             pred = torch.where(present[0] & (filled == 1), filled, pred)
         meter.update(pred.cpu().numpy(), m.cpu().numpy())
         out.append(pred)
@@ -505,9 +507,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--overlap-labels", choices=("intersect", "image"), default="intersect",
                    help="a pixel takes only the classes every training patch over it lists (the engine's "
                    "pseudo.overlap_labels default), or any class of its image")  # fmt: skip
-    g.add_argument("--fill-holes", type=int, default=0, metavar="PX",
-                   help="gland takes the regions it encloses, up to PX px at --image-scale (the engine's "
-                   "pseudo.fill_holes: [gland] with max_hole_px); 0 = off")  # fmt: skip
+    g.add_argument("--fill-holes", type=int, default=8000, metavar="PX",
+                   help="gland takes the regions it encloses, up to PX px at the scan's 0.62 µm/px (scaled "
+                   "by --image-scale²): examples/glas.yaml's pseudo.fill_holes [gland], max_hole_px 2000 at "
+                   "1.24 µm/px; 0 = off")  # fmt: skip
     g.add_argument("--no-sim", dest="sim", action="store_false", help="L_CLS only (no FG/BG matching)")
     g.add_argument("--cam-scales", type=floats, default=[0.5, 0.75, 1.0, 1.25, 1.5],
                    help="whole-image CAM scales, relative to the stage-1 magnification")  # fmt: skip
