@@ -83,9 +83,10 @@ def _resize(cam: np.ndarray, side: int) -> np.ndarray:
     return out.reshape(side, side, cam.shape[0]).transpose(2, 0, 1)
 
 
-def _layout(
-    xs: Sequence[int], ys: Sequence[int], sizes0: Sequence[int], sides: Sequence[int]
-) -> tuple[list[tuple[int, int, int]], int, int]:
+Layout = tuple[list[tuple[int, int, int]], int, int]
+
+
+def _layout(xs: Sequence[int], ys: Sequence[int], sizes0: Sequence[int], sides: Sequence[int]) -> Layout:
     """Canvas position and extent ``(px, py, e)`` of each tile at the finest tile scale, and the canvas h, w."""
     scale = max(side / s for side, s in zip(sides, sizes0, strict=True))
     x0, y0 = min(xs), min(ys)
@@ -116,8 +117,13 @@ def shared_labels(
     the result is never empty where the tile has a label. A tile with no label says nothing about its
     pixels and does not take part. ``sides``: each tile's mask/CAM side in px.
     """
+    return _shared_on(_layout(xs, ys, sizes0, sides), sides, labels)
+
+
+def _shared_on(layout: Layout, sides: Sequence[int], labels: np.ndarray) -> list[np.ndarray]:
+    """:func:`shared_labels` on a layout already computed."""
+    pos, h, w = layout
     labels = np.asarray(labels) > 0.5
-    pos, h, w = _layout(xs, ys, sizes0, sides)
     every = listed_by_all(pos, labels, h, w)
     out = []
     for (px, py, e), lab, side in zip(pos, labels, sides, strict=True):
@@ -155,9 +161,7 @@ def fill_enclosed(mask: np.ndarray, classes: Sequence[int], max_px: int | None =
 
 def _fill_tiles(
     masks: list[np.ndarray],
-    pos: Sequence[tuple[int, int, int]],
-    h: int,
-    w: int,
+    layout: Layout,
     ok: Sequence[np.ndarray],
     classes: Sequence[int],
     max_px: int | None,
@@ -165,6 +169,7 @@ def _fill_tiles(
     """``fill_enclosed`` on the canvas the tiles' masks make together, written back to each tile where the
     filled class is allowed (``ok``: bool ``N,side,side`` per tile). Where masks of overlapping tiles
     disagree (contradictory labels) the tile pasted last draws the canvas."""
+    pos, h, w = layout
     canvas = np.zeros((h, w), np.uint8)
     for (px, py, e), m in zip(pos, masks, strict=True):
         canvas[py : py + e, px : px + e] = cv2.resize(m, (e, e), interpolation=cv2.INTER_NEAREST)
@@ -193,9 +198,21 @@ def stitch_cams(
     ``xs, ys, sizes0``: the tiles' level-0 positions and extents (one slide); ``cams``: ``N,h,w`` each;
     ``labels``: multi-hot ``T,N``. The canvas scale is the finest tile scale (``h / size0``).
     """
-    t = len(cams)
-    if not t:
+    if not len(cams):
         return []
+    labels = _checked(xs, ys, sizes0, cams, labels)
+    return _stitch_on(_layout(xs, ys, sizes0, [c.shape[1] for c in cams]), cams, labels)
+
+
+def _checked(
+    xs: Sequence[int],
+    ys: Sequence[int],
+    sizes0: Sequence[int],
+    cams: Sequence[np.ndarray],
+    labels: np.ndarray,
+) -> np.ndarray:
+    """``labels`` as float32 once the tiles' positions, CAMs and labels agree in count and class width."""
+    t = len(cams)
     labels = np.asarray(labels, dtype=np.float32)
     if not (len(xs) == len(ys) == len(sizes0) == t == labels.shape[0]):
         raise CamError(
@@ -204,7 +221,13 @@ def stitch_cams(
     n = cams[0].shape[0]
     if labels.shape[1] != n or any(c.ndim != 3 or c.shape[0] != n for c in cams):
         raise CamError(f"stitch: every CAM must be N,h,w with N = {labels.shape[1]} (the labels' width)")
-    pos, h, w = _layout(xs, ys, sizes0, [c.shape[1] for c in cams])
+    return labels
+
+
+def _stitch_on(layout: Layout, cams: Sequence[np.ndarray], labels: np.ndarray) -> list[np.ndarray]:
+    """:func:`stitch_cams` on a layout already computed (and inputs already checked)."""
+    pos, h, w = layout
+    n = cams[0].shape[0]
     total = np.zeros((n, h, w), np.float32)
     count = np.zeros((h, w), np.float32)
     for (px, py, e), cam, lab in zip(pos, cams, labels, strict=True):
@@ -243,13 +266,17 @@ def stitched_masks(
     """
     if overlap_labels not in OVERLAP_LABELS:
         raise CamError(f"overlap_labels must be one of {OVERLAP_LABELS}, got {overlap_labels!r}")
-    labels = np.asarray(labels, dtype=np.float32)
     if ("white" in background or crf) and rgbs is None:
         raise CamError(f"background={background!r} needs the tiles' RGB images (rgbs=...)")
-    stitched = stitch_cams(xs, ys, sizes0, cams, labels)
+    if not len(cams):
+        return []
+    labels = _checked(xs, ys, sizes0, cams, labels)
+    sides = [c.shape[1] for c in cams]
+    layout = _layout(xs, ys, sizes0, sides)  # once: the CAMs, the overlap rule and the fill share it
+    stitched = _stitch_on(layout, cams, labels)
     allowed: list[np.ndarray | None] = [None] * len(stitched)
-    if overlap_labels == "intersect" and stitched:
-        allowed = list(shared_labels(xs, ys, sizes0, [c.shape[1] for c in stitched], labels))
+    if overlap_labels == "intersect":
+        allowed = list(_shared_on(layout, sides, labels))
     out = []
     for i, (cam, ok) in enumerate(zip(stitched, allowed, strict=True)):
         rgb = None if rgbs is None else np.asarray(rgbs[i])[None]
@@ -257,10 +284,8 @@ def stitched_masks(
             cams_to_mask(cam[None], labels[i : i + 1], background, rgb=rgb, allowed=None if ok is None else ok[None],
                          white_threshold=white_threshold, min_size=min_size, power=power, crf=crf)[0]
         )  # fmt: skip
-    if fill_holes and out:
-        sides = [c.shape[1] for c in stitched]
-        pos, h, w = _layout(xs, ys, sizes0, sides)
+    if fill_holes:
         ok = [np.broadcast_to((lab > 0.5)[:, None, None], (len(lab), s, s)) if a is None else a
               for a, lab, s in zip(allowed, labels, sides, strict=True)]  # fmt: skip
-        out = _fill_tiles(out, pos, h, w, ok, fill_holes, max_hole_px)
+        out = _fill_tiles(out, layout, ok, fill_holes, max_hole_px)
     return out
