@@ -389,19 +389,19 @@ class JobSpec(_Section):
         unknown = sorted(set(self.pseudo.fill_holes) - set(names))
         if unknown:
             raise ValueError(f"pseudo.fill_holes names unknown classes {unknown}; classes are {names}")
-        if self.pseudo.fill_holes and not self.pseudo.stitch:
-            raise ValueError(
-                f"pseudo.fill_holes ({self.pseudo.fill_holes}) fills holes on the stitched masks: it needs "
-                "pseudo.stitch: true"
-            )
         return self
 
     @model_validator(mode="after")
-    def _crops_need_regions(self) -> JobSpec:
+    def _stitching_needed(self) -> JobSpec:
         if self.segmenter.crop_px is not None and not self.pseudo.stitch:
             raise ValueError(
                 f"segmenter.crop_px ({self.segmenter.crop_px}) crops the stitched regions: it needs "
                 "pseudo.stitch: true (or leave segmenter.crop_px unset to train on the tiles)"
+            )
+        if self.pseudo.fill_holes and not self.pseudo.stitch:
+            raise ValueError(
+                f"pseudo.fill_holes ({self.pseudo.fill_holes}) fills holes on the stitched masks: it needs "
+                "pseudo.stitch: true"
             )
         return self
 
