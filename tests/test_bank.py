@@ -15,6 +15,7 @@ from pbip_engine.engine.prototypes.bank import (
     BankParams,
     build_bank,
     cosine_kmeans,
+    keep_bank_tiles,
     l2n,
     zero_shot_report,
 )
@@ -172,11 +173,10 @@ def test_no_single_label_class_error_and_fallback():
     assert any("NEC" in w for w in rep["warnings"])
 
 
-def test_arrow_input_save_load_and_zero_shot(tmp_path):
-    data = planted(n_per_sub=25)
+def _arrow(data: dict[str, np.ndarray]) -> pa.Table:
     n = len(data["tile_id"])
     schema = embeddings_schema(DIM, "float16")
-    table = pa.Table.from_arrays(
+    return pa.Table.from_arrays(
         [
             pa.array(data["tile_id"], pa.string()),
             pa.array(["s"] * n),
@@ -190,6 +190,10 @@ def test_arrow_input_save_load_and_zero_shot(tmp_path):
         ],
         schema=schema,
     )
+
+
+def test_arrow_input_save_load_and_zero_shot(tmp_path):
+    table = _arrow(planted(n_per_sub=25))
     bank, rep = build_bank(table, CLASSES, ENC, BankParams(k=3, n_k=8), log=_quiet)
     assert rep["zero_shot"]["macro_f1"] > 0.99
     bank.save(tmp_path / "b")
@@ -231,3 +235,27 @@ def test_gallery_png_grid(tmp_path):
         cell = img[row * 32 + 4 : row * 32 + 28, 32 + 4 : 64 - 4]
         np.testing.assert_allclose(cell.reshape(-1, 3).mean(0), colours[c], atol=3)
     assert not list((tmp_path / "g").glob(".*tmp"))
+
+
+def test_embedding_only_the_bank_tiles_builds_the_same_bank():
+    """encoder.tiles: bank drops multi-label and unlabelled rows before the encoder; the bank must not change."""
+    data = planted(n_per_sub=25)
+    data["labelled"][::7] = False  # unlabelled tiles of a WSI cohort: the bank never reads them
+    table = _arrow(data)
+    kept = keep_bank_tiles(table)
+    ids = kept["tile_id"].to_pylist()
+    want = [
+        t
+        for t, lab, n in zip(data["tile_id"], data["labelled"], data["labels"].sum(1), strict=True)
+        if lab and n == 1
+    ]
+    assert ids == want and 0 < len(ids) < table.num_rows
+    assert not any(t.startswith("multi_") for t in ids)
+    assert any(t.startswith("white_") for t in ids)  # white tiles are the bank's own filter (max_white)
+    assert keep_bank_tiles(table.slice(0, 0)).num_rows == 0
+    params = BankParams(k=3, n_k=8)
+    full, rep_full = build_bank(table, CLASSES, ENC, params, log=_quiet)
+    part, rep_part = build_bank(kept, CLASSES, ENC, params, log=_quiet)
+    np.testing.assert_array_equal(part.prototypes, full.prototypes)
+    assert part.members == full.members
+    assert rep_part["zero_shot"] == rep_full["zero_shot"]

@@ -218,6 +218,40 @@ def test_balanced_class_weights_come_from_the_pseudo_masks(pipeline_run: Path, t
     assert len(set(m["class_weights"])) > 1  # the synthetic cohort's classes are not balanced
 
 
+def test_embedding_only_the_bank_tiles(pipeline_run: Path, tmp_path: Path) -> None:
+    """encoder.tiles: bank on a real Ray: only labelled single-label tiles reach the encoder, in their own folder."""
+    import shutil
+
+    import pyarrow.dataset as pads
+
+    out = tmp_path / "out"
+    shutil.copytree(
+        pipeline_run, out, ignore=shutil.ignore_patterns("embed", "bank", "classnet", "pseudo", "seg*")
+    )
+    raw = yaml.safe_load((pipeline_run.parent / "spec.yaml").read_text())
+    raw["run"]["output"] = str(out)
+    raw["encoder"]["tiles"] = "bank"
+    p = tmp_path / "spec.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    s = run_pipeline(load_spec(p), only=["embed", "bank"], log=print, progress=False)
+    assert s.exit_code == 0, s.stages
+    tiles = pads.dataset(str(out / "tile" / "tiles"), format="parquet").to_table(
+        columns=["tile_id", "labelled", "labels"]
+    )
+    want = {
+        t
+        for t, lab, ls in zip(*(tiles[c].to_pylist() for c in ("tile_id", "labelled", "labels")), strict=True)
+        if lab and sum(ls) == 1
+    }
+    assert 0 < len(want) < tiles.num_rows
+    m = json.loads((out / "embed" / "manifest.json").read_text())
+    before = json.loads((pipeline_run / "embed" / "manifest.json").read_text())
+    assert m["embeddings_key"] == before["embeddings_key"] + "__bank" and m["tiles_selected"] == "bank"
+    emb = pads.dataset(str(out / "embed" / "embeddings" / m["embeddings_key"])).to_table(columns=["tile_id"])
+    assert sorted(emb["tile_id"].to_pylist()) == sorted(want)
+    assert json.loads((out / "bank" / "bank.json").read_text())["class_names"] == [c["name"] for c in CLASSES]
+
+
 @pytest.mark.timeout(600)
 def test_mpamatch_segmenter_trains_with_every_cpu_on_the_train_worker(ray_local, tmp_path: Path) -> None:
     """examples/glas-semi.yaml on 2 cores hung at its first epoch: the Train worker held both CPUs and the

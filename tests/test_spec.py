@@ -128,3 +128,11 @@ def test_cli_validate_and_schema(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()  # nothing written before validation passes
     sch = runner.invoke(main, ["schema"])
     assert sch.exit_code == 0 and json.loads(sch.output)["title"] == "pbip-engine job spec"
+
+
+def test_embedding_only_bank_tiles_excludes_the_majority_fallback(tmp_path: Path) -> None:
+    raw = {**GOOD, "encoder": {"tiles": "bank"}, "bank": {"allow_majority_fallback": True}}
+    msg = _err(raw, tmp_path)
+    assert "encoder.tiles" in msg and "bank.allow_majority_fallback" in msg and "spec.yaml" in msg
+    assert load_spec(_write(tmp_path, {**GOOD, "encoder": {"tiles": "bank"}})).encoder.tiles == "bank"
+    assert "'all' or 'bank'" in _err({**GOOD, "encoder": {"tiles": "some"}}, tmp_path)

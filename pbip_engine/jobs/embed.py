@@ -2,8 +2,8 @@
 
 The model is loaded once per actor (a callable class); the pool autoscales between the spec's
 ``resources.autoscale.min`` and ``max`` actors, with ``gpus_per_worker`` GPUs each when asked.
-Output rows are keyed by ``tile_id`` and the folder by (tiling hash, encoder id), so a second encoder
-re-uses the same tiles.
+Output rows are keyed by ``tile_id`` and the folder by (tiling hash, encoder id, tile selection), so a
+second encoder re-uses the same tiles. ``encoder.tiles: bank`` embeds only the tiles the bank reads.
 """
 
 from __future__ import annotations
@@ -47,6 +47,11 @@ class EmbedStage(Stage):
             f"method {spec.method.name!r} does not use a prototype bank, the only reader of tile embeddings"
         )
 
+    def spec_json(self, spec: JobSpec) -> str:
+        # Embedding every tile hashes as it did before encoder.tiles existed: such runs resume, not re-embed.
+        drop = {"encoder": ["tiles"]} if spec.encoder.tiles == "all" else None
+        return spec.section_json(*self.sections, drop=drop)
+
     def run(self, ctx: StageContext) -> StageResult:
         import ray
 
@@ -58,6 +63,10 @@ class EmbedStage(Stage):
         out_dir = embeddings_path(ctx.work_dir, key)
         ctx.ray()
         ds = ray.data.read_parquet([str(f) for f in files], columns=EMBED_COLUMNS, **read_options())
+        if spec.encoder.tiles == "bank":
+            # a light filter at the read tasks' CPU share, so it fuses with them; at a whole CPU it waited
+            # forever behind the encoder pool on a 2-core machine
+            ds = ds.map_batches(_bank_tiles, batch_format="pyarrow", **read_options())
         ds = ds.map_batches(
             ArrowEmbedder,
             fn_constructor_kwargs={
@@ -72,7 +81,17 @@ class EmbedStage(Stage):
         )
         write_parquet_fresh(ds, out_dir)
         n = _count_rows(out_dir)
-        return StageResult(counts={"tiles": n, "slides": len(files)}, extra={"embeddings_key": key})
+        return StageResult(
+            counts={"tiles": n, "slides": len(files)},
+            extra={"embeddings_key": key, "tiles_selected": spec.encoder.tiles},
+        )
+
+
+def _bank_tiles(batch):
+    """Ray Data batch filter (before the encoder): only the tiles the bank builds from."""
+    from pbip_engine.engine.prototypes.bank import keep_bank_tiles
+
+    return keep_bank_tiles(batch)
 
 
 def _count_rows(folder: Path) -> int:

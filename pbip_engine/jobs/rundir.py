@@ -48,9 +48,10 @@ def encoder_key(spec: JobSpec) -> str:
 
 
 def embeddings_key(tile_dir: Path, spec: JobSpec) -> str:
-    """Folder name of one (tiling, encoder) pair's embeddings inside the embed stage's output."""
+    """Folder name of one (tiling, encoder, tile selection) triple's embeddings inside the embed stage's output."""
     tile_hash = (read_json(tile_dir / "manifest.json") or {}).get("input_hash", "")
-    return f"{tile_hash}__{encoder_key(spec)}"
+    selection = "" if spec.encoder.tiles == "all" else f"__{spec.encoder.tiles}"
+    return f"{tile_hash}__{encoder_key(spec)}{selection}"
 
 
 def embeddings_path(stage_dir: Path, key: str) -> Path:

@@ -306,10 +306,27 @@ def cosine_kmeans(
 # ------------------------------------------------------------------------------------------ building
 
 
+def single_label(labelled: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The rows the bank builds from (unless it falls back to multi-label tiles): labelled, one class."""
+    return np.asarray(labelled, bool) & (np.asarray(labels).sum(1) == 1)
+
+
+def keep_bank_tiles(tiles: pa.Table) -> pa.Table:
+    """The rows of a tiles (or embeddings) table the bank can use without its majority fallback.
+
+    The bank is the only reader of tile embeddings, and on patch-labelled cohorts most tiles carry two or more
+    classes (GlaS: 80 %), so embedding only these rows skips most of the encoder pass and builds the same bank.
+    """
+    if tiles.num_rows == 0:
+        return tiles
+    labels = _embedding_matrix(tiles.column("labels"))
+    return tiles.filter(pa.array(single_label(tiles.column("labelled").to_numpy(), labels)))
+
+
 def _select_class_tiles(e: _Emb, ci: int, name: str, params: BankParams, counts: dict) -> np.ndarray:
     """Indices of the tiles eligible for class ``ci`` (before hold-out)."""
     has = e.labelled & (e.labels[:, ci] > 0)
-    single = has & (e.labels.sum(1) == 1)
+    single = has & single_label(e.labelled, e.labels)
     n_single, n_multi = int(single.sum()), int((has & ~single).sum())
     white_ok = e.white <= params.max_white
     counts.update(single_label=n_single, multi_label=n_multi, dropped_white=int((single & ~white_ok).sum()))
