@@ -165,6 +165,11 @@ def test_no_single_label_class_error_and_fallback():
         build_bank(data, CLASSES, ENC, BankParams(k=2, n_k=5), log=_quiet)
     msg = str(ei.value)
     assert "'NEC'" in msg and f"{n_multi_nec} multi-label" in msg and "allow_majority_fallback" in msg
+    # encoder.tiles: bank embedded no multi-label tile, so the message names that key, not a count of 0
+    with pytest.raises(BankError) as ei:
+        build_bank(_arrow(data), CLASSES, ENC, BankParams(k=2, n_k=5), log=_quiet, bank_tiles_only=True)
+    msg = str(ei.value)
+    assert "'NEC'" in msg and "encoder.tiles" in msg and "multi-label tiles contain it)" not in msg
     bank, rep = build_bank(
         data, CLASSES, ENC, BankParams(k=2, n_k=5, allow_majority_fallback=True), log=_quiet
     )
@@ -259,3 +264,11 @@ def test_embedding_only_the_bank_tiles_builds_the_same_bank():
     np.testing.assert_array_equal(part.prototypes, full.prototypes)
     assert part.members == full.members
     assert rep_part["zero_shot"] == rep_full["zero_shot"]
+    # the bank's report must not count the multi-label tiles it never saw as 0
+    assert (
+        any(c["multi_label"] > 0 for c in rep_full["classes"].values())
+        and rep_full["embedded_tiles"] == "all"
+    )
+    _, rep_only = build_bank(kept, CLASSES, ENC, params, log=_quiet, bank_tiles_only=True)
+    assert all(c["multi_label"] is None for c in rep_only["classes"].values())
+    assert rep_only["embedded_tiles"] == "bank" and rep_only["zero_shot"] == rep_full["zero_shot"]

@@ -250,6 +250,10 @@ def test_embedding_only_the_bank_tiles(pipeline_run: Path, tmp_path: Path) -> No
     emb = pads.dataset(str(out / "embed" / "embeddings" / m["embeddings_key"])).to_table(columns=["tile_id"])
     assert sorted(emb["tile_id"].to_pylist()) == sorted(want)
     assert json.loads((out / "bank" / "bank.json").read_text())["class_names"] == [c["name"] for c in CLASSES]
+    report = json.loads((out / "bank" / "report.json").read_text())
+    assert report["embedded_tiles"] == "bank" and all(
+        c["multi_label"] is None for c in report["classes"].values()
+    )
 
 
 @pytest.mark.timeout(600)

@@ -27,7 +27,10 @@ class BankStage(Stage):
         table = pads.dataset(str(edir), format="parquet").to_table().sort_by("tile_id")
         encoder = table["encoder"][0].as_py() if table.num_rows else spec.encoder.name
         params = BankParams(**spec.bank.model_dump())
-        bank, report = build_bank(table, spec.class_names, encoder, params, log=ctx.log)
+        bank_only = spec.encoder.tiles == "bank"
+        bank, report = build_bank(
+            table, spec.class_names, encoder, params, log=ctx.log, bank_tiles_only=bank_only
+        )
         bank.save(ctx.work_dir)
         write_json_atomic(ctx.work_dir / "report.json", report)
         fetch = tile_fetcher(tile_files(ctx.stage_dir("tile")))

@@ -323,17 +323,35 @@ def keep_bank_tiles(tiles: pa.Table) -> pa.Table:
     return tiles.filter(pa.array(single_label(tiles.column("labelled").to_numpy(), labels)))
 
 
-def _select_class_tiles(e: _Emb, ci: int, name: str, params: BankParams, counts: dict) -> np.ndarray:
+def _select_class_tiles(
+    e: _Emb, ci: int, name: str, params: BankParams, counts: dict, bank_tiles_only: bool = False
+) -> np.ndarray:
     """Indices of the tiles eligible for class ``ci`` (before hold-out)."""
     has = e.labelled & (e.labels[:, ci] > 0)
     single = has & single_label(e.labelled, e.labels)
     n_single, n_multi = int(single.sum()), int((has & ~single).sum())
     white_ok = e.white <= params.max_white
-    counts.update(single_label=n_single, multi_label=n_multi, dropped_white=int((single & ~white_ok).sum()))
+    # Embeddings of the bank's tiles only (encoder.tiles: bank) hold no multi-label tile: their count is unknown
+    counts.update(
+        single_label=n_single,
+        multi_label=None if bank_tiles_only else n_multi,
+        dropped_white=int((single & ~white_ok).sum()),
+    )
     idx = np.flatnonzero(single & white_ok)
     if idx.size:
         counts["source"] = "single_label"
         return idx
+    if bank_tiles_only:
+        why = (
+            "has no single-label tiles"
+            if n_single == 0
+            else f"has {n_single} single-label tiles, all over max_white={params.max_white},"
+        )
+        raise BankError(
+            f"class {name!r} {why} among the embedded tiles (encoder.tiles: bank embeds no others); set "
+            "encoder.tiles: all and bank.allow_majority_fallback: true to build its prototypes from multi-label "
+            "tiles containing it (a weaker, noisier bank)"
+        )
     if not params.allow_majority_fallback:
         why = (
             f"has no single-label tiles ({n_multi} multi-label tiles contain it)"
@@ -369,8 +387,13 @@ def build_bank(
     encoder_id: str,
     params: BankParams | None = None,
     log: Callable[[str], None] = print,
+    bank_tiles_only: bool = False,
 ) -> tuple[Bank, dict]:
-    """Build the bank from tile embeddings -> (bank, report). See the module docstring for the recipe."""
+    """Build the bank from tile embeddings -> (bank, report). See the module docstring for the recipe.
+
+    ``bank_tiles_only``: the embeddings hold only the rows ``keep_bank_tiles`` keeps (``encoder.tiles: bank``),
+    so the report does not count multi-label tiles (it would say 0) and errors name that setting.
+    """
     params = params or BankParams()
     if params.prototype not in ("mean_topk", "centroid"):
         raise BankError(f"BankParams.prototype must be 'mean_topk' or 'centroid', got {params.prototype!r}")
@@ -386,7 +409,11 @@ def build_bank(
     members: list[list[str]] = []
     ks: list[int] = []
     holdout: list[np.ndarray] = []
-    report: dict[str, Any] = {"classes": {}, "warnings": []}
+    report: dict[str, Any] = {
+        "classes": {},
+        "warnings": [],
+        "embedded_tiles": "bank" if bank_tiles_only else "all",
+    }
 
     def warn(msg: str) -> None:
         report["warnings"].append(msg)
@@ -394,7 +421,7 @@ def build_bank(
 
     for ci, name in enumerate(class_names):
         counts: dict[str, Any] = {}
-        idx = _select_class_tiles(e, ci, name, params, counts)
+        idx = _select_class_tiles(e, ci, name, params, counts, bank_tiles_only)
         if counts.get("source") == "multi_label_fallback":
             warn(
                 f"class {name!r}: no usable single-label tiles; using {idx.size} multi-label tiles containing it"
