@@ -341,26 +341,21 @@ def _select_class_tiles(
     if idx.size:
         counts["source"] = "single_label"
         return idx
-    if bank_tiles_only:
-        why = (
-            "has no single-label tiles"
-            if n_single == 0
-            else f"has {n_single} single-label tiles, all over max_white={params.max_white},"
+    if bank_tiles_only or not params.allow_majority_fallback:
+        if n_single:
+            why = f"has {n_single} single-label tiles but all exceed max_white={params.max_white}"
+        elif bank_tiles_only:
+            why = "has no single-label tiles among the embedded ones (encoder.tiles: bank embeds no others)"
+        else:
+            why = f"has no single-label tiles ({n_multi} multi-label tiles contain it)"
+        fix = (
+            "encoder.tiles: all and bank.allow_majority_fallback: true"
+            if bank_tiles_only
+            else "allow_majority_fallback=True"
         )
         raise BankError(
-            f"class {name!r} {why} among the embedded tiles (encoder.tiles: bank embeds no others); set "
-            "encoder.tiles: all and bank.allow_majority_fallback: true to build its prototypes from multi-label "
-            "tiles containing it (a weaker, noisier bank)"
-        )
-    if not params.allow_majority_fallback:
-        why = (
-            f"has no single-label tiles ({n_multi} multi-label tiles contain it)"
-            if n_single == 0
-            else f"has {n_single} single-label tiles but all exceed max_white={params.max_white}"
-        )
-        raise BankError(
-            f"class {name!r} {why}; set allow_majority_fallback=True to build its prototypes from "
-            "multi-label tiles containing it (a weaker, noisier bank)"
+            f"class {name!r} {why}; set {fix} to build its prototypes from multi-label tiles containing it "
+            "(a weaker, noisier bank)"
         )
     idx = np.flatnonzero(has & white_ok)
     if not idx.size:
