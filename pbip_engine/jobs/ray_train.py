@@ -74,12 +74,23 @@ def holdout_split(ds: Any, ids: Iterable[str], fraction: float) -> tuple[dict[st
 
 
 def shard_batches(shard: Any, batch_size: int, convert: Callable[[dict[str, Any]], dict[str, Any]], *,
-                  shuffle: bool) -> Callable[[int], Iterable[dict[str, Any]]]:  # fmt: skip
-    """epoch -> this worker's batches of a Ray Data shard, converted to the engine's batch convention."""
+                  shuffle: bool, cache_bytes: int = 0,
+                  seed: tuple[int, ...] = (0,)) -> Callable[[int], Iterable[dict[str, Any]]]:  # fmt: skip
+    """epoch -> this worker's batches of a Ray Data shard, converted to the engine's batch convention.
+
+    With ``cache_bytes`` > 0 a shard whose encoded rows fit is read from Ray Data once and drawn from
+    memory afterwards (``EpochCache``); ``convert`` (decoding, random crops) still runs every epoch.
+    """
+    from pbip_engine.engine.training.epoch_cache import EpochCache
+
+    def stream(epoch: int) -> Iterable[dict[str, Any]]:
+        kw = {"local_shuffle_buffer_size": batch_size * 20, "local_shuffle_seed": epoch} if shuffle else {}
+        yield from shard.iter_batches(batch_size=batch_size, batch_format="numpy", **kw)
+
+    rows = EpochCache(stream, batch_size, cache_bytes, shuffle=shuffle, seed=seed)
 
     def batches(epoch: int) -> Iterable[dict[str, Any]]:
-        kw = {"local_shuffle_buffer_size": batch_size * 20, "local_shuffle_seed": epoch} if shuffle else {}
-        for b in shard.iter_batches(batch_size=batch_size, batch_format="numpy", **kw):
+        for b in rows(epoch):
             yield convert(b)
 
     return batches
@@ -106,10 +117,16 @@ def worker_loop(config: dict[str, Any]) -> None:
                       world_size=ctx.get_world_size(), wrap=ray.train.torch.prepare_model,
                       log_fn=print if rank0 else None, run_config=config.get("run_config"))  # fmt: skip
     bs = int(config["batch_size"])
-    train = shard_batches(ray.train.get_dataset_shard("train"), bs, convert, shuffle=True)
+    cache = int(config.get("cache_bytes") or 0)
+    train = shard_batches(ray.train.get_dataset_shard("train"), bs, convert, shuffle=True, cache_bytes=cache,
+                          seed=(cfg.seed, ctx.get_world_rank()))  # fmt: skip
     val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None
     val_convert = getattr(convert, "validation", convert)  # e.g. RegionCrops: centre crops, no jitter
-    val = shard_batches(val_shard, bs, val_convert, shuffle=False) if val_shard is not None else None
+    val = (
+        shard_batches(val_shard, bs, val_convert, shuffle=False, cache_bytes=cache)
+        if val_shard is not None
+        else None
+    )
     steps = -(-int(config["n_train"]) // (bs * ctx.get_world_size())) if config.get("n_train") else None
     trainer.fit(train, val, steps_per_epoch=steps)
 
@@ -157,6 +174,7 @@ def fit_on_ray(
             "setup": setup,
             "threads": compute_threads(resources),
             "has_val": has_val,
+            "cache_bytes": int(resources.train_cache_mb * 2**20),
         },
         scaling_config=scaling_config(resources),
         run_config=run_config,

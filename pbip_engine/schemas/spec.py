@@ -358,6 +358,13 @@ class ResourcesSection(_Section):
     autoscale: AutoscaleSection = Field(default_factory=AutoscaleSection)
     max_failures: int = Field(2, ge=0)
     local_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray (default: all)")
+    train_cache_mb: float = Field(
+        1024,
+        ge=0,
+        description="a Train worker keeps its shard (train and validation rows as read, encoded) in memory "
+        "after the first epoch when it fits in this many MiB, instead of streaming it through Ray Data every "
+        "epoch; larger shards stream; 0 = always stream",
+    )
     max_slide_pixels_per_byte: float = Field(
         10_000,
         ge=0,

@@ -1,0 +1,107 @@
+"""A training worker's shard held in memory after its first full pass, when it is small.
+
+Streaming a shard through Ray Data every epoch costs CPU that the training step needs: on a 2-core node the
+split coordinator alone took a quarter of a core while a ClassNet trained (BENCHMARKS.md). Most cohorts a
+node trains on fit in memory as the encoded rows Ray Data hands out (GlaS: ~9k tile JPEGs, ~30 MB), so the
+first epoch keeps them and later epochs draw batches from memory, reshuffled over the whole shard each
+epoch (a better shuffle than the streaming buffer's). A shard larger than the limit streams every epoch,
+as before; the cache gives up the moment it would pass the limit, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+Batch = Mapping[str, np.ndarray]
+
+
+def batch_nbytes(batch: Batch) -> int:
+    """Bytes a numpy batch holds: array buffers, plus the payload of object cells (encoded images, lists)."""
+    total = 0
+    for col in batch.values():
+        arr = np.asarray(col)
+        if arr.dtype != object:
+            total += arr.nbytes
+            continue
+        total += arr.nbytes  # the pointers
+        for cell in arr.ravel():
+            if isinstance(cell, bytes | bytearray | memoryview):
+                total += len(cell)
+            elif isinstance(cell, np.ndarray):
+                total += cell.nbytes
+            else:
+                total += 64  # small scalars and strings: a rough constant is enough for a limit
+    return total
+
+
+class EpochCache:
+    """Epoch -> batches: the first pass streams ``source(epoch)`` and keeps its rows while they fit in
+    ``limit_bytes``; once one pass completed within the limit, every later epoch comes from memory.
+
+    ``seed`` (e.g. the run's seed and the worker's rank) and the epoch fix each cached epoch's order.
+    ``limit_bytes <= 0`` never caches. A pass that is not run to the end (an error, a break) caches nothing,
+    so a resumed or retried epoch streams again. Cached epochs keep the shard's row count and batch size,
+    so workers of a DDP group that received equal shards still take the same number of steps.
+    """
+
+    def __init__(self, source: Callable[[int], Iterable[Batch]], batch_size: int, limit_bytes: int, *,
+                 shuffle: bool, seed: Sequence[int] = (0,)) -> None:  # fmt: skip
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.source, self.batch_size, self.limit = source, int(batch_size), int(limit_bytes)
+        self.shuffle, self.seed = shuffle, [int(x) for x in seed]
+        self.rows: dict[str, np.ndarray] | None = None  # the whole shard, column-wise, once cached
+        self.nbytes = 0
+
+    @property
+    def cached(self) -> bool:
+        return self.rows is not None
+
+    def __call__(self, epoch: int) -> Iterator[Batch]:
+        if self.rows is not None:
+            yield from self._from_memory(epoch)
+            return
+        kept: list[Batch] | None = [] if self.limit > 0 else None
+        size = 0
+        for batch in self.source(epoch):
+            if kept is not None:
+                size += batch_nbytes(batch)
+                if size > self.limit:
+                    kept = None  # too big for memory: this shard streams every epoch
+                else:
+                    kept.append(batch)
+            yield batch
+        if kept:  # a full pass within the limit
+            self.rows = _concat(kept)
+            self.nbytes = size
+
+    def _from_memory(self, epoch: int) -> Iterator[Batch]:
+        rows = self.rows
+        assert rows is not None
+        n = len(next(iter(rows.values())))
+        order = np.random.default_rng([*self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        for start in range(0, n, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            yield {k: v[idx] for k, v in rows.items()}
+
+
+def _concat(batches: list[Batch]) -> dict[str, np.ndarray]:
+    keys = list(batches[0])
+    for b in batches[1:]:
+        if list(b) != keys:
+            raise ValueError(f"shard batches disagree on their columns: {keys} vs {list(b)}")
+    return {k: _concat_column([np.asarray(b[k]) for b in batches]) for k in keys}
+
+
+def _concat_column(parts: list[np.ndarray]) -> np.ndarray:
+    if all(p.dtype != object for p in parts) and len({p.shape[1:] for p in parts}) == 1:
+        return np.concatenate(parts)
+    out = np.empty(sum(len(p) for p in parts), dtype=object)  # ragged cells (lists, bytes) stay cells
+    i = 0
+    for p in parts:
+        for cell in p:
+            out[i] = cell
+            i += 1
+    return out
