@@ -2,6 +2,7 @@
 
     python bench/bench_ray_idle.py [--rows 4000] [--batch 10] [--step-ms 40] [--repeats 1]
     python bench/bench_ray_idle.py --spec RUN.yaml      # the real thing: a finished run's classnet, redone twice
+    python bench/bench_ray_idle.py --spec RUN.yaml --cache   # streamed every epoch vs held in memory after epoch 1
 
 The shape of a ClassNet epoch: a Parquet dataset of JPEG-sized rows in many small files,
 ``streaming_split(1)`` (what Ray Train does), consumed by one actor that reserves ``--consumer-cpus`` of
@@ -16,7 +17,10 @@ CPU seconds, not wall time, are the robust figure on a shared machine.
 The toy does not always reach the state that spins (on this machine it did not: Ray Data's budget let a
 read task run). ``--spec`` measures the real case: ``pbip-engine run SPEC --stages classnet --force
 classnet`` as a user runs it, once per setting, the coordinator's CPU seconds sampled from ``/proc``
-until the driver exits, and the stage's seconds from ``run.json``.
+until the driver exits, and the stage's seconds from ``run.json``. ``--spec ... --cache`` redoes the stage
+with ``resources.train_cache_mb: 0`` (every epoch streamed through Ray Data) and then with the spec's own
+value (epochs 2+ from the worker's memory, ``engine/training/epoch_cache.py``), and prints each epoch's
+images/s and the ratio of the two runs' epochs 2+ (give the spec ``stage1.epochs`` >= 2).
 """
 
 from __future__ import annotations
@@ -111,14 +115,20 @@ def run_once(data: Path, batch: int, step_s: float, backoff: bool, consumer_cpus
     return {"rows": n, "consumer_s": wall, "ideal_s": batches * step_s, "coord_cpu_per_s": cpu / span}
 
 
-def run_stage(spec: Path, backoff: bool) -> dict[str, float]:
+def run_stage(spec: Path, backoff: bool, cache_mb: float | None = None) -> dict[str, float]:
     import json
     import subprocess
     import sys
 
     import psutil
+    import yaml
 
     env = dict(os.environ, PBIP_RAY_IDLE_BACKOFF="1" if backoff else "0")
+    if cache_mb is not None:  # the same spec with resources.train_cache_mb set, beside the original
+        doc = yaml.safe_load(spec.read_text())
+        doc.setdefault("resources", {})["train_cache_mb"] = cache_mb
+        spec = spec.with_name(f"{spec.stem}.cache{cache_mb:g}.yaml")
+        spec.write_text(yaml.safe_dump(doc, sort_keys=False))
     others = _coordinators()
     exe = str(Path(sys.executable).with_name("pbip-engine"))  # the console script beside this Python
     cmd = [exe, "run", str(spec), "--stages", "classnet", "--force", "classnet"]
@@ -134,11 +144,34 @@ def run_stage(spec: Path, backoff: bool) -> dict[str, float]:
         time.sleep(0.5)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}")
-    import yaml
-
     out = Path(yaml.safe_load(spec.read_text())["run"]["output"])
     seconds = json.loads((out / "run.json").read_text())["stages"]["classnet"]["seconds"]
-    return {"coord_cpu_s": sum(cpu.values()), "stage_s": seconds}
+    rows = [json.loads(line) for line in (out / "classnet" / "metrics.jsonl").read_text().splitlines()]
+    return {"coord_cpu_s": sum(cpu.values()), "stage_s": seconds,
+            "epoch_img_s": [float(r["images_per_s"]) for r in rows]}  # fmt: skip
+
+
+def compare_cache(spec: Path) -> None:
+    """The classnet stage streamed every epoch, then with the spec's epoch cache; ratio of epochs 2+."""
+    import yaml
+
+    from pbip_engine.schemas.spec import ResourcesSection
+
+    own = (yaml.safe_load(spec.read_text()).get("resources") or {}).get("train_cache_mb")
+    own = ResourcesSection().train_cache_mb if own is None else own
+    print(f"{spec}: classnet stage; cores={os.cpu_count()}, load {os.getloadavg()[0]:.1f}")
+    res = {}
+    for name, mb in (("streamed", 0), (f"cache {own:g} MiB", own)):
+        r = res[name] = run_stage(spec, True, mb)
+        rates = " ".join(f"{x:.1f}" for x in r["epoch_img_s"])
+        print(
+            f"{name:<18} stage {r['stage_s']:7.1f} s, coordinator {r['coord_cpu_s']:6.1f} CPU s, img/s per epoch {rates}"
+        )
+    base, new = (sum(r["epoch_img_s"][1:]) / max(1, len(r["epoch_img_s"]) - 1) for r in res.values())
+    if base and new:
+        print(
+            f"epochs 2+: {new:.1f} vs {base:.1f} img/s = {new / base:.2f}x; load after {os.getloadavg()[0]:.1f}"
+        )
 
 
 def main() -> None:
@@ -150,9 +183,14 @@ def main() -> None:
     ap.add_argument("--consumer-cpus", type=float, default=1.75,
                     help="CPUs the consumer reserves of the 2 (1.75: a Ray Train worker with cpus_per_worker 2)")  # fmt: skip
     ap.add_argument("--spec", type=Path, default=None, help="a finished run's spec: redo its classnet stage")
+    ap.add_argument("--cache", action="store_true", help="with --spec: streamed epochs vs the epoch cache")
     args = ap.parse_args()
     if args.spec:
         import ray  # noqa: F401  (puts Ray's bundled psutil on the path)
+
+        if args.cache:
+            compare_cache(args.spec)
+            return
 
         print(f"{args.spec}: classnet stage; cores={os.cpu_count()}, load {os.getloadavg()[0]:.1f}")
         print(f"{'Ray Data loop':<22} {'coordinator CPU s':>18} {'stage s':>8} {'CPU s per stage s':>18}")
