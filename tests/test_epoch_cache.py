@@ -91,3 +91,14 @@ def test_batch_nbytes_counts_encoded_payloads() -> None:
     assert 4000 + 32 <= n < 4000 + 32 + 64
     with pytest.raises(ValueError, match="batch_size"):
         EpochCache(Source(1, 1), 0, 1, shuffle=False)
+
+
+def test_a_column_whose_width_varies_by_batch_is_kept_row_by_row() -> None:
+    def source(epoch: int):
+        yield {"labels": np.zeros((2, 3), np.float32)}
+        yield {"labels": np.ones((1, 4), np.float32)}  # a list column Ray stacked at a different width
+
+    cache = EpochCache(source, 3, 1 << 20, shuffle=False)
+    list(cache(1))
+    (batch,) = list(cache(2))
+    assert [len(r) for r in batch["labels"]] == [3, 3, 4]

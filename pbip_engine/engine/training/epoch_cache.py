@@ -53,7 +53,6 @@ class EpochCache:
         self.source, self.batch_size, self.limit = source, int(batch_size), int(limit_bytes)
         self.shuffle, self.seed = shuffle, [int(x) for x in seed]
         self.rows: dict[str, np.ndarray] | None = None  # the whole shard, column-wise, once cached
-        self.nbytes = 0
 
     @property
     def cached(self) -> bool:
@@ -75,7 +74,6 @@ class EpochCache:
             yield batch
         if kept:  # a full pass within the limit
             self.rows = _concat(kept)
-            self.nbytes = size
 
     def _from_memory(self, epoch: int) -> Iterator[Batch]:
         rows = self.rows
@@ -96,12 +94,8 @@ def _concat(batches: list[Batch]) -> dict[str, np.ndarray]:
 
 
 def _concat_column(parts: list[np.ndarray]) -> np.ndarray:
-    if all(p.dtype != object for p in parts) and len({p.shape[1:] for p in parts}) == 1:
+    if len({p.shape[1:] for p in parts}) == 1:  # 1-D object columns (bytes, lists) concatenate as cells too
         return np.concatenate(parts)
-    out = np.empty(sum(len(p) for p in parts), dtype=object)  # ragged cells (lists, bytes) stay cells
-    i = 0
-    for p in parts:
-        for cell in p:
-            out[i] = cell
-            i += 1
+    out = np.empty(sum(len(p) for p in parts), dtype=object)  # fixed-size lists whose size varies by batch
+    out[:] = [row for p in parts for row in p]
     return out
