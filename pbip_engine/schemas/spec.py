@@ -361,9 +361,10 @@ class ResourcesSection(_Section):
     train_cache_mb: float = Field(
         1024,
         ge=0,
-        description="a Train worker keeps its shard (train and validation rows as read, encoded) in memory "
-        "after the first epoch when it fits in this many MiB, instead of streaming it through Ray Data every "
-        "epoch; larger shards stream; 0 = always stream",
+        description="a Train worker keeps each of its shards (the training rows, and the validation rows, "
+        "as read, encoded) in memory after the first epoch when that shard fits in this many MiB, instead of "
+        "streaming it through Ray Data every epoch (so at most twice this per worker); larger shards stream; "
+        "0 = always stream",
     )
     max_slide_pixels_per_byte: float = Field(
         10_000,
