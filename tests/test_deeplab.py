@@ -266,3 +266,47 @@ def test_deeplab_fit_local_checkpoints_resume_and_reload(tmp_path):
     with pytest.raises(SegTrainError, match="not a pbip-engine checkpoint"):
         torch.save({"model": {}}, tmp_path / "junk.pt")
         load_segmenter(tmp_path / "junk.pt")
+
+
+def _depthwise(block: nn.Module) -> bool:
+    conv = block[0]
+    return conv.groups == conv.in_channels > 1 and conv.kernel_size == (3, 3)
+
+
+def test_v3plus_head_is_separable_and_older_checkpoints_rebuild_dense():
+    # DeepLab-v3+ paper §3.2: atrous separable ASPP and decoder. Checkpoints written before the option
+    # carry no "separable" key and hold dense 3x3 weights: they must rebuild dense, key for key.
+    sep = build_segmenter("deeplabv3plus", 3, pretrained=False, crop_px=192)
+    assert sep.config["separable"] is True
+    assert all(_depthwise(b) for b in sep.aspp.branches[1:-1]) and all(_depthwise(b) for b in sep.decoder[:2])
+    dense = build_segmenter("deeplabv3plus", 3, pretrained=False, crop_px=192, separable=False)
+    assert not any(_depthwise(b) for b in [*dense.aspp.branches[1:-1], *dense.decoder[:2]])
+    n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n_params(sep) < 0.7 * n_params(dense)
+    old = {k: v for k, v in dense.config.items() if k != "separable"}
+    rebuilt = segmenter_from_config(json.loads(json.dumps(old)))
+    assert rebuilt.config["separable"] is False
+    rebuilt.load_state_dict(dense.state_dict())  # strict: same keys and shapes
+    again = segmenter_from_config(json.loads(json.dumps(sep.config)))
+    again.load_state_dict(sep.state_dict())
+    assert build_segmenter("deeplabv2", 3, pretrained=False).config["separable"] is False  # v2: no 3x3 head
+
+
+def test_segmentation_task_trains_channels_last_with_the_same_numbers():
+    torch.manual_seed(0)
+    model = build_segmenter("deeplabv3plus", 3, pretrained=False, crop_px=64)
+    reference = build_segmenter("deeplabv3plus", 3, pretrained=False, crop_px=64)
+    reference.load_state_dict(model.state_dict())
+    task = SegmentationTask(model, amp=False)
+    convs = [m.weight for m in task.model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    rng = np.random.default_rng(0)
+    raw = {"image": rng.integers(0, 255, (2, 64, 64, 3), dtype=np.uint8),
+           "mask": rng.integers(0, 3, (2, 64, 64), dtype=np.uint8)}  # fmt: skip
+    batch = task.prepare(raw, torch.device("cpu"))
+    task.eval()
+    reference.eval()
+    with torch.no_grad():
+        ours = task(batch)["loss"]
+        plain = nn.functional.cross_entropy(reference(batch["image"].contiguous()), batch["mask"])
+    assert torch.allclose(ours, plain, atol=1e-4), (float(ours), float(plain))

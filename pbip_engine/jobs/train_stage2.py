@@ -46,7 +46,8 @@ def stage2_setup(config: dict[str, Any]):
         return task, decode_samples
 
     model = build_segmenter(config["arch"], n_classes=config["n_classes"], backbone=config["backbone"],
-                            pretrained=config["pretrained"], crop_px=config.get("crop_px"))  # fmt: skip
+                            pretrained=config["pretrained"], crop_px=config.get("crop_px"),
+                            separable=config.get("separable", True))  # fmt: skip
     loss = config.get("loss") or {"name": "ce", "options": {}}
     loss_fn = stage2_loss(loss["name"], loss["options"], class_weights=loss.get("class_weights"))
     task = SegmentationTask(model, amp=config["loop"]["amp"], loss=loss_fn)
@@ -183,6 +184,7 @@ class SegmenterStage(Stage):
             "arch": segmenter_arch(spec),
             "loss": {**segmenter_loss(spec), "class_weights": weights},
             "backbone": s.backbone,
+            "separable": s.separable,
             "pretrained": s.backbone_checkpoint or True,
             "n_classes": len(spec.classes) + 1,
             "crop_px": s.crop_px

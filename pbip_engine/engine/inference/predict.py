@@ -150,7 +150,8 @@ class SegmentPredictor:
         self.tta_scales = (1.0,) if tta is True or not tta else tuple(float(v) for v in tta)
         if any(v <= 0 for v in self.tta_scales):
             raise SegmentError(f"TTA scales must be > 0, got {list(self.tta_scales)}")
-        if channels_last and self.device.type == "cuda":
+        self.channels_last = bool(channels_last)  # NHWC: faster convolutions on CPU (oneDNN) and GPU alike
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], device=self.device).view(1, 3, 1, 1)
         self._shift = torch.tensor(
@@ -175,7 +176,7 @@ class SegmentPredictor:
             for i in range(0, len(images), step):
                 x = torch.from_numpy(images[i : i + step]).to(self.device, non_blocking=True)
                 x = x.permute(0, 3, 1, 2).float() * self._scale + self._shift
-                if self.device.type == "cuda":
+                if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast(self.device, self.amp):
                     y = self._tta(x) if self.tta else self.model(x).float()

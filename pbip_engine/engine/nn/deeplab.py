@@ -9,7 +9,12 @@ original papers:
   setting; 16 is allowed for speed).
 * DeepLab-v3+ (Chen et al., ECCV 2018): ASPP (1x1, three atrous 3x3 at 6/12/18 for OS 16, doubled for
   OS 8, image pooling) -> 1x1 projection, then a decoder fusing the stride-4 features (48-channel 1x1)
-  with two 3x3 convolutions. This is the MLPS/WSSS-Tissue stage 2 (METHODS.md §6.3).
+  with two 3x3 convolutions. This is the MLPS/WSSS-Tissue stage 2 (METHODS.md §6.3). The paper makes the
+  atrous and decoder 3x3 convolutions depthwise separable (its §3.2; mmsegmentation's
+  ``DepthwiseSeparableASPPHead``, smp's ``DeepLabV3Plus``): ``separable=True``, the default. The dense
+  variant (``separable=False``, checkpoints from before the option) spends ~70 % of a 192-px training
+  step in its head, most of it in the stride-4 decoder; separable, the step is 1.8x faster on the 2-core
+  CPU (BENCHMARKS.md).
 
 Both papers' rates assume crops of 321-513 px. Stage 2 here trains on tiles of ~100 px, where a 12-px
 feature map leaves the large-rate taps on zero padding only: ``build_segmenter(crop_px=...)`` shrinks the
@@ -53,6 +58,20 @@ def _conv_bn_relu(cin: int, cout: int, k: int = 1, dilation: int = 1) -> nn.Sequ
     )
 
 
+def _sep_conv_bn_relu(cin: int, cout: int, dilation: int = 1) -> nn.Sequential:
+    """Atrous separable 3x3: depthwise (dilated) + BN + ReLU, then pointwise + BN + ReLU (DeepLab-v3+ §3.2)."""
+    return nn.Sequential(
+        nn.Conv2d(cin, cin, 3, padding=dilation, dilation=dilation, groups=cin, bias=False),
+        nn.BatchNorm2d(cin),
+        nn.ReLU(inplace=True),
+        *_conv_bn_relu(cin, cout, 1),
+    )
+
+
+def _conv3x3(cin: int, cout: int, dilation: int, separable: bool) -> nn.Sequential:
+    return _sep_conv_bn_relu(cin, cout, dilation) if separable else _conv_bn_relu(cin, cout, 3, dilation)
+
+
 class ASPPv2(nn.Module):
     """DeepLab-v2 ASPP-L: one dilated 3x3 conv per rate straight to class logits, outputs summed."""
 
@@ -86,13 +105,18 @@ class ASPPv3(nn.Module):
     """DeepLab-v3 ASPP: 1x1 + atrous 3x3 branches + image pooling, concatenated and projected."""
 
     def __init__(
-        self, cin: int, cout: int = 256, rates: Sequence[int] = V3_RATES_OS16, dropout: float = 0.1
+        self,
+        cin: int,
+        cout: int = 256,
+        rates: Sequence[int] = V3_RATES_OS16,
+        dropout: float = 0.1,
+        separable: bool = False,
     ) -> None:
         super().__init__()
         self.branches = nn.ModuleList(
             [
                 _conv_bn_relu(cin, cout, 1),
-                *(_conv_bn_relu(cin, cout, 3, r) for r in rates),
+                *(_conv3x3(cin, cout, r, separable) for r in rates),
                 _ImagePooling(cin, cout),
             ]
         )
@@ -106,7 +130,14 @@ class DeepLab(nn.Module):
     """Backbone + DeepLab head; ``forward(x) -> [B, n_classes, H, W]`` logits at the input size."""
 
     def __init__(
-        self, backbone: nn.Module, head: str, n_classes: int, *, rates: Sequence[int], config: dict
+        self,
+        backbone: nn.Module,
+        head: str,
+        n_classes: int,
+        *,
+        rates: Sequence[int],
+        config: dict,
+        separable: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -119,11 +150,11 @@ class DeepLab(nn.Module):
             self.aspp: nn.Module = ASPPv2(chans[-1], n_classes, rates)
             self.decoder = None
         else:
-            self.aspp = ASPPv3(chans[-1], 256, rates)
+            self.aspp = ASPPv3(chans[-1], 256, rates, separable=separable)
             self.low_proj = _conv_bn_relu(chans[0], 48, 1)
             self.decoder = nn.Sequential(
-                _conv_bn_relu(256 + 48, 256, 3),
-                _conv_bn_relu(256, 256, 3),
+                _conv3x3(256 + 48, 256, 1, separable),
+                _conv3x3(256, 256, 1, separable),
                 nn.Conv2d(256, n_classes, 1),
             )
 
@@ -188,6 +219,7 @@ def build_segmenter(
     output_stride: int | None = None,
     crop_px: int | None = None,
     aspp_rates: Sequence[int] | None = None,
+    separable: bool = True,
 ) -> DeepLab:
     """A DeepLab segmenter with ``n_classes`` outputs (background 0 included).
 
@@ -201,6 +233,9 @@ def build_segmenter(
     the crop, the rates are shrunk to fit it; without it the papers' rates are kept. ``aspp_rates`` sets
     the rates outright (``segmenter_from_config`` uses it to rebuild a checkpoint's model). The rates in
     use are recorded in ``model.config["aspp_rates"]``.
+
+    ``separable``: DeepLab-v3+'s atrous and decoder 3x3 convolutions depthwise separable, as in its paper
+    (ignored by v2, whose ASPP maps straight to class logits). Recorded in ``model.config["separable"]``.
     """
     if arch not in ARCHS:
         raise SegmenterError(f"unknown segmenter arch {arch!r}; choose from {ARCHS}")
@@ -238,10 +273,11 @@ def build_segmenter(
         "backbone": backbone,
         "output_stride": os_,
         "aspp_rates": list(rates),
+        "separable": bool(separable) and arch == "deeplabv3plus",
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
     }
-    return DeepLab(bb, arch, n_classes, rates=rates, config=config)
+    return DeepLab(bb, arch, n_classes, rates=rates, config=config, separable=config["separable"])
 
 
 def segmenter_from_config(config: dict) -> DeepLab:
@@ -260,6 +296,7 @@ def segmenter_from_config(config: dict) -> DeepLab:
         pretrained=False,
         output_stride=config.get("output_stride"),
         aspp_rates=config.get("aspp_rates"),  # absent in older checkpoints: the papers' rates
+        separable=bool(config.get("separable", False)),  # absent in older checkpoints: the dense head
     )
     for k in ("mean", "std"):
         if k in config:
