@@ -102,3 +102,61 @@ def test_a_column_whose_width_varies_by_batch_is_kept_row_by_row() -> None:
     list(cache(1))
     (batch,) = list(cache(2))
     assert [len(r) for r in batch["labels"]] == [3, 3, 4]
+
+
+class CountingSource(Source):
+    """A Source that counts the batches read so far (how far the stream was pulled)."""
+
+    def __init__(self, n: int, batch_size: int, fail_at: int | None = None) -> None:
+        super().__init__(n, batch_size)
+        self.read, self.fail_at = 0, fail_at
+
+    def __call__(self, epoch: int):
+        for b in super().__call__(epoch):
+            if self.fail_at is not None and self.read == self.fail_at:
+                raise OSError("a block could not be read")
+            self.read += 1
+            yield b
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 60), bs=st.integers(1, 16), seed=st.integers(0, 5))
+def test_prefill_reads_the_shard_before_the_first_step(n: int, bs: int, seed: int) -> None:
+    src = CountingSource(n, bs)
+    cache = EpochCache(src, bs, 1 << 20, shuffle=True, seed=(seed, 0), prefill=True)
+    epoch1 = cache(1)
+    first = next(epoch1)
+    assert src.read == -(-n // bs) and cache.cached  # every batch read before the first one is handed out
+    batches = [first, *epoch1]
+    assert len(batches) == -(-n // bs) and sorted(_ids(batches)) == sorted(f"t{i}" for i in range(n))
+    for b in batches:  # the columns stay aligned row by row
+        i = np.array([int(t[1:]) for t in b["tile_id"]])
+        np.testing.assert_array_equal(b["labels"][:, 0], i % 2)
+    assert len(_ids(cache(2))) == n and src.passes == 1  # later epochs from memory as before
+
+
+def test_prefill_cut_short_keeps_the_read_shard_and_a_failed_read_keeps_nothing() -> None:
+    src = CountingSource(40, 8)
+    cache = EpochCache(src, 8, 1 << 20, shuffle=True, prefill=True)
+    for i, _ in enumerate(cache(1)):
+        if i == 1:
+            break  # the read had finished: the shard in memory is whole
+    assert cache.cached and len(_ids(cache(2))) == 40 and src.passes == 1
+    broken = CountingSource(40, 8, fail_at=3)
+    cache = EpochCache(broken, 8, 1 << 20, shuffle=True, prefill=True)
+    with pytest.raises(OSError):
+        list(cache(1))
+    assert not cache.cached
+    broken.fail_at = None
+    assert len(_ids(cache(1))) == 40 and cache.cached  # a retried epoch reads again
+
+
+def test_prefill_over_the_limit_hands_out_every_row_in_stream_order_then_streams() -> None:
+    src = CountingSource(40, 8)
+    one_batch = batch_nbytes(next(iter(Source(40, 8)(0))))
+    cache = EpochCache(src, 8, 3 * one_batch, shuffle=True, prefill=True)  # room for 3 of the 5 batches
+    epoch1 = cache(1)
+    next(epoch1)
+    assert src.read < 5  # read until the limit was passed, not the whole shard
+    assert _ids([*epoch1]) == [f"t{i}" for i in range(8, 40)]
+    assert len(_ids(cache(2))) == 40 and src.passes == 2 and not cache.cached
