@@ -253,7 +253,7 @@ class SegmenterSection(_Section):
     separable: bool = Field(
         True,
         description="deeplabv3plus: depthwise-separable atrous and decoder convolutions, as in its paper "
-        "(1.8x faster steps on CPU); false = dense 3x3 convolutions",
+        "(2x faster training steps on CPU); false = dense 3x3 convolutions",
     )
     backbone: str = "efficientnet_lite0"
     backbone_checkpoint: str | None = None
@@ -366,10 +366,10 @@ class ResourcesSection(_Section):
     train_cache_mb: float = Field(
         1024,
         ge=0,
-        description="a Train worker keeps each of its shards (the training rows, and the validation rows, "
-        "as read, encoded) in memory after the first epoch when that shard fits in this many MiB, instead of "
-        "streaming it through Ray Data every epoch (so at most twice this per worker); larger shards stream; "
-        "0 = always stream",
+        description="a Train worker reads each of its shards (the training rows, and the validation rows, "
+        "encoded) into memory before the first step when that shard fits in this many MiB, and draws every "
+        "epoch from there instead of streaming it through Ray Data (so at most twice this per worker); larger "
+        "shards stream every epoch; 0 = always stream",
     )
     max_slide_pixels_per_byte: float = Field(
         10_000,

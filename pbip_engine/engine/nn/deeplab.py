@@ -13,8 +13,8 @@ original papers:
   atrous and decoder 3x3 convolutions depthwise separable (its §3.2; mmsegmentation's
   ``DepthwiseSeparableASPPHead``, smp's ``DeepLabV3Plus``): ``separable=True``, the default. The dense
   variant (``separable=False``, checkpoints from before the option) spends ~70 % of a 192-px training
-  step in its head, most of it in the stride-4 decoder; separable, the step is 1.8x faster on the 2-core
-  CPU (BENCHMARKS.md).
+  step in its head, most of it in the stride-4 decoder; separable, the step is 2.0x faster on the 2-core
+  CPU (``bench/bench_segmenter_step.py``).
 
 Both papers' rates assume crops of 321-513 px. Stage 2 here trains on tiles of ~100 px, where a 12-px
 feature map leaves the large-rate taps on zero padding only: ``build_segmenter(crop_px=...)`` shrinks the

@@ -94,9 +94,10 @@ class SegmentationTask(TrainTask):
         super().__init__()
         if not hasattr(unwrap(model), "config"):
             raise SegTrainError("the segmenter has no .config; build it with build_segmenter()")
-        # NHWC weights: oneDNN's CPU convolutions and cuDNN's tensor cores both run faster on them (a
-        # DeepLab-v3+ step 1.4x on the 2-core CPU, BENCHMARKS.md); the uint8 HWC batches arrive in that
-        # layout already. ``.to(device)`` keeps it.
+        # NHWC weights, like the batches (uint8 HWC, permuted): every convolution runs NHWC without
+        # converting its weights per call. On the 2-core CPU a DeepLab-v3+ step gains only 1.03x (the
+        # input already set the layout); inference, where inputs were made contiguous, 1.5x
+        # (bench/bench_segmenter_step.py). ``.to(device)`` keeps the layout.
         self.model = model.to(memory_format=torch.channels_last)
         self.head_lr_mult = head_lr_mult
         self.ignore_index = ignore_index
