@@ -74,16 +74,6 @@ def test_a_shard_over_the_limit_streams_every_epoch() -> None:
     assert not off.cached  # 0 = always stream
 
 
-def test_an_unfinished_pass_caches_nothing() -> None:
-    src = Source(40, 8)
-    cache = EpochCache(src, 8, 1 << 20, shuffle=True)
-    for i, _ in enumerate(cache(1)):
-        if i == 2:
-            break  # an epoch cut short (a failure, a restart) must not leave a partial shard behind
-    assert not cache.cached
-    assert len(_ids(cache(1))) == 40 and cache.cached
-
-
 def test_batch_nbytes_counts_encoded_payloads() -> None:
     images = np.empty(2, dtype=object)
     images[:] = [b"x" * 1000, b"y" * 3000]
@@ -123,7 +113,7 @@ class CountingSource(Source):
 @given(n=st.integers(1, 60), bs=st.integers(1, 16), seed=st.integers(0, 5))
 def test_prefill_reads_the_shard_before_the_first_step(n: int, bs: int, seed: int) -> None:
     src = CountingSource(n, bs)
-    cache = EpochCache(src, bs, 1 << 20, shuffle=True, seed=(seed, 0), prefill=True)
+    cache = EpochCache(src, bs, 1 << 20, shuffle=True, seed=(seed, 0))
     epoch1 = cache(1)
     first = next(epoch1)
     assert src.read == -(-n // bs) and cache.cached  # every batch read before the first one is handed out
@@ -137,13 +127,13 @@ def test_prefill_reads_the_shard_before_the_first_step(n: int, bs: int, seed: in
 
 def test_prefill_cut_short_keeps_the_read_shard_and_a_failed_read_keeps_nothing() -> None:
     src = CountingSource(40, 8)
-    cache = EpochCache(src, 8, 1 << 20, shuffle=True, prefill=True)
+    cache = EpochCache(src, 8, 1 << 20, shuffle=True)
     for i, _ in enumerate(cache(1)):
         if i == 1:
             break  # the read had finished: the shard in memory is whole
     assert cache.cached and len(_ids(cache(2))) == 40 and src.passes == 1
     broken = CountingSource(40, 8, fail_at=3)
-    cache = EpochCache(broken, 8, 1 << 20, shuffle=True, prefill=True)
+    cache = EpochCache(broken, 8, 1 << 20, shuffle=True)
     with pytest.raises(OSError):
         list(cache(1))
     assert not cache.cached
@@ -154,7 +144,7 @@ def test_prefill_cut_short_keeps_the_read_shard_and_a_failed_read_keeps_nothing(
 def test_prefill_over_the_limit_hands_out_every_row_in_stream_order_then_streams() -> None:
     src = CountingSource(40, 8)
     one_batch = batch_nbytes(next(iter(Source(40, 8)(0))))
-    cache = EpochCache(src, 8, 3 * one_batch, shuffle=True, prefill=True)  # room for 3 of the 5 batches
+    cache = EpochCache(src, 8, 3 * one_batch, shuffle=True)  # room for 3 of the 5 batches
     epoch1 = cache(1)
     next(epoch1)
     assert src.read < 5  # read until the limit was passed, not the whole shard

@@ -79,7 +79,7 @@ def shard_batches(shard: Any, batch_size: int, convert: Callable[[dict[str, Any]
     """epoch -> this worker's batches of a Ray Data shard, converted to the engine's batch convention.
 
     With ``cache_bytes`` > 0 a shard whose encoded rows fit is read from Ray Data once, before the first
-    step, and every epoch is drawn from memory (``EpochCache`` with ``prefill``); ``convert`` (decoding,
+    step, and every epoch is drawn from memory (``EpochCache``); ``convert`` (decoding,
     random crops) still runs every epoch.
     """
     from pbip_engine.engine.training.epoch_cache import EpochCache
@@ -88,7 +88,7 @@ def shard_batches(shard: Any, batch_size: int, convert: Callable[[dict[str, Any]
         kw = {"local_shuffle_buffer_size": batch_size * 20, "local_shuffle_seed": epoch} if shuffle else {}
         yield from shard.iter_batches(batch_size=batch_size, batch_format="numpy", **kw)
 
-    rows = EpochCache(stream, batch_size, cache_bytes, shuffle=shuffle, seed=seed, prefill=True)
+    rows = EpochCache(stream, batch_size, cache_bytes, shuffle=shuffle, seed=seed)
 
     def batches(epoch: int) -> Iterable[dict[str, Any]]:
         for b in rows(epoch):

@@ -3,11 +3,11 @@
 Streaming a shard through Ray Data every epoch costs CPU that the training step needs: on a 2-core node the
 split coordinator alone took a quarter of a core while a ClassNet trained (BENCHMARKS.md). Most cohorts a
 node trains on fit in memory as the encoded rows Ray Data hands out (GlaS: ~9k tile JPEGs, ~30 MB), so the
-first epoch keeps them and later epochs draw batches from memory, reshuffled over the whole shard each
-epoch (a better shuffle than the streaming buffer's). A shard larger than the limit streams every epoch,
-as before; the cache gives up the moment it would pass the limit, so memory stays bounded.
+first epoch reads them before its first step and every epoch draws batches from memory, reshuffled over
+the whole shard (a better shuffle than the streaming buffer's). A shard larger than the limit streams every
+epoch; the cache gives up the moment it would pass the limit, so memory stays bounded.
 
-``prefill`` reads the shard before the first step instead of alongside it. Streamed beside the training
+The shard is read before the first step, not alongside it. Streamed beside the training
 step, Ray Data's tasks take CPU from the step's threads, and on a 2-core node the step's two OpenMP threads
 then wait on each other: a streamed first epoch ran at half the speed of the cached ones (GlaS stage 2:
 1.27 vs 2.45 img/s), far more than the Ray Data work itself costs. Read first, the shard takes seconds.
@@ -42,26 +42,24 @@ def batch_nbytes(batch: Batch) -> int:
 
 
 class EpochCache:
-    """Epoch -> batches: the first pass streams ``source(epoch)`` and keeps its rows while they fit in
-    ``limit_bytes``; once one pass completed within the limit, every later epoch comes from memory.
+    """Epoch -> batches: the first call reads ``source(epoch)`` whole before it yields, while its rows fit in
+    ``limit_bytes``, and serves that epoch and every later one from memory.
 
     ``seed`` (e.g. the run's seed and the worker's rank) and the epoch fix each cached epoch's order.
-    ``limit_bytes <= 0`` never caches. A pass that is not run to the end (an error, a break) caches nothing,
-    so a resumed or retried epoch streams again. Cached epochs keep the shard's row count and batch size,
-    so workers of a DDP group that received equal shards still take the same number of steps.
-
-    ``prefill``: the first call reads the whole source before it yields, and serves that epoch from memory
-    too. A source that passes the limit while being read is handed out as read, then streamed to its end,
-    and streams every epoch after.
+    ``limit_bytes <= 0`` never caches. A source that passes the limit while being read is handed out as read,
+    then streamed to its end, and streams every epoch after. A read that fails keeps nothing, so a retried
+    epoch reads again; once read, the shard stays, even if an epoch is cut short. Cached epochs keep the
+    shard's row count and batch size, so workers of a DDP group that received equal shards still take the
+    same number of steps.
     """
 
     def __init__(self, source: Callable[[int], Iterable[Batch]], batch_size: int, limit_bytes: int, *,
-                 shuffle: bool, seed: Sequence[int] = (0,), prefill: bool = False) -> None:  # fmt: skip
+                 shuffle: bool, seed: Sequence[int] = (0,)) -> None:  # fmt: skip
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.source, self.batch_size, self.limit = source, int(batch_size), int(limit_bytes)
         self.shuffle, self.seed = shuffle, [int(x) for x in seed]
-        self.prefill = bool(prefill) and self.limit > 0
+        self.streams = self.limit <= 0  # set for good once a read passes the limit
         self.rows: dict[str, np.ndarray] | None = None  # the whole shard, column-wise, once cached
 
     @property
@@ -69,42 +67,27 @@ class EpochCache:
         return self.rows is not None
 
     def __call__(self, epoch: int) -> Iterator[Batch]:
-        if self.rows is not None:
-            yield from self._from_memory(epoch)
+        if self.rows is None and self.streams:
+            yield from self.source(epoch)
             return
-        if self.prefill:
-            yield from self._prefilled(epoch)
-            return
-        kept: list[Batch] | None = [] if self.limit > 0 else None
-        size = 0
-        for batch in self.source(epoch):
-            if kept is not None:
+        if self.rows is None:
+            source = iter(self.source(epoch))
+            kept: list[Batch] = []
+            size = 0
+            for batch in source:
+                kept.append(batch)
                 size += batch_nbytes(batch)
-                if size > self.limit:
-                    kept = None  # too big for memory: this shard streams every epoch
-                else:
-                    kept.append(batch)
-            yield batch
-        if kept:  # a full pass within the limit
-            self.rows = _concat(kept)
-
-    def _prefilled(self, epoch: int) -> Iterator[Batch]:
-        source = iter(self.source(epoch))
-        kept: list[Batch] = []
-        size = 0
-        for batch in source:
-            kept.append(batch)
-            size += batch_nbytes(batch)
-            if size > self.limit:  # too big for memory: what was read, then the rest as it streams
-                self.prefill = False
-                yield from kept
-                del kept
-                yield from source
+                if size > self.limit:  # too big for memory: what was read, then the rest as it streams
+                    self.streams = True
+                    yield from kept
+                    del kept
+                    yield from source
+                    return
+            if not kept:
                 return
-        if kept:
             self.rows = _concat(kept)
             del kept
-            yield from self._from_memory(epoch)
+        yield from self._from_memory(epoch)
 
     def _from_memory(self, epoch: int) -> Iterator[Batch]:
         rows = self.rows
