@@ -35,3 +35,14 @@ def test_train_scaling_and_failure_config():
     assert R.compute_threads(res) == 4
     assert R.read_options() == {"num_cpus": R.READ_CPUS}
     assert R.write_options() == {"ray_remote_args": {"num_cpus": R.READ_CPUS}}
+
+
+def test_train_threads_default_to_the_workers_cpus_and_can_be_raised_alone():
+    # The demo's 1-CPU workers leave two segment actors room on 2 cores; its single Train worker, whose shard
+    # is read before the first step, may still compute on both cores without reserving them.
+    res = ResourcesSection(cpus_per_worker=1)
+    assert R.train_threads(res) == R.compute_threads(res) == 1
+    raised = ResourcesSection(cpus_per_worker=1, train_threads=2)
+    assert R.train_threads(raised) == 2
+    assert R.scaling_config(raised).resources_per_worker == {"CPU": 0.75}
+    assert R.actor_pool_options(raised)["num_cpus"] == 0.75 and "runtime_env" in R.actor_pool_options(raised)

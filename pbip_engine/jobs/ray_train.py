@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from pbip_engine.jobs.resources import compute_threads, failure_config, read_options, scaling_config
+from pbip_engine.jobs.resources import failure_config, read_options, scaling_config, train_threads
 from pbip_engine.schemas.spec import ResourcesSection
 
 CKPT_FILE = "checkpoint.pt"
@@ -173,7 +173,7 @@ def fit_on_ray(
         train_loop_config={
             **config,
             "setup": setup,
-            "threads": compute_threads(resources),
+            "threads": train_threads(resources),
             "has_val": has_val,
             "cache_bytes": int(resources.train_cache_mb * 2**20),
         },

@@ -47,6 +47,11 @@ def compute_threads(res: ResourcesSection) -> int:
     return max(1, int(res.cpus_per_worker))
 
 
+def train_threads(res: ResourcesSection) -> int:
+    """torch intra-op threads per Train worker: ``train_threads`` where set, else :func:`compute_threads`."""
+    return res.train_threads or compute_threads(res)
+
+
 def actor_pool_options(res: ResourcesSection) -> dict[str, Any]:
     """``map_batches`` options: an autoscaling pool of (min, max) actors with per-actor CPUs/GPUs."""
     lo, hi = res.autoscale.min, res.autoscale.max

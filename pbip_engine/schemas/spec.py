@@ -363,6 +363,13 @@ class ResourcesSection(_Section):
     autoscale: AutoscaleSection = Field(default_factory=AutoscaleSection)
     max_failures: int = Field(2, ge=0)
     local_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray (default: all)")
+    train_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads of each Ray Train worker (stage 1, stage 2); default: cpus_per_worker. "
+        "A worker whose shard fits train_cache_mb reads it before the first step, so the CPUs kept for "
+        "actor pools (e.g. cpus_per_worker: 1 for two segment actors on 2 cores) sit idle while it trains",
+    )
     train_cache_mb: float = Field(
         1024,
         ge=0,
