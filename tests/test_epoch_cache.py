@@ -111,7 +111,7 @@ class CountingSource(Source):
 
 @settings(max_examples=20, deadline=None)
 @given(n=st.integers(1, 60), bs=st.integers(1, 16), seed=st.integers(0, 5))
-def test_prefill_reads_the_shard_before_the_first_step(n: int, bs: int, seed: int) -> None:
+def test_the_shard_is_read_before_the_first_step(n: int, bs: int, seed: int) -> None:
     src = CountingSource(n, bs)
     cache = EpochCache(src, bs, 1 << 20, shuffle=True, seed=(seed, 0))
     epoch1 = cache(1)
@@ -125,7 +125,7 @@ def test_prefill_reads_the_shard_before_the_first_step(n: int, bs: int, seed: in
     assert len(_ids(cache(2))) == n and src.passes == 1  # later epochs from memory as before
 
 
-def test_prefill_cut_short_keeps_the_read_shard_and_a_failed_read_keeps_nothing() -> None:
+def test_an_epoch_cut_short_keeps_the_read_shard_and_a_failed_read_keeps_nothing() -> None:
     src = CountingSource(40, 8)
     cache = EpochCache(src, 8, 1 << 20, shuffle=True)
     for i, _ in enumerate(cache(1)):
@@ -141,7 +141,7 @@ def test_prefill_cut_short_keeps_the_read_shard_and_a_failed_read_keeps_nothing(
     assert len(_ids(cache(1))) == 40 and cache.cached  # a retried epoch reads again
 
 
-def test_prefill_over_the_limit_hands_out_every_row_in_stream_order_then_streams() -> None:
+def test_a_shard_over_the_limit_hands_out_every_row_in_stream_order_then_streams() -> None:
     src = CountingSource(40, 8)
     one_batch = batch_nbytes(next(iter(Source(40, 8)(0))))
     cache = EpochCache(src, 8, 3 * one_batch, shuffle=True)  # room for 3 of the 5 batches
