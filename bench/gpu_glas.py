@@ -47,6 +47,8 @@ Protocol (QUALITY_AUDIT.md "A GPU run worth preparing", METHODS.md §4.3/§8):
   intersect``, the engine's default; ``image``: the image's labels, i.e. the union of its patch labels),
   argmax, then gland takes the holes it encloses (lumens; ``--fill-holes``, the GlaS specs'
   ``pseudo.fill_holes``); scored against the train masks (gland = 1, non-gland = 2, one confusion matrix, 2-class mIoU);
+  stage 2 then does not learn from the least sure ``--ignore-uncertain`` of each image's CAM-decided pixels
+  (the smallest leads of the winner; the GlaS spec's ``pseudo.ignore_uncertain``);
 * (d) stage 2: ``build_segmenter`` (DeepLab-v3+ at OS 16 by default; ASPP rates fitted to the crop) on random
   ``--crop`` crops of whole train images with the pseudo masks (zoom 0.75-2, dihedral, colour jitter),
   ``SegmentationTask`` (backbone lr, head 10x) through ``Trainer.train_epoch`` for ``--iters`` iterations, poly;
@@ -76,7 +78,7 @@ import pbip_engine  # noqa: F401  (cuCIM before torch)
 from pbip_engine.engine.embed.encoders import create_encoder, encoder_id
 from pbip_engine.engine.ingest.datasets.common import labels_from_mask
 from pbip_engine.engine.ingest.datasets.glas import CLASSES, GlaSImages, GlaSPatches
-from pbip_engine.engine.metrics import SegmentationMeter
+from pbip_engine.engine.metrics import IGNORE_INDEX, SegmentationMeter
 from pbip_engine.engine.nn.deeplab import build_segmenter
 from pbip_engine.engine.prototypes.bank import BankParams, build_bank
 from pbip_engine.engine.pseudo.cams import fuse_cams
@@ -356,11 +358,18 @@ def pseudo_masks(model, cfg, images, masks, args, dev):
         top2 = scores.topk(2, dim=0).values
         ties += int(((top2[0] == top2[1]) & (present.sum(0) > 1)).sum())
         pred = (scores.argmax(0) + 1).to(torch.uint8)
+        margin = torch.where(present.sum(0) > 1, top2[0] - top2[1], torch.inf)  # the CAMs' decisions
         if args.fill_holes:  # the engine's pseudo.fill_holes: [gland], where gland is allowed
             max_px = max(1, round(args.fill_holes * args.image_scale**2))
             filled = torch.from_numpy(fill_enclosed(pred.cpu().numpy(), [1], max_px)).to(dev)
-            pred = torch.where(present[0] & (filled == 1), filled, pred)
+            take = present[0] & (filled == 1) & (pred != 1)
+            pred = torch.where(take, filled, pred)
+            margin = torch.where(take, torch.inf, margin)
         meter.update(pred.cpu().numpy(), m.cpu().numpy())
+        decided = torch.isfinite(margin)
+        if args.ignore_uncertain > 0 and decided.any():  # the engine's pseudo.ignore_uncertain, per image
+            cut = torch.quantile(margin[decided].float().cpu(), args.ignore_uncertain).to(dev)
+            pred = torch.where(decided & (margin <= cut), torch.full_like(pred, IGNORE_INDEX), pred)
         out.append(pred)
     npx = sum(m.numel() for m in masks)
     return out, {**miou_of(meter), "tie_fraction": ties / max(npx, 1)}
@@ -511,6 +520,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="gland takes the regions it encloses, up to PX px at the scan's 0.62 µm/px (scaled "
                    "by --image-scale²): examples/glas.yaml's pseudo.fill_holes [gland], max_hole_px 2000 at "
                    "1.24 µm/px; 0 = off")  # fmt: skip
+    g.add_argument("--ignore-uncertain", type=float, default=0.3, metavar="FRAC",
+                   help="stage 2 does not learn from this fraction of each image's CAM-decided pixels, those "
+                   "with the smallest lead of the winning class (examples/glas.yaml's pseudo.ignore_uncertain); "
+                   "the pseudo masks are scored whole; 0 = off")  # fmt: skip
     g.add_argument("--no-sim", dest="sim", action="store_false", help="L_CLS only (no FG/BG matching)")
     g.add_argument("--cam-scales", type=floats, default=[0.5, 0.75, 1.0, 1.25, 1.5],
                    help="whole-image CAM scales, relative to the stage-1 magnification")  # fmt: skip

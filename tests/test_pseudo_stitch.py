@@ -8,14 +8,17 @@ import torch
 
 from pbip_engine.engine.pseudo.cams import CamError, cams_to_mask
 from pbip_engine.engine.pseudo.stitch import (
+    decision_margins,
     decode_cam,
     encode_cam,
     fill_enclosed,
+    least_certain,
     listed_by_all,
     masks_as_votes,
     shared_labels,
     stitch_cams,
     stitched_masks,
+    stitched_masks_and_margins,
 )
 
 
@@ -353,3 +356,86 @@ def test_fill_holes_spec_names_classes_and_needs_stitching(tmp_path):
         parse_spec({**raw, "pseudo": {"fill_holes": ["lumen"]}}, tmp_path)
     with pytest.raises(ValueError, match=r"pseudo\.fill_holes.*pseudo\.stitch: true"):
         parse_spec({**raw, "pseudo": {"fill_holes": ["gland"], "stitch": False}}, tmp_path)
+
+
+def test_margins_are_the_lead_of_the_winner_among_the_allowed_classes():
+    cam = np.zeros((3, 2, 2), np.float32)
+    cam[:, 0, 0] = [0.7, 0.2, 0.6]  # lead 0.1 over class 3, 0.5 over class 2 once class 3 is ruled out
+    cam[:, 0, 1] = [0.5, 0.5, 0.0]  # a tie: no lead
+    ok = np.ones((3, 2, 2), bool)
+    ok[2, 1, :] = False
+    ok[1:, 1, 1] = False  # one class left: the labels decide
+    (m,) = decision_margins([cam], [ok])
+    np.testing.assert_allclose(m[0, :2], [0.1, 0.0], atol=1e-6)
+    np.testing.assert_allclose(m[1, 0], 0.0)
+    assert m[1, 1] == np.inf
+
+
+def test_the_least_certain_fraction_is_taken_per_slide_over_every_tile():
+    a = np.array([[0.1, 0.2], [0.3, np.inf]], np.float32)
+    b = np.array([[0.4, 0.5], [0.6, 0.7]], np.float32)
+    da, db = least_certain([a, b], 0.3)  # 7 finite margins: the quantile cut is 0.28
+    assert da.tolist() == [[True, True], [False, False]] and not db.any()
+    assert not any(d.any() for d in least_certain([a, b], 0.0))
+    assert least_certain([np.full((2, 2), np.inf, np.float32)], 0.5)[0].sum() == 0  # nothing the CAMs decide
+
+
+def test_margins_of_stitched_masks_skip_what_labels_and_the_fill_decide():
+    xs, ys, s0, cams, labels = _disagreeing_pair()
+    masks, margins = stitched_masks_and_margins(xs, ys, s0, cams, labels, "none")
+    for m, n in zip(masks, stitched_masks(xs, ys, s0, cams, labels, "none"), strict=True):
+        np.testing.assert_array_equal(m, n)  # the masks are the same with or without the margins
+    np.testing.assert_allclose(margins[0][:, :4], 0.4, atol=1e-5)  # A alone: 0.6 - 0.2
+    np.testing.assert_allclose(margins[0][:, 4:], 0.2, atol=1e-5)  # the overlap: 0.55 - 0.35
+    # B single-label: it settles the overlap for A, and its own pixels, so no margin there
+    _, margins = stitched_masks_and_margins(xs, ys, s0, cams, np.array([[1, 1], [0, 1]], np.float32), "none")
+    assert np.isinf(margins[0][:, 4:]).all() and np.isinf(margins[1]).all()
+    assert np.isfinite(margins[0][:, :4]).all()
+    # a filled hole is the fill's decision, not the argmax's
+    ring = np.zeros((2, 8, 8), np.float32)
+    ring[0], ring[1, 2:6, 2:6], ring[0, 2:6, 2:6] = 0.9, 0.9, 0.1
+    (mask,), (margin,) = stitched_masks_and_margins([0], [0], [8], [ring], np.ones((1, 2), np.float32),
+                                                    "none", fill_holes=[1])  # fmt: skip
+    assert (mask[2:6, 2:6] == 1).all() and np.isinf(margin[2:6, 2:6]).all()
+    assert np.isfinite(margin[0]).all()
+
+
+def test_ignore_uncertain_unlabels_the_least_certain_pixels_of_the_regions_only(tmp_path):
+    """``pseudo.ignore_uncertain`` reaches the stage: regions lose labels, the tile masks keep theirs."""
+    import cv2
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from pbip_engine.engine.ingest.tile_slide import encode_jpeg
+    from pbip_engine.engine.pseudo.regions import IGNORE
+    from pbip_engine.jobs.pseudo import stitch_slide
+    from pbip_engine.jobs.rundir import REGIONS
+    from pbip_engine.schemas.spec import parse_spec
+
+    raw = {
+        "run": {"name": "t", "output": "out"},
+        "data": {"synthetic": {"slides": 1, "size": 768}},
+        "classes": [{"name": "a", "color": [200, 0, 0]}, {"name": "b", "color": [0, 0, 200]}],
+        "segmenter": {"crop_px": 32},
+    }
+    with pytest.raises(ValueError, match="ignore_uncertain"):
+        parse_spec({**raw, "segmenter": {}, "pseudo": {"ignore_uncertain": 0.2}}, tmp_path)
+    cam = np.zeros((2, 8, 8), np.float32)
+    cam[0] = np.linspace(0.55, 1.0, 8)[None]  # class a leads by more and more from left to right
+    cam[1] = 0.5
+    batch = {
+        "tile_id": np.array(["s:0_0"], dtype=object), "slide_id": np.array(["s"], dtype=object),
+        "x": np.array([0]), "y": np.array([0]), "size0": np.array([8]), "labels": np.array([[1, 1]], np.uint8),
+        "image": np.array([encode_jpeg(np.full((8, 8, 3), 120, np.uint8), 90)], dtype=object),
+        "cam": np.array([encode_cam(cam)], dtype=object),
+    }  # fmt: skip
+    for frac, unlabelled in ((0.0, 0), (0.25, 16)):
+        spec = parse_spec({**raw, "pseudo": {"background": "none", "ignore_uncertain": frac}}, tmp_path)
+        rows = stitch_slide(batch, spec, str(tmp_path))
+        tile = np.asarray(Image.open(tmp_path / rows["mask_path"][0]))
+        assert (tile != IGNORE).all()  # the tile mask (and its score) keeps every label
+        region = pq.read_table(tmp_path / REGIONS / "s.parquet").to_pylist()[0]
+        mask = cv2.imdecode(np.frombuffer(region["mask"], np.uint8), cv2.IMREAD_UNCHANGED)
+        assert int((mask == IGNORE).sum()) == unlabelled
+        if unlabelled:
+            assert (mask[:, :2] == IGNORE).all() and (mask[:, 2:] == tile[:, 2:]).all()  # the smallest leads

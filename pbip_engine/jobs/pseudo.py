@@ -100,11 +100,12 @@ class PseudoPredictor:
 
 def stitch_slide(batch: dict[str, Any], spec: Any, out_dir: str) -> dict[str, Any]:
     """Ray Data ``map_groups`` function: one slide's tile CAMs -> stitched masks -> the samples rows."""
-    from pbip_engine.engine.pseudo.stitch import decode_cam, stitched_masks
+    from pbip_engine.engine.pseudo.regions import IGNORE
+    from pbip_engine.engine.pseudo.stitch import decode_cam, least_certain, stitched_masks_and_margins
 
     o = _options(spec)
     rgbs = decode_batch(batch)["image"]
-    masks = stitched_masks(
+    masks, margins = stitched_masks_and_margins(
         [int(v) for v in batch["x"]], [int(v) for v in batch["y"]], [int(v) for v in batch["size0"]],
         [decode_cam(c) for c in batch["cam"]], np.stack([np.asarray(v, np.float32) for v in batch["labels"]]),
         o.background, rgbs, white_threshold=o.white_threshold, min_size=o.min_object, power=o.gamma, crf=o.crf,
@@ -112,7 +113,11 @@ def stitch_slide(batch: dict[str, Any], spec: Any, out_dir: str) -> dict[str, An
         fill_holes=[spec.class_names.index(c) + 1 for c in spec.pseudo.fill_holes],
         max_hole_px=spec.pseudo.max_hole_px,
     )  # fmt: skip
-    write_regions(batch, rgbs, masks, spec.pseudo.region_px, Path(out_dir) / REGIONS)
+    train = masks  # what stage 2 learns from: the least certain pixels can be left out of it
+    if spec.pseudo.ignore_uncertain:
+        doubt = least_certain(margins, spec.pseudo.ignore_uncertain)
+        train = [np.where(d, np.uint8(IGNORE), m) for m, d in zip(masks, doubt, strict=True)]
+    write_regions(batch, rgbs, train, spec.pseudo.region_px, Path(out_dir) / REGIONS)
     return _mask_rows(batch, masks, Path(out_dir), [(255, 255, 255), *spec.class_colors])
 
 
@@ -151,8 +156,9 @@ class PseudoStage(Stage):
     # v5: CAMs stitched across overlapping tiles (pseudo.stitch), flip TTA (pseudo.flip);
     # v6: stitched regions/ for stage 2's crops (pseudo.region_px); v7: regions carry their px size;
     # v8: a pixel under overlapping tiles takes only the classes they all list (pseudo.overlap_labels);
-    # v9: holes a class encloses on the stitched mask can take that class (pseudo.fill_holes)
-    version = 9
+    # v9: holes a class encloses on the stitched mask can take that class (pseudo.fill_holes);
+    # v10: the least certain pixels can be left unlabelled in the regions (pseudo.ignore_uncertain)
+    version = 10
     deps = ("tile", "bank", "classnet")
     sections = ("classes", "method", "pseudo")
 

@@ -208,6 +208,14 @@ class PseudoSection(_Section):
         description="fill_holes: largest hole filled, in px at tiling.mpp (scale by 1/mpp² to keep an area "
         "in µm²); null = any enclosed region",
     )
+    ignore_uncertain: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="with segmenter.crop_px: this fraction of each slide's pixels that the CAMs decide (the "
+        "smallest margins between the two best allowed classes) is left unlabelled in the stitched regions "
+        "stage 2 trains on; the tile masks and their scores keep every label",
+    )
     region_px: int = Field(
         512,
         ge=16,
@@ -422,6 +430,11 @@ class JobSpec(_Section):
             raise ValueError(
                 f"segmenter.crop_px ({self.segmenter.crop_px}) crops the stitched regions: it needs "
                 "pseudo.stitch: true (or leave segmenter.crop_px unset to train on the tiles)"
+            )
+        if self.pseudo.ignore_uncertain and self.segmenter.crop_px is None:
+            raise ValueError(
+                f"pseudo.ignore_uncertain ({self.pseudo.ignore_uncertain}) unlabels pixels of the stitched "
+                "regions, which only segmenter.crop_px trains on: set segmenter.crop_px, or leave it at 0"
             )
         if self.pseudo.fill_holes and not self.pseudo.stitch:
             raise ValueError(
