@@ -111,7 +111,7 @@ def stitch_slide(batch: dict[str, Any], spec: Any, out_dir: str) -> dict[str, An
         o.background, rgbs, white_threshold=o.white_threshold, min_size=o.min_object, power=o.gamma, crf=o.crf,
         overlap_labels=spec.pseudo.overlap_labels,
         fill_holes=[spec.class_names.index(c) + 1 for c in spec.pseudo.fill_holes],
-        max_hole_px=spec.pseudo.max_hole_px,
+        max_hole_px=spec.pseudo.max_hole_px, margins=bool(spec.pseudo.ignore_uncertain),
     )  # fmt: skip
     train = masks  # what stage 2 learns from: the least certain pixels can be left out of it
     if spec.pseudo.ignore_uncertain:

@@ -278,8 +278,8 @@ def least_certain(margins: Sequence[np.ndarray], fraction: float) -> list[np.nda
 
 def stitched_masks(*args: Any, **options: Any) -> list[np.ndarray]:
     """uint8 ``h,w`` pseudo mask per tile: :func:`stitched_masks_and_margins` (same arguments) without the
-    margins."""
-    return stitched_masks_and_margins(*args, **options)[0]
+    margins (which it does not compute)."""
+    return stitched_masks_and_margins(*args, **options, margins=False)[0]
 
 
 def stitched_masks_and_margins(
@@ -298,10 +298,11 @@ def stitched_masks_and_margins(
     overlap_labels: str = "intersect",
     fill_holes: Sequence[int] = (),
     max_hole_px: int | None = None,
+    margins: bool = True,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """uint8 ``h,w`` pseudo mask per tile (0 = background, k = class k) from the stitched CAMs of one slide,
     and per tile the :func:`decision_margins` behind each label (``inf`` where the labels, a background
-    rule or the hole fill decided rather than the CAMs' argmax).
+    rule or the hole fill decided rather than the CAMs' argmax; an empty list with ``margins=False``).
 
     ``rgbs`` (uint8 ``h,w,3`` per tile) is needed by the ``white`` rules and ``crf``, as in ``cams_to_mask``.
     ``overlap_labels``: ``intersect`` (a pixel takes only classes every tile over it lists) or ``own``.
@@ -330,13 +331,10 @@ def stitched_masks_and_margins(
         )  # fmt: skip
     ok = [np.broadcast_to((lab > 0.5)[:, None, None], (len(lab), s, s)) if a is None else a
           for a, lab, s in zip(allowed, labels, sides, strict=True)]  # fmt: skip
-    margins = decision_margins(stitched, ok)
-    if fill_holes:
-        filled = _fill_tiles(out, layout, ok, fill_holes, max_hole_px)
-        margins = [
-            np.where(f != m, np.float32(np.inf), g) for f, m, g in zip(filled, out, margins, strict=True)
-        ]
-        out = filled
-    decided = [(m != 0) & (m != UNCERTAIN) for m in out]  # a background rule or a tie is not the argmax's
-    margins = [np.where(d, g, np.float32(np.inf)) for d, g in zip(decided, margins, strict=True)]
-    return out, margins
+    filled = _fill_tiles(out, layout, ok, fill_holes, max_hole_px) if fill_holes else out
+    if not margins:
+        return filled, []
+    # the CAMs' argmax decided a pixel unless the fill, a background rule or a tie (UNCERTAIN) did
+    decided = [(f == m) & (f != 0) & (f != UNCERTAIN) for f, m in zip(filled, out, strict=True)]
+    lead = decision_margins(stitched, ok)
+    return filled, [np.where(d, g, np.float32(np.inf)) for d, g in zip(decided, lead, strict=True)]
