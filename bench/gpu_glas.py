@@ -82,7 +82,7 @@ from pbip_engine.engine.metrics import IGNORE_INDEX, SegmentationMeter
 from pbip_engine.engine.nn.deeplab import build_segmenter
 from pbip_engine.engine.prototypes.bank import BankParams, build_bank
 from pbip_engine.engine.pseudo.cams import fuse_cams
-from pbip_engine.engine.pseudo.stitch import fill_enclosed, listed_by_all
+from pbip_engine.engine.pseudo.stitch import fill_enclosed, least_certain, listed_by_all
 from pbip_engine.engine.training.amp import autocast
 from pbip_engine.engine.training.device_augment import (
     colour_jitter,
@@ -366,10 +366,9 @@ def pseudo_masks(model, cfg, images, masks, args, dev):
             pred = torch.where(take, filled, pred)
             margin = torch.where(take, torch.inf, margin)
         meter.update(pred.cpu().numpy(), m.cpu().numpy())
-        decided = torch.isfinite(margin)
-        if args.ignore_uncertain > 0 and decided.any():  # the engine's pseudo.ignore_uncertain, per image
-            cut = torch.quantile(margin[decided].float().cpu(), args.ignore_uncertain).to(dev)
-            pred = torch.where(decided & (margin <= cut), torch.full_like(pred, IGNORE_INDEX), pred)
+        if args.ignore_uncertain > 0:  # the engine's pseudo.ignore_uncertain (its per-slide rule), per image
+            doubt = torch.from_numpy(least_certain([margin.float().cpu().numpy()], args.ignore_uncertain)[0])
+            pred = torch.where(doubt.to(dev), torch.full_like(pred, IGNORE_INDEX), pred)
         out.append(pred)
     npx = sum(m.numel() for m in masks)
     return out, {**miou_of(meter), "tie_fraction": ties / max(npx, 1)}
