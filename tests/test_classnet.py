@@ -491,3 +491,35 @@ def test_readout_keys_rerun_the_pseudo_stage_and_keep_the_trained_model(tmp_path
     np.testing.assert_allclose(got, want, atol=1e-6)
     np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-5)  # the raw read-out is a softmax over classes
     assert not np.allclose(got, as_trained.predict_cams(batch, opts), atol=1e-3)
+
+
+def test_matcher_pads_the_encoder_batch_to_fixed_sizes():
+    """The (image, class) pair count changes every batch; the encoder must see a few padded batch sizes only
+    (cuDNN autotuning re-tunes every new shape), and the padding must not change a feature or a mask."""
+    from pbip_engine.methods.pbip import losses as L
+    from pbip_engine.methods.pbip.classnet import SIM_BATCH_MULTIPLE
+
+    model, cfg = tiny_model()
+    model.eval()
+    enc = freeze_encoder(TinyEncoder())
+    sizes: list[int] = []
+    enc.register_forward_pre_hook(lambda m, a: sizes.append(len(a[0])))
+    x = to_model_input(toy_batch(5), cfg.mean, cfg.std, "cpu")["image"]
+    y = torch.tensor([[1, 0], [1, 1], [0, 1], [1, 1], [1, 0]], dtype=torch.float32)  # S = 7 pairs
+    with torch.no_grad():
+        cams = [c / model(x)["scales"][i] for i, c in enumerate(model(x)["cams"])]
+        m = model.matcher(cams, x, y, enc)
+    assert sizes == [2 * SIM_BATCH_MULTIPLE]  # 7 FG + 7 BG padded to 16 + 16
+    assert m["f_fg"].shape[0] == m["f_bg"].shape[0] == m["binary"].shape[0] == 7
+    # the unpadded reference: the same 7 pairs through the encoder on their own
+    fused = L.fuse_for_matching(cams, x.shape[-2:], model.matcher.fuse_weights)
+    b, c = torch.nonzero(y > 0.5, as_tuple=True)
+    binary = L.foreground_masks(fused, model.matcher.delta, model.matcher.threshold)[b, c]
+    soft = L.minmax_per_channel(fused)[b, c]
+    img01 = (x * model.matcher.std + model.matcher.mean).clamp(0, 1)[b]
+    fg, bg = L.compose_fg_bg(img01, soft, binary.float())
+    with torch.no_grad():
+        ref = enc(model.matcher.encoder_input(torch.cat([fg, bg]), enc))
+    torch.testing.assert_close(m["f_fg"], ref[:7])
+    torch.testing.assert_close(m["f_bg"], ref[7:])
+    assert torch.equal(m["binary"], binary)

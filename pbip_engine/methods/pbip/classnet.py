@@ -335,6 +335,9 @@ def freeze_encoder(encoder: nn.Module) -> nn.Module:
     return encoder
 
 
+SIM_BATCH_MULTIPLE = 16  # the FG/BG pairs per step are padded to a multiple of this
+
+
 class ImgMatchNet(nn.Module):
     """FG/BG separation (Eq. 3-5) and encoding by the frozen bank encoder; no parameters of its own."""
 
@@ -390,17 +393,23 @@ class ImgMatchNet(nn.Module):
         out: dict[str, torch.Tensor] = {"fused": fused, "image_index": b_idx, "class_index": c_idx}
         if b_idx.numel() == 0:
             return out
-        binary = L.foreground_masks(fused, self.delta, self.threshold)[b_idx, c_idx]  # [S, H, W]
-        soft = L.minmax_per_channel(fused)[b_idx, c_idx]
-        image01 = (x.float() * self.std + self.mean).clamp(0, 1)[b_idx]
+        s = b_idx.numel()
+        # Pad the pairs to a multiple of SIM_BATCH_MULTIPLE (repeats of the first, dropped below): the encoder
+        # then sees a handful of batch sizes instead of a new one per batch, which cuDNN's autotuning
+        # (benchmark mode) would re-tune every step: on an H200 that held stage 1 at 38 images/s.
+        pad = -s % SIM_BATCH_MULTIPLE
+        bp, cp = (torch.cat([i, i[:1].expand(pad)]) for i in (b_idx, c_idx))
+        binary = L.foreground_masks(fused, self.delta, self.threshold)[bp, cp]  # [S + pad, H, W]
+        soft = L.minmax_per_channel(fused)[bp, cp]
+        image01 = (x.float() * self.std + self.mean).clamp(0, 1)[bp]
         fg, bg = L.compose_fg_bg(image01, soft.float(), binary.float())
         feats = encoder(self.encoder_input(torch.cat([fg, bg]), encoder))
         if isinstance(feats, (list, tuple)):
             feats = feats[0]
         if feats.ndim != 2:
             raise ValueError(f"bank encoder must return [B, d] features, got shape {tuple(feats.shape)}")
-        s = b_idx.numel()
-        out.update(f_fg=feats[:s], f_bg=feats[s:], binary=binary)
+        n = s + pad
+        out.update(f_fg=feats[:s], f_bg=feats[n : n + s], binary=binary[:s])
         return out
 
 
