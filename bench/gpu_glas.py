@@ -5,7 +5,7 @@ pseudo masks -> DeepLab on pseudo masks -> testA with TTA, plus the control (Dee
     python bench/gpu_glas.py --tiny --device cpu --out /tmp/g.json  # 2+2 images: ~70 s of CPU on 2 cores
     python bench/gpu_glas.py --method lpd --device cuda --out gpu_glas_lpd.json  # LPD k=10 (no bank stage)
 
-GPU command (one call, both scripts; budget <= 9 min together, not yet measured on a GPU)::
+GPU command (one call, both scripts; budget <= 9 min together; first H200 runs: BENCHMARKS.md "One H200")::
 
     python bench/gpu_glas.py --device cuda --out gpu_glas.json && \\
     python bench/gpu_throughput.py --device cuda --out gpu_throughput.json

@@ -1,9 +1,9 @@
 """End-to-end throughput of the engine's GPU paths, each against its bare forward measured in the same run.
 
-    python bench/gpu_throughput.py --device cuda --out gpu_throughput.json   # one H200, ~1-2 min (estimate)
+    python bench/gpu_throughput.py --device cuda --out gpu_throughput.json   # H200: > 130 s (see BENCHMARKS)
     python bench/gpu_throughput.py --tiny --device cpu                       # a few tiles: a CPU check
 
-GPU command (one call, both scripts; budget <= 9 min together, not yet measured on a GPU)::
+GPU command (one call, both scripts; budget <= 9 min together; first H200 runs: BENCHMARKS.md "One H200")::
 
     python bench/gpu_glas.py --device cuda --out gpu_glas.json && \\
     python bench/gpu_throughput.py --device cuda --out gpu_throughput.json
