@@ -508,8 +508,10 @@ def test_matcher_pads_the_encoder_batch_to_fixed_sizes():
     y = torch.tensor([[1, 0], [1, 1], [0, 1], [1, 1], [1, 0]], dtype=torch.float32)  # S = 7 pairs
     with torch.no_grad():
         cams = [c / model(x)["scales"][i] for i, c in enumerate(model(x)["cams"])]
+        model.matcher(cams, x, y, enc)
+        model.matcher.pad_multiple = SIM_BATCH_MULTIPLE  # what CUDA gets by default
         m = model.matcher(cams, x, y, enc)
-    assert sizes == [2 * SIM_BATCH_MULTIPLE]  # 7 FG + 7 BG padded to 16 + 16
+    assert sizes == [14, 2 * SIM_BATCH_MULTIPLE]  # CPU: 7 FG + 7 BG as they are; padded: 16 + 16
     assert m["f_fg"].shape[0] == m["f_bg"].shape[0] == m["binary"].shape[0] == 7
     # the unpadded reference: the same 7 pairs through the encoder on their own
     fused = L.fuse_for_matching(cams, x.shape[-2:], model.matcher.fuse_weights)

@@ -341,6 +341,10 @@ SIM_BATCH_MULTIPLE = 16  # the FG/BG pairs per step are padded to a multiple of 
 class ImgMatchNet(nn.Module):
     """FG/BG separation (Eq. 3-5) and encoding by the frozen bank encoder; no parameters of its own."""
 
+    pad_multiple: int | None = (
+        None  # the encoder batch's multiple; None: SIM_BATCH_MULTIPLE on CUDA, else none
+    )
+
     def __init__(
         self,
         delta: float = 0.15,
@@ -394,10 +398,12 @@ class ImgMatchNet(nn.Module):
         if b_idx.numel() == 0:
             return out
         s = b_idx.numel()
-        # Pad the pairs to a multiple of SIM_BATCH_MULTIPLE (repeats of the first, dropped below): the encoder
-        # then sees a handful of batch sizes instead of a new one per batch, which cuDNN's autotuning
-        # (benchmark mode) would re-tune every step: on an H200 that held stage 1 at 38 images/s.
-        pad = -s % SIM_BATCH_MULTIPLE
+        # On CUDA, pad the pairs to a multiple of SIM_BATCH_MULTIPLE (repeats of the first, dropped below): the
+        # encoder then sees a handful of batch sizes instead of a new one per batch, which cuDNN's autotuning
+        # (benchmark mode) would re-tune every step: on an H200 that held stage 1 at 38 images/s. On a CPU
+        # nothing is tuned per shape, and the padding would only add encoder work.
+        multiple = self.pad_multiple or (SIM_BATCH_MULTIPLE if x.is_cuda else 1)
+        pad = -s % multiple
         bp, cp = (torch.cat([i, i[:1].expand(pad)]) for i in (b_idx, c_idx))
         binary = L.foreground_masks(fused, self.delta, self.threshold)[bp, cp]  # [S + pad, H, W]
         soft = L.minmax_per_channel(fused)[bp, cp]
