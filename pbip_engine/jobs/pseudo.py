@@ -80,22 +80,30 @@ class PseudoPredictor:
         self.out_dir = Path(out_dir)
         self.colors = [(255, 255, 255), *spec.class_colors]
         self.stitch = stitch
+        self.features = stitch and spec.pseudo.image_prototypes > 0
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from pbip_engine.engine.pseudo.stitch import encode_cam, masks_as_votes
+        from pbip_engine.engine.pseudo.stitch import encode_arrays, encode_cam, masks_as_votes
 
         decoded = decode_batch(batch)
         if not self.stitch:
             return _mask_rows(
                 batch, self.model.predict_masks(decoded, self.options), self.out_dir, self.colors
             )
-        if hasattr(self.model, "predict_cams"):
+        extra: dict[str, Any] = {}
+        if self.features:  # pseudo.image_prototypes: each tile's features per level + the level weights last
+            cams, feats, weights = self.model.predict_cams_and_features(decoded, self.options)
+            w = np.asarray(weights, np.float32)
+            blobs = [encode_arrays([f[i] for f in feats] + [w]) for i in range(len(cams))]
+            extra["features"] = np.array(blobs, dtype=object)
+        elif hasattr(self.model, "predict_cams"):
             cams = self.model.predict_cams(decoded, self.options)
         else:  # a method without CAMs to share: its per-tile masks vote in the overlaps
             masks = self.model.predict_masks(decoded, self.options)
             cams = masks_as_votes(masks, decoded["labels"].shape[1])
         keep = ("tile_id", "slide_id", "x", "y", "size0", "labels", "image")
-        return {**{k: batch[k] for k in keep}, "cam": np.array([encode_cam(c) for c in cams], dtype=object)}
+        cam = np.array([encode_cam(c) for c in cams], dtype=object)
+        return {**{k: batch[k] for k in keep}, "cam": cam, **extra}
 
 
 def stitch_slide(batch: dict[str, Any], spec: Any, out_dir: str) -> dict[str, Any]:
@@ -104,14 +112,25 @@ def stitch_slide(batch: dict[str, Any], spec: Any, out_dir: str) -> dict[str, An
     from pbip_engine.engine.pseudo.stitch import decode_cam, least_certain, stitched_masks_and_margins
 
     o = _options(spec)
+    p = spec.pseudo
     rgbs = decode_batch(batch)["image"]
+    tiles = ([int(v) for v in batch["x"]], [int(v) for v in batch["y"]], [int(v) for v in batch["size0"]])
+    cams = [decode_cam(c) for c in batch["cam"]]
+    labels = np.stack([np.asarray(v, np.float32) for v in batch["labels"]])
+    rules = dict(white_threshold=o.white_threshold, min_size=o.min_object, power=o.gamma, crf=o.crf,
+                 overlap_labels=p.overlap_labels)  # fmt: skip
+    if p.image_prototypes:  # the slide's own prototypes, from a first stitching's surest labels (no fill)
+        from pbip_engine.engine.pseudo.image_prototypes import image_prototype_cams
+        from pbip_engine.engine.pseudo.stitch import decode_arrays
+
+        first, lead = stitched_masks_and_margins(*tiles, cams, labels, o.background, rgbs, **rules)
+        blobs = [decode_arrays(b) for b in batch["features"]]
+        cams, _ = image_prototype_cams(cams, [b[:-1] for b in blobs], blobs[0][-1].tolist(), first, lead, labels,
+                                       p.image_prototypes, p.image_prototype_weight)  # fmt: skip
     masks, margins = stitched_masks_and_margins(
-        [int(v) for v in batch["x"]], [int(v) for v in batch["y"]], [int(v) for v in batch["size0"]],
-        [decode_cam(c) for c in batch["cam"]], np.stack([np.asarray(v, np.float32) for v in batch["labels"]]),
-        o.background, rgbs, white_threshold=o.white_threshold, min_size=o.min_object, power=o.gamma, crf=o.crf,
-        overlap_labels=spec.pseudo.overlap_labels,
-        fill_holes=[spec.class_names.index(c) + 1 for c in spec.pseudo.fill_holes],
-        max_hole_px=spec.pseudo.max_hole_px, margins=bool(spec.pseudo.ignore_uncertain),
+        *tiles, cams, labels, o.background, rgbs, **rules,
+        fill_holes=[spec.class_names.index(c) + 1 for c in p.fill_holes],
+        max_hole_px=p.max_hole_px, margins=bool(p.ignore_uncertain),
     )  # fmt: skip
     train = masks  # what stage 2 learns from: the least certain pixels can be left out of it
     if spec.pseudo.ignore_uncertain:
@@ -157,8 +176,9 @@ class PseudoStage(Stage):
     # v6: stitched regions/ for stage 2's crops (pseudo.region_px); v7: regions carry their px size;
     # v8: a pixel under overlapping tiles takes only the classes they all list (pseudo.overlap_labels);
     # v9: holes a class encloses on the stitched mask can take that class (pseudo.fill_holes);
-    # v10: the least certain pixels can be left unlabelled in the regions (pseudo.ignore_uncertain)
-    version = 10
+    # v10: the least certain pixels can be left unlabelled in the regions (pseudo.ignore_uncertain);
+    # v11: CAMs re-read against each slide's own prototypes (pseudo.image_prototypes)
+    version = 11
     deps = ("tile", "bank", "classnet")
     sections = ("classes", "method", "pseudo")
 

@@ -183,6 +183,9 @@ class Method:
     # what stage 1 learns: changing one re-runs the pseudo stage and keeps the trained model (the classnet
     # stage's input hash leaves them out). ``load_cam_model`` must take them from the spec, not the checkpoint.
     readout_keys: ClassVar[frozenset[str]] = frozenset()
+    # True when the CAM model offers ``predict_cams_and_features`` (CAMs as feature-prototype cosines), which
+    # ``pseudo.image_prototypes`` needs.
+    prototype_features: ClassVar[bool] = False
 
     def readout(self, cfg: MethodConfig) -> dict[str, Any]:
         """The spec's values of ``readout_keys``, for ``load_cam_model`` to apply over the checkpoint's."""

@@ -216,6 +216,20 @@ class PseudoSection(_Section):
         "smallest margins between the two best allowed classes) is left unlabelled in the stitched regions "
         "stage 2 trains on; the tile masks and their scores keep every label",
     )
+    image_prototypes: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="with stitch: re-read each slide's CAMs against class prototypes taken from that slide's own "
+        "features (SIPE): the seeds are the pixels its labels settle plus this fraction of the CAM-decided "
+        "pixels with the largest margins; 0 = off. Needs a method with prototype CAMs (pbip, lpd)",
+    )
+    image_prototype_weight: float = Field(
+        0.75,
+        gt=0,
+        le=1,
+        description="image_prototypes: weight of the slide-specific CAMs against the cohort's (1 = theirs alone)",
+    )
     region_px: int = Field(
         512,
         ge=16,
@@ -435,6 +449,11 @@ class JobSpec(_Section):
             raise ValueError(
                 f"pseudo.ignore_uncertain ({self.pseudo.ignore_uncertain}) unlabels pixels of the stitched "
                 "regions, which only segmenter.crop_px trains on: set segmenter.crop_px, or leave it at 0"
+            )
+        if self.pseudo.image_prototypes and not self.pseudo.stitch:
+            raise ValueError(
+                f"pseudo.image_prototypes ({self.pseudo.image_prototypes}) takes prototypes from each slide's "
+                "stitched masks: it needs pseudo.stitch: true"
             )
         if self.pseudo.fill_holes and not self.pseudo.stitch:
             raise ValueError(
@@ -774,6 +793,11 @@ def check_inputs(spec: JobSpec) -> list[Path]:
         check_slide_ids(expand_slides(spec.segment.slides, "segment.slides"), "segment.slides")
     from pbip_engine.methods import get_method
 
+    if spec.pseudo.image_prototypes and not get_method(spec.method.name).prototype_features:
+        raise SpecError(
+            f"pseudo.image_prototypes needs a method whose CAMs compare features with prototypes (pbip, lpd); "
+            f"method {spec.method.name!r} has none"
+        )
     try:
         get_method(spec.method.name).check_inputs(spec.method, spec)
     except ValueError as e:  # the method's own checks (masks, labelled split, checkpoints) name their key

@@ -71,6 +71,19 @@ def decode_cam(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(zlib.decompress(data)), allow_pickle=False).astype(np.float32)
 
 
+def encode_arrays(arrays: Sequence[np.ndarray]) -> bytes:
+    """Several arrays (e.g. a tile's feature maps per level) -> one compressed binary value."""
+    buf = io.BytesIO()
+    np.savez(buf, *arrays)
+    return zlib.compress(buf.getvalue(), 3)
+
+
+def decode_arrays(data: bytes) -> list[np.ndarray]:
+    """Inverse of :func:`encode_arrays`, in order."""
+    with np.load(io.BytesIO(zlib.decompress(data)), allow_pickle=False) as z:
+        return [z[f"arr_{i}"] for i in range(len(z.files))]
+
+
 def masks_as_votes(masks: np.ndarray, n_classes: int) -> np.ndarray:
     """uint8 ``B,H,W`` masks -> one-hot float ``B,N,H,W`` (background = all zeros).
 

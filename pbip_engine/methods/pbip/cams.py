@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pbip_engine.engine.metrics import SegmentationMeter
@@ -73,13 +74,48 @@ def predict_cams(
 
     Kept apart from the argmax so that the pseudo stage can average overlapping tiles' CAMs first.
     """
+    return predict_cams_and_features(model, batch, cfg, device, flip=flip, features=False)[0]
+
+
+@torch.inference_mode()
+def predict_cams_and_features(
+    model: nn.Module,
+    batch: dict[str, Any],
+    cfg: ClassNetConfig,
+    device: torch.device | str,
+    *,
+    flip: bool = False,
+    features: bool = True,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[float]]:
+    """:func:`predict_cams`' CAMs, and what image-specific prototypes are matched against
+    (``engine/pseudo/image_prototypes.py``): per CAM level that the read-out uses (``eval_fuse_weights`` > 0),
+    the unit backbone features ``B,C,h,w`` (flip-averaged with ``flip``) and the level's weight, its share of
+    the fuse weights times its logit scale, so that image-specific logits are in the raw read-out's units.
+    ``features=False``: the CAMs alone (empty lists), for models whose output has no features."""
     with _eval_mode(model):
         image = to_model_input(batch, cfg.mean, cfg.std, device)["image"]
-        fused = _readout(*_fused(model, image, cfg, device)[:2], cfg)
-        if flip:
-            mirrored = _readout(*_fused(model, image.flip(-1), cfg, device)[:2], cfg)
-            fused = (fused + mirrored.flip(-1)) / 2
-        return fused
+        size = tuple(image.shape[-2:])
+        cams, feats = None, None
+        for mirrored in (False, True) if flip else (False,):
+            x = image.flip(-1) if mirrored else image
+            with autocast(device, cfg.amp):
+                out = model(resize_input(x, getattr(cfg, "input_px", None)))
+            n_levels = len(out["cams"])
+            w = list(cfg.eval_fuse_weights or [1.0] * n_levels)
+            used = [i for i in range(n_levels) if w[i] > 0]
+            c = _readout(
+                fuse_cams(out["cams"], size, w), fuse_cams(out["cams"], size, w, normalize=False), cfg
+            )
+            f = [F.normalize(out["features"][i].float(), dim=1) for i in used] if features else []
+            if mirrored:
+                c, f = c.flip(-1), [t.flip(-1) for t in f]
+            cams = c if cams is None else (cams + c) / 2
+            feats = f if feats is None else [F.normalize(a + b, dim=1) for a, b in zip(feats, f, strict=True)]
+        if not features:
+            return cams, [], []
+        total = sum(w[i] for i in used)
+        weights = [w[i] / total * float(out["scales"][i]) for i in used]
+        return cams, feats, weights
 
 
 def _readout(fused: torch.Tensor, raw: torch.Tensor, cfg: ClassNetConfig) -> torch.Tensor:
@@ -182,3 +218,13 @@ class PbipCamModel(MasksFromCams):
 
     def predict_cams(self, batch: dict[str, Any], options: PseudoOptions) -> np.ndarray:
         return predict_cams(self.model, batch, self.cfg, self.device, flip=options.flip).float().cpu().numpy()
+
+    def predict_cams_and_features(
+        self, batch: dict[str, Any], options: PseudoOptions
+    ) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
+        """``predict_cams`` plus per used level the unit features ``B,C,h,w`` (float16) and the level weights
+        (``pseudo.image_prototypes``)."""
+        cams, feats, weights = predict_cams_and_features(
+            self.model, batch, self.cfg, self.device, flip=options.flip
+        )
+        return cams.float().cpu().numpy(), [f.half().cpu().numpy() for f in feats], weights

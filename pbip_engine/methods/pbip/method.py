@@ -30,6 +30,7 @@ class PbipMethod(Method):
     config_model = PbipConfig
     summary = "PBIP (CVPR 2025): prototype-cosine CAMs on a bank of sub-class prototypes + FG/BG matching"
     readout_keys = CAM_READOUT_KEYS
+    prototype_features = True
 
     def stage1_task(self, cfg: PbipConfig, inputs: Stage1Inputs) -> PbipTask:
         from pbip_engine.engine.embed.encoders import create_encoder
