@@ -45,7 +45,9 @@ Protocol (QUALITY_AUDIT.md "A GPU run worth preparing", METHODS.md §4.3/§8):
   to the stage-1 magnification) + horizontal flip, levels fused by ``engine.pseudo.cams.fuse_cams``,
   averaged, restricted per pixel to the classes every patch over it lists (``--overlap-labels
   intersect``, the engine's default; ``image``: the image's labels, i.e. the union of its patch labels),
-  argmax, then gland takes the holes it encloses (lumens; ``--fill-holes``, the GlaS specs'
+  argmax; with ``--image-prototypes`` (the GlaS spec's ``pseudo.image_prototypes``) the CAMs are mixed with
+  the image's own-prototype CAMs (``engine.pseudo.image_prototypes``: prototypes from the label-settled pixels
+  and the surest CAM decisions) and the argmax taken again; then gland takes the holes it encloses (lumens; ``--fill-holes``, the GlaS specs'
   ``pseudo.fill_holes``); scored against the train masks (gland = 1, non-gland = 2, one confusion matrix, 2-class mIoU);
   stage 2 then does not learn from the least sure ``--ignore-uncertain`` of each image's CAM-decided pixels
   (the smallest leads of the winner; the GlaS spec's ``pseudo.ignore_uncertain``);
@@ -82,6 +84,7 @@ from pbip_engine.engine.metrics import IGNORE_INDEX, SegmentationMeter
 from pbip_engine.engine.nn.deeplab import build_segmenter
 from pbip_engine.engine.prototypes.bank import BankParams, build_bank
 from pbip_engine.engine.pseudo.cams import fuse_cams
+from pbip_engine.engine.pseudo.image_prototypes import prototype_cam, seed_masks, slide_prototypes
 from pbip_engine.engine.pseudo.stitch import fill_enclosed, least_certain, listed_by_all
 from pbip_engine.engine.training.amp import autocast
 from pbip_engine.engine.training.device_augment import (
@@ -345,6 +348,43 @@ def patch_label_rule(mask: np.ndarray, args) -> np.ndarray:
     return listed_by_all(boxes, np.asarray(labels).reshape(-1, N_CLASSES), h, w)
 
 
+def decide(cams: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Argmax over the allowed classes (1-based uint8), the winner's lead (inf where one class is allowed),
+    and the number of exact ties."""
+    scores = cams.masked_fill(~present, -1.0)
+    top2 = scores.topk(2, dim=0).values
+    ties = int(((top2[0] == top2[1]) & (present.sum(0) > 1)).sum())
+    pred = (scores.argmax(0) + 1).to(torch.uint8)
+    return pred, torch.where(present.sum(0) > 1, top2[0] - top2[1], torch.inf), ties
+
+
+@torch.inference_mode()
+def own_prototype_cams(model, cfg, img, cams, pred, margin, present, base, args, dev) -> torch.Tensor:
+    """``cams`` mixed with the image's own-prototype CAMs (``engine.pseudo.image_prototypes``): features of the
+    whole image at the stage-1 magnification (flip-averaged), seeds from ``pred``/``margin``."""
+    h, w = img.shape[:2]
+    x = F.interpolate(normalise(img, cfg.mean, cfg.std), size=(round(h * base), round(w * base)),
+                      mode="bilinear", align_corners=False, antialias=base < 1)  # fmt: skip
+    feats = None
+    for f in (False, True) if not args.no_flip else (False,):
+        with autocast(dev, cfg.amp):
+            out = model(x.flip(-1) if f else x)
+        fw = list(cfg.eval_fuse_weights or [1.0] * len(out["cams"]))
+        used = [i for i, v in enumerate(fw) if v > 0]
+        fs = [F.normalize(out["features"][i].float(), dim=1)[0] for i in used]
+        fs = [t.flip(-1) for t in fs] if f else fs
+        feats = fs if feats is None else [F.normalize(a + b, dim=0) for a, b in zip(feats, fs, strict=True)]
+    weights = [fw[i] / sum(fw[i] for i in used) * float(out["scales"][i]) for i in used]
+    feats_np = [t.cpu().numpy() for t in feats]
+    seeds = seed_masks([pred.cpu().numpy()], [margin.float().cpu().numpy()], args.image_prototypes)
+    listed = [k + 1 for k in range(N_CLASSES) if bool(present[k].any())]
+    protos = slide_prototypes([feats_np], seeds, listed, N_CLASSES)
+    if protos is None:
+        return cams
+    own = torch.from_numpy(prototype_cam(feats_np, protos, weights, (h, w))).to(dev)
+    return (1 - args.image_prototype_weight) * cams + args.image_prototype_weight * own
+
+
 @no_cudnn_autotune()
 def pseudo_masks(model, cfg, images, masks, args, dev):
     model.eval()
@@ -358,11 +398,11 @@ def pseudo_masks(model, cfg, images, masks, args, dev):
         if args.overlap_labels == "intersect":
             here = present & torch.from_numpy(patch_label_rule(m_np, args)).to(dev)
             present = torch.where(here.any(0, keepdim=True), here, present)
-        scores = cams.masked_fill(~present, -1.0)
-        top2 = scores.topk(2, dim=0).values
-        ties += int(((top2[0] == top2[1]) & (present.sum(0) > 1)).sum())
-        pred = (scores.argmax(0) + 1).to(torch.uint8)
-        margin = torch.where(present.sum(0) > 1, top2[0] - top2[1], torch.inf)  # the CAMs' decisions
+        pred, margin, tie = decide(cams, present)
+        if args.image_prototypes > 0:  # the engine's pseudo.image_prototypes, on the whole image
+            cams = own_prototype_cams(model, cfg, img, cams, pred, margin, present, base, args, dev)
+            pred, margin, tie = decide(cams, present)
+        ties += tie
         if args.fill_holes:  # the engine's pseudo.fill_holes: [gland], where gland is allowed
             max_px = max(1, round(args.fill_holes * args.image_scale**2))
             filled = torch.from_numpy(fill_enclosed(pred.cpu().numpy(), [1], max_px)).to(dev)
@@ -527,6 +567,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="stage 2 does not learn from this fraction of each image's CAM-decided pixels, those "
                    "with the smallest lead of the winning class (examples/glas.yaml's pseudo.ignore_uncertain); "
                    "the pseudo masks are scored whole; 0 = off")  # fmt: skip
+    g.add_argument("--image-prototypes", type=float, default=0.5, metavar="FRAC",
+                   help="re-read each image's CAMs against its own prototypes from its label-settled pixels and "
+                   "this fraction of the surest CAM decisions (the GlaS spec's pseudo.image_prototypes; 0 = off)")  # fmt: skip
+    g.add_argument(
+        "--image-prototype-weight", type=float, default=0.75, help="their weight against the cohort CAMs"
+    )
     g.add_argument("--no-sim", dest="sim", action="store_false", help="L_CLS only (no FG/BG matching)")
     g.add_argument("--cam-scales", type=floats, default=[0.5, 0.75, 1.0, 1.25, 1.5],
                    help="whole-image CAM scales, relative to the stage-1 magnification")  # fmt: skip
