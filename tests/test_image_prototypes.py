@@ -145,3 +145,18 @@ def test_the_stage_re_reads_a_slide_and_the_spec_checks_the_key(tmp_path):
     gland = parse_spec({**raw, "method": {"name": "gland"}, "pseudo": {"image_prototypes": 0.5}}, tmp_path)
     with pytest.raises(SpecError, match=r"image_prototypes.*'gland'"):
         check_inputs(gland)
+
+
+def test_the_default_is_the_methods_and_off_without_stitching(tmp_path):
+    from pbip_engine.schemas.spec import parse_spec
+
+    raw = {
+        "run": {"name": "t", "output": "out"},
+        "data": {"synthetic": {"slides": 1, "size": 768}},
+        "classes": [{"name": "a", "color": [200, 0, 0]}, {"name": "b", "color": [0, 0, 200]}],
+    }
+    assert parse_spec(raw, tmp_path).pseudo.image_prototypes == 0.5  # pbip: measured to help
+    for method in ("lpd", "gland"):  # lpd could, but was not measured; gland cannot
+        assert parse_spec({**raw, "method": {"name": method}}, tmp_path).pseudo.image_prototypes == 0
+    assert parse_spec({**raw, "pseudo": {"stitch": False}}, tmp_path).pseudo.image_prototypes == 0
+    assert parse_spec({**raw, "pseudo": {"image_prototypes": 0}}, tmp_path).pseudo.image_prototypes == 0

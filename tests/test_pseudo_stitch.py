@@ -216,7 +216,7 @@ def test_pseudo_stage_stitch_function_writes_one_label_per_pixel(tmp_path):
         "run": {"name": "t", "output": "out"},
         "data": {"synthetic": {"slides": 1, "size": 768}},
         "classes": [{"name": "a", "color": [200, 0, 0]}, {"name": "b", "color": [0, 0, 200]}],
-        "pseudo": {"background": "none"},
+        "pseudo": {"background": "none", "image_prototypes": 0},
     }
     spec = parse_spec(raw, tmp_path)
     assert spec.pseudo.stitch and not spec.pseudo.flip  # the documented defaults
@@ -242,7 +242,9 @@ def test_pseudo_stage_stitch_function_writes_one_label_per_pixel(tmp_path):
     rows = stitch_slide(batch, spec, str(tmp_path))
     assert (np.asarray(Image.open(tmp_path / rows["mask_path"][1]))[:, :4] == 1).all()
     # ... and "own" keeps B's own argmax there (class 2 by its CAM)
-    own = parse_spec({**raw, "pseudo": {"background": "none", "overlap_labels": "own"}}, tmp_path)
+    own = parse_spec(
+        {**raw, "pseudo": {"background": "none", "image_prototypes": 0, "overlap_labels": "own"}}, tmp_path
+    )
     rows = stitch_slide(batch, own, str(tmp_path))
     assert (np.asarray(Image.open(tmp_path / rows["mask_path"][1]))[:, :4] == 2).all()
     # pseudo.fill_holes reaches the stitcher: class "a" around a class-"b" core takes the core
@@ -251,7 +253,9 @@ def test_pseudo_stage_stitch_function_writes_one_label_per_pixel(tmp_path):
     batch.update(labels=np.array([[1, 1]], np.uint8), cam=np.array([encode_cam(ring)], dtype=object),
                  **{k: batch[k][:1] for k in ("tile_id", "slide_id", "x", "y", "size0", "image")})  # fmt: skip
     for fill, core in (([], 2), (["a"], 1)):
-        filled = parse_spec({**raw, "pseudo": {"background": "none", "fill_holes": fill}}, tmp_path)
+        filled = parse_spec(
+            {**raw, "pseudo": {"background": "none", "image_prototypes": 0, "fill_holes": fill}}, tmp_path
+        )
         rows = stitch_slide(batch, filled, str(tmp_path))
         assert (np.asarray(Image.open(tmp_path / rows["mask_path"][0]))[2:6, 2:6] == core).all()
 
@@ -430,7 +434,10 @@ def test_ignore_uncertain_unlabels_the_least_certain_pixels_of_the_regions_only(
         "cam": np.array([encode_cam(cam)], dtype=object),
     }  # fmt: skip
     for frac, unlabelled in ((0.0, 0), (0.25, 16)):
-        spec = parse_spec({**raw, "pseudo": {"background": "none", "ignore_uncertain": frac}}, tmp_path)
+        spec = parse_spec(
+            {**raw, "pseudo": {"background": "none", "image_prototypes": 0, "ignore_uncertain": frac}},
+            tmp_path,
+        )
         rows = stitch_slide(batch, spec, str(tmp_path))
         tile = np.asarray(Image.open(tmp_path / rows["mask_path"][0]))
         assert (tile != IGNORE).all()  # the tile mask (and its score) keeps every label

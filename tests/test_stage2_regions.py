@@ -132,7 +132,7 @@ def test_pseudo_stage_writes_each_slides_regions(tmp_path):
     from pbip_engine.jobs.pseudo import stitch_slide
     from pbip_engine.jobs.rundir import REGIONS
 
-    spec = _spec(tmp_path, pseudo={"background": "none", "region_px": 512},
+    spec = _spec(tmp_path, pseudo={"background": "none", "region_px": 512, "image_prototypes": 0},
                  classes=[{"name": "a", "color": [200, 0, 0]}, {"name": "b", "color": [0, 0, 200]}])  # fmt: skip
     cam = np.zeros((2, 8, 8), np.float32)
     cam[0, :, :4], cam[1, :, 4:] = 1.0, 1.0  # left a, right b

@@ -186,6 +186,9 @@ class Method:
     # True when the CAM model offers ``predict_cams_and_features`` (CAMs as feature-prototype cosines), which
     # ``pseudo.image_prototypes`` needs.
     prototype_features: ClassVar[bool] = False
+    # ``pseudo.image_prototypes`` where the spec leaves it unset (with stitching): on only where it was measured
+    # to help (pbip: GlaS and the demo cohort, BENCHMARKS.md session 22).
+    image_prototypes_default: ClassVar[float] = 0.0
 
     def readout(self, cfg: MethodConfig) -> dict[str, Any]:
         """The spec's values of ``readout_keys``, for ``load_cam_model`` to apply over the checkpoint's."""

@@ -216,13 +216,14 @@ class PseudoSection(_Section):
         "smallest margins between the two best allowed classes) is left unlabelled in the stitched regions "
         "stage 2 trains on; the tile masks and their scores keep every label",
     )
-    image_prototypes: float = Field(
-        0.0,
+    image_prototypes: float | None = Field(
+        None,
         ge=0,
         le=1,
         description="with stitch: re-read each slide's CAMs against class prototypes taken from that slide's own "
         "features (SIPE): the seeds are the pixels its labels settle plus this fraction of the CAM-decided "
-        "pixels with the largest margins; 0 = off. Needs a method with prototype CAMs (pbip, lpd)",
+        "pixels with the largest margins; 0 = off; null = the method's default (pbip 0.5, others 0). Needs a "
+        "method with prototype CAMs (pbip, lpd)",
     )
     image_prototype_weight: float = Field(
         0.75,
@@ -450,6 +451,11 @@ class JobSpec(_Section):
                 f"pseudo.ignore_uncertain ({self.pseudo.ignore_uncertain}) unlabels pixels of the stitched "
                 "regions, which only segmenter.crop_px trains on: set segmenter.crop_px, or leave it at 0"
             )
+        if self.pseudo.image_prototypes is None:  # the method's default where stitching allows it
+            from pbip_engine.methods import get_method
+
+            default = get_method(self.method.name).image_prototypes_default if self.pseudo.stitch else 0.0
+            self.pseudo.image_prototypes = default
         if self.pseudo.image_prototypes and not self.pseudo.stitch:
             raise ValueError(
                 f"pseudo.image_prototypes ({self.pseudo.image_prototypes}) takes prototypes from each slide's "
