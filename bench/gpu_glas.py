@@ -47,8 +47,8 @@ Protocol (QUALITY_AUDIT.md "A GPU run worth preparing", METHODS.md §4.3/§8):
   intersect``, the engine's default; ``image``: the image's labels, i.e. the union of its patch labels),
   argmax; with ``--image-prototypes`` (the GlaS spec's ``pseudo.image_prototypes``) the CAMs are mixed with
   the image's own-prototype CAMs (``engine.pseudo.image_prototypes``: prototypes from the label-settled pixels
-  and the surest CAM decisions) and the argmax taken again; then gland takes the holes it encloses (lumens; ``--fill-holes``, the GlaS specs'
-  ``pseudo.fill_holes``); scored against the train masks (gland = 1, non-gland = 2, one confusion matrix, 2-class mIoU);
+  and the surest CAM decisions) and the argmax taken again; then gland takes the holes it encloses (lumens;
+  ``--fill-holes``, the GlaS specs' ``pseudo.fill_holes``); scored against the train masks (gland = 1, non-gland = 2, one confusion matrix, 2-class mIoU);
   stage 2 then does not learn from the least sure ``--ignore-uncertain`` of each image's CAM-decided pixels
   (the smallest leads of the winner; the GlaS spec's ``pseudo.ignore_uncertain``);
 * (d) stage 2: ``build_segmenter`` (DeepLab-v3+ at OS 16 by default; ASPP rates fitted to the crop) on random
@@ -144,8 +144,8 @@ def train_budgeted(trainer: Trainer, batches: Callable[[int], Iterator[dict]], s
     With ``budget_s`` > 0, the epochs are capped after each one so that the run ends within the budget:
     the time left over the latest epoch's pace. Not the mean pace: on an H200 the first stage-2 chunk (cuDNN
     autotuning, lazy kernel loading) took 35 s and a warm one 9 s, and the mean capped the stage-2 run at
-    500 iterations while the control after it, warm, got 2750. The poly schedule is re-targeted at the new end; a GPU run
-    then finishes whatever the device's speed, and the JSON records the epochs that ran.
+    500 iterations while the control after it, warm, was planned 2500. The poly schedule is re-targeted at
+    the new end; a GPU run then finishes whatever the device's speed, and the JSON records the epochs that ran.
     """
     t0, step, hist, e = time.perf_counter(), 0, [], 0
     while e < epochs:
