@@ -274,8 +274,10 @@ def test_glas_semi_example_validates():
     from pbip_engine.schemas.spec import load_spec
 
     spec = load_spec(Path(__file__).parents[1] / "examples" / "glas-semi.yaml")
-    spec.method.masks = str(GLAS / "masks")
+    # every path of the example is relative to the checkout (../../shared): point them at the data wherever it runs
+    spec.method.masks = spec.segment.truth = str(GLAS / "masks")
     spec.data.patches = str(GLAS)
+    spec.segment.slides = [str(GLAS / "images" / "testA_*.jpg")]
     check_inputs(spec)
     from pbip_engine.methods.mpamatch.method import labelled_split
 
