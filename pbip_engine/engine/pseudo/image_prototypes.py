@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 
 from pbip_engine.engine.pseudo.cams import UNCERTAIN
+from pbip_engine.engine.pseudo.stitch import margin_quantile
 
 MIN_SEED_CELLS = 4  # fewest feature cells a listed class needs, per level, for its slide prototype
 
@@ -41,9 +42,8 @@ def seed_masks(
     (``stitch.stitched_masks_and_margins``): ``inf`` where the labels decided, finite where the CAMs did.
     Seeds: the label-decided pixels (not background, not UNCERTAIN), and the ``fraction`` of the slide's
     CAM-decided pixels with the largest margins."""
-    finite = [m[np.isfinite(m)] for m in margins]
-    values = np.concatenate(finite) if finite else np.zeros(0, np.float32)
-    cut = np.quantile(values, 1.0 - min(max(fraction, 0.0), 1.0)) if values.size and fraction > 0 else np.inf
+    cut = margin_quantile(margins, 1.0 - fraction) if fraction > 0 else None
+    cut = np.inf if cut is None else cut
     out = []
     for mask, margin in zip(masks, margins, strict=True):
         real = (mask != 0) & (mask != UNCERTAIN)

@@ -277,15 +277,20 @@ def decision_margins(cams: Sequence[np.ndarray], allowed: Sequence[np.ndarray]) 
     return out
 
 
-def least_certain(margins: Sequence[np.ndarray], fraction: float) -> list[np.ndarray]:
-    """Per tile, bool ``h,w``: the ``fraction`` of a slide's CAM-decided pixels (finite margins, all tiles
-    together) with the smallest margins. A threshold per slide, not one number for every cohort: the
-    margins' scale depends on the CAM read-out, their spread on the slide."""
+def margin_quantile(margins: Sequence[np.ndarray], q: float) -> float | None:
+    """The ``q`` quantile of a slide's finite margins (its CAM-decided pixels, all tiles together); None if
+    it has none. A threshold per slide, not one number for every cohort: the margins' scale depends on the
+    CAM read-out, their spread on the slide."""
     finite = [m[np.isfinite(m)] for m in margins]
     values = np.concatenate(finite) if finite else np.zeros(0, np.float32)
-    if fraction <= 0 or not values.size:
+    return float(np.quantile(values, min(max(q, 0.0), 1.0))) if values.size else None
+
+
+def least_certain(margins: Sequence[np.ndarray], fraction: float) -> list[np.ndarray]:
+    """Per tile, bool ``h,w``: the ``fraction`` of a slide's CAM-decided pixels with the smallest margins."""
+    cut = margin_quantile(margins, fraction) if fraction > 0 else None
+    if cut is None:
         return [np.zeros(m.shape, bool) for m in margins]
-    cut = np.quantile(values, min(fraction, 1.0))
     return [np.isfinite(m) & (m <= cut) for m in margins]
 
 
