@@ -99,6 +99,7 @@ from pbip_engine.engine.training.segmentation import SegmentationTask
 from pbip_engine.engine.wsi.grid import grid_positions
 from pbip_engine.methods.lpd.model import LpdNetConfig, build_lpdnet, initial_prototypes
 from pbip_engine.methods.lpd.task import LpdTask
+from pbip_engine.methods.pbip.cams import cam_level_features
 from pbip_engine.methods.pbip.classnet import ClassNetConfig, build_classnet
 from pbip_engine.methods.pbip.task import PbipTask
 
@@ -369,12 +370,9 @@ def own_prototype_cams(model, cfg, img, cams, pred, margin, present, base, args,
     for f in (False, True) if not args.no_flip else (False,):
         with autocast(dev, cfg.amp):
             out = model(x.flip(-1) if f else x)
-        fw = list(cfg.eval_fuse_weights or [1.0] * len(out["cams"]))
-        used = [i for i, v in enumerate(fw) if v > 0]
-        fs = [F.normalize(out["features"][i].float(), dim=1)[0] for i in used]
-        fs = [t.flip(-1) for t in fs] if f else fs
+        fs, weights = cam_level_features(out, cfg)
+        fs = [t[0].flip(-1) if f else t[0] for t in fs]
         feats = fs if feats is None else [F.normalize(a + b, dim=0) for a, b in zip(feats, fs, strict=True)]
-    weights = [fw[i] / sum(fw[i] for i in used) * float(out["scales"][i]) for i in used]
     feats_np = [t.cpu().numpy() for t in feats]
     seeds = seed_masks([pred.cpu().numpy()], [margin.float().cpu().numpy()], args.image_prototypes)
     listed = [k + 1 for k in range(N_CLASSES) if bool(present[k].any())]

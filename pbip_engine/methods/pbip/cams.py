@@ -77,6 +77,17 @@ def predict_cams(
     return predict_cams_and_features(model, batch, cfg, device, flip=flip, features=False)[0]
 
 
+def cam_level_features(out: dict[str, Any], cfg: ClassNetConfig) -> tuple[list[torch.Tensor], list[float]]:
+    """From a ClassNet output: per CAM level that the read-out uses (``eval_fuse_weights`` > 0), the unit
+    backbone features ``B,C,h,w`` and the level's weight, its share of the fuse weights times its logit scale,
+    so that logits against image-specific prototypes are in the raw read-out's units."""
+    w = list(cfg.eval_fuse_weights or [1.0] * len(out["cams"]))
+    used = [i for i, v in enumerate(w) if v > 0]
+    total = sum(w[i] for i in used)
+    feats = [F.normalize(out["features"][i].float(), dim=1) for i in used]
+    return feats, [w[i] / total * float(out["scales"][i]) for i in used]
+
+
 @torch.inference_mode()
 def predict_cams_and_features(
     model: nn.Module,
@@ -88,33 +99,25 @@ def predict_cams_and_features(
     features: bool = True,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[float]]:
     """:func:`predict_cams`' CAMs, and what image-specific prototypes are matched against
-    (``engine/pseudo/image_prototypes.py``): per CAM level that the read-out uses (``eval_fuse_weights`` > 0),
-    the unit backbone features ``B,C,h,w`` (flip-averaged with ``flip``) and the level's weight, its share of
-    the fuse weights times its logit scale, so that image-specific logits are in the raw read-out's units.
+    (``engine/pseudo/image_prototypes.py``): :func:`cam_level_features`, flip-averaged with ``flip``.
     ``features=False``: the CAMs alone (empty lists), for models whose output has no features."""
     with _eval_mode(model):
         image = to_model_input(batch, cfg.mean, cfg.std, device)["image"]
         size = tuple(image.shape[-2:])
-        cams, feats = None, None
+        cams, feats, weights = None, None, []
         for mirrored in (False, True) if flip else (False,):
             x = image.flip(-1) if mirrored else image
             with autocast(device, cfg.amp):
                 out = model(resize_input(x, getattr(cfg, "input_px", None)))
-            n_levels = len(out["cams"])
-            w = list(cfg.eval_fuse_weights or [1.0] * n_levels)
-            used = [i for i in range(n_levels) if w[i] > 0]
+            w = cfg.eval_fuse_weights
             c = _readout(
                 fuse_cams(out["cams"], size, w), fuse_cams(out["cams"], size, w, normalize=False), cfg
             )
-            f = [F.normalize(out["features"][i].float(), dim=1) for i in used] if features else []
+            f, weights = cam_level_features(out, cfg) if features else ([], [])
             if mirrored:
                 c, f = c.flip(-1), [t.flip(-1) for t in f]
             cams = c if cams is None else (cams + c) / 2
             feats = f if feats is None else [F.normalize(a + b, dim=1) for a, b in zip(feats, f, strict=True)]
-        if not features:
-            return cams, [], []
-        total = sum(w[i] for i in used)
-        weights = [w[i] / total * float(out["scales"][i]) for i in used]
         return cams, feats, weights
 
 
