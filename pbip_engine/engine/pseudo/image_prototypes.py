@@ -26,9 +26,10 @@ from collections.abc import Sequence
 
 import cv2
 import numpy as np
+from scipy.special import softmax
 
 from pbip_engine.engine.pseudo.cams import UNCERTAIN
-from pbip_engine.engine.pseudo.stitch import margin_quantile
+from pbip_engine.engine.pseudo.stitch import margin_quantile, resize_maps
 
 MIN_SEED_CELLS = 4  # fewest feature cells a listed class needs, per level, for its slide prototype
 
@@ -92,16 +93,11 @@ def prototype_cam(
 ) -> np.ndarray:
     """float32 ``N,h,w`` (``size``): the softmax over classes of ``sum_l weights[l] * cos(features[l],
     prototypes[l])``, each level's cosine map resized to ``size`` bilinearly."""
-    h, w_ = size
-    logits = None
-    for f, p, w in zip(features, prototypes, weights, strict=True):
-        cos = np.einsum("chw,nc->nhw", f.astype(np.float32), p)
-        up = cv2.resize(np.ascontiguousarray(cos.transpose(1, 2, 0)), (w_, h), interpolation=cv2.INTER_LINEAR)
-        up = up.reshape(h, w_, -1).transpose(2, 0, 1) * np.float32(w)
-        logits = up if logits is None else logits + up
-    z = logits - logits.max(0, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(0, keepdims=True)).astype(np.float32)
+    logits = sum(
+        resize_maps(np.einsum("chw,nc->nhw", f.astype(np.float32), p), tuple(size)) * np.float32(w)
+        for f, p, w in zip(features, prototypes, weights, strict=True)
+    )
+    return softmax(logits, axis=0).astype(np.float32)
 
 
 def image_prototype_cams(

@@ -93,14 +93,14 @@ def masks_as_votes(masks: np.ndarray, n_classes: int) -> np.ndarray:
     return np.eye(n_classes + 1, dtype=np.float32)[np.asarray(masks)][..., 1:].transpose(0, 3, 1, 2)
 
 
-def _resize(cam: np.ndarray, side: int) -> np.ndarray:
-    """``N,h,w`` -> ``N,side,side`` (bilinear; cv2 takes channels last and drops a single channel)."""
-    if cam.shape[1:] == (side, side):
+def resize_maps(cam: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """``N,h,w`` -> ``N,H,W`` (``size``: ``(H, W)``, or one side for a square; bilinear; cv2 takes channels
+    last and drops a single channel)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    if cam.shape[1:] == (h, w):
         return cam
-    out = cv2.resize(
-        np.ascontiguousarray(cam.transpose(1, 2, 0)), (side, side), interpolation=cv2.INTER_LINEAR
-    )
-    return out.reshape(side, side, cam.shape[0]).transpose(2, 0, 1)
+    out = cv2.resize(np.ascontiguousarray(cam.transpose(1, 2, 0)), (w, h), interpolation=cv2.INTER_LINEAR)
+    return out.reshape(h, w, cam.shape[0]).transpose(2, 0, 1)
 
 
 Layout = tuple[list[tuple[int, int, int]], int, int]
@@ -251,11 +251,13 @@ def _stitch_on(layout: Layout, cams: Sequence[np.ndarray], labels: np.ndarray) -
     total = np.zeros((n, h, w), np.float32)
     count = np.zeros((h, w), np.float32)
     for (px, py, e), cam, lab in zip(pos, cams, labels, strict=True):
-        total[:, py : py + e, px : px + e] += _resize(cam.astype(np.float32), e) * (lab > 0.5)[:, None, None]
+        total[:, py : py + e, px : px + e] += (
+            resize_maps(cam.astype(np.float32), e) * (lab > 0.5)[:, None, None]
+        )
         count[py : py + e, px : px + e] += 1.0
     mean = total / np.maximum(count, 1.0)
     return [
-        _resize(mean[:, py : py + e, px : px + e], cam.shape[1])
+        resize_maps(mean[:, py : py + e, px : px + e], cam.shape[1])
         for (px, py, e), cam in zip(pos, cams, strict=True)
     ]
 
