@@ -38,7 +38,7 @@ re-targeted, and the JSON records ``epochs_run`` / ``iters_run``; ``0`` turns a 
 The defaults are ``examples/glas.yaml``'s recipe, the best the CPU protocol measured (BENCHMARKS.md, GlaS):
 images at half the scan's resolution (1.24 µm/px), OEEM's patches of 112 native px every 56 (56 px here, fed
 to the network at 112), PBIP without L_SIM for 6 epochs at batch 16, the raw CAM read-out of levels 2 and 3,
-whole-image CAMs at one scale + flip, stage 2 on 192-px crops for 900 iterations of 8 (the engine's 6 epochs),
+whole-image CAMs at one scale + flip, stage 2 on 192-px crops for 1,500 iterations of 8 (the engine's 10 epochs),
 testA in 192-px tiles at overlap 0.5 with flip + 3-scale TTA. So a GPU run reproduces the CPU protocol in a
 few minutes, and a wider setting is a flag away (the first H200 run used ``--image-scale 1 --patch 112
 --stride 56 --input-px 224 --sim --cam-readout minmax --cam-scales 0.5,0.75,1,1.25,1.5 --epochs 10
@@ -640,7 +640,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--crop", type=int, default=192)
     g.add_argument("--zoom-min", type=float, default=0.75)
     g.add_argument("--zoom-max", type=float, default=2.0)
-    g.add_argument("--iters", type=int, default=900, help="examples/glas.yaml: 6 epochs x 1,190 crops / 8")
+    g.add_argument("--iters", type=int, default=1500, help="examples/glas.yaml: 10 epochs x 1,190 crops / 8")
     g.add_argument("--stage2-budget-s", type=float, default=100.0, help="per run; caps --iters (0 = no cap)")
     g.add_argument("--seg-batch", type=int, default=8)
     g.add_argument("--seg-lr", type=float, default=1e-4, help="backbone; the head gets --head-lr-mult x")
