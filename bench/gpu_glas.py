@@ -561,6 +561,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="GlaS root (labels.csv, images/, masks/)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", type=Path, default=None, help="JSON of every figure")
+    ap.add_argument(
+        "--save-pseudo", type=Path, default=None, metavar="DIR", help="write the pseudo masks as PNGs"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--tiny", action="store_true", help="a handful of images, 1 epoch, small crops (CPU check)"
@@ -720,6 +723,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     t = time.perf_counter()
     pseudo, pres = pseudo_masks(model, cfg, tr_imgs, tr_masks, args, dev)
+    if args.save_pseudo:  # PNGs (1 gland, 2 non-gland, 255 not learned from), e.g. for the engine's stage 2
+        args.save_pseudo.mkdir(parents=True, exist_ok=True)
+        for name, m in zip(tr_names, pseudo, strict=True):
+            cv2.imwrite(str(args.save_pseudo / f"{name}.png"), m.cpu().numpy())
     res["pseudo_miou"], res["pseudo"] = pres["miou"], pres
     res["pseudo_readouts"] = []
     if args.readouts:  # other CAM read-outs of the same model: min-max or raw, level weights
