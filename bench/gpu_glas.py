@@ -2,7 +2,7 @@
 pseudo masks -> DeepLab on pseudo masks -> testA with TTA, plus the control (DeepLab on the true masks).
 
     python bench/gpu_glas.py --device cuda --out gpu_glas.json      # one H200, bf16 (budget: < 8 min)
-    python bench/gpu_glas.py --tiny --device cpu --out /tmp/g.json  # 2+2 images: ~70 s of CPU on 2 cores
+    python bench/gpu_glas.py --tiny --device cpu --out /tmp/g.json  # 2+2 images: ~10 s of CPU
     python bench/gpu_glas.py --method lpd --device cuda --out gpu_glas_lpd.json  # LPD k=10 (no bank stage)
 
 GPU commands (the two seeds the issue asks for, and the throughput rows; first H200 runs: BENCHMARKS.md
