@@ -524,11 +524,11 @@ def test_segmenter(model, images, masks, args, dev) -> dict[str, Any]:
     if args.test_tile:
         predictor = SegmentPredictor(unwrap(model), device=str(dev), tta=args.tta_scales, micro_batch=16)
     for img, m in zip(images, masks, strict=True):
-        if predictor is not None:
-            probs = predict_tiled(predictor, img, args.test_tile, args.test_overlap)
-        else:
-            probs = predict_tta(model, img, args.tta_scales, not args.no_flip, dev)
-        pred = (probs[1:].argmax(0) + 1).to(torch.uint8)  # argmax over the two tissue classes
+        if predictor is not None:  # blended logits
+            scores = predict_tiled(predictor, img, args.test_tile, args.test_overlap)
+        else:  # softmax
+            scores = predict_tta(model, img, args.tta_scales, not args.no_flip, dev)
+        pred = (scores[1:].argmax(0) + 1).to(torch.uint8)  # argmax over the two tissue classes
         meter.update(pred.cpu().numpy(), m.cpu().numpy())
     return miou_of(meter)
 
