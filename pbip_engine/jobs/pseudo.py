@@ -3,7 +3,9 @@
 Masks are restricted to each tile's image-level classes; background follows ``pseudo.background``. With
 ``pseudo.stitch`` (default) the actors return CAMs, and the CAMs of overlapping tiles are averaged per slide
 before the argmax (``engine/pseudo/stitch.py``), so a pixel under several tiles gets one label, not one
-per tile.
+per tile. With ``pseudo.cam_context: regions`` the actors take a whole slide at a time and read its CAMs
+on the picture its tiles make together (``engine/pseudo/region_cams.py``): every tile's CAM sees its
+neighbours' tissue.
 Where ground truth exists (the synthetic cohort; patch datasets that ship masks, e.g. GlaS), the pseudo masks are scored against it, and a
 per-slide mosaic of the masks is written for QA.
 """
@@ -59,6 +61,26 @@ def _options(spec: Any) -> Any:
     return PseudoOptions(p.background, p.white_threshold, p.min_object, p.gamma, p.flip, p.crf)
 
 
+def _any_labelled(path: Path) -> bool:
+    """Whether a slide's tile Parquet has a labelled tile (its ``labelled`` column alone is read)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    return bool(pc.any(pq.read_table(path, columns=["labelled"]).column("labelled")).as_py())
+
+
+def _cam_model(spec: Any, model_path: str, bank_dir: str | None) -> Any:
+    """The trained stage-1 model, on the actor's GPU if it has one."""
+    import torch
+
+    from pbip_engine.methods import Stage1Inputs, get_method
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return get_method(spec.method.name).load_cam_model(
+        spec.method, Path(model_path), Stage1Inputs.from_spec(spec, bank_dir), device
+    )
+
+
 class PseudoPredictor:
     """Ray Data callable: one trained stage-1 model per actor.
 
@@ -67,15 +89,7 @@ class PseudoPredictor:
     """
 
     def __init__(self, spec: Any, model_path: str, bank_dir: str | None, out_dir: str, stitch: bool) -> None:
-        import torch
-
-        from pbip_engine.methods import Stage1Inputs, get_method
-
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        method = get_method(spec.method.name)
-        self.model = method.load_cam_model(
-            spec.method, Path(model_path), Stage1Inputs.from_spec(spec, bank_dir), self.device
-        )
+        self.model = _cam_model(spec, model_path, bank_dir)
         self.options = _options(spec)
         self.out_dir = Path(out_dir)
         self.colors = [(255, 255, 255), *spec.class_colors]
@@ -108,35 +122,95 @@ class PseudoPredictor:
 
 def stitch_slide(batch: dict[str, Any], spec: Any, out_dir: str) -> dict[str, Any]:
     """Ray Data ``map_groups`` function: one slide's tile CAMs -> stitched masks -> the samples rows."""
+    from pbip_engine.engine.pseudo.stitch import decode_arrays, decode_cam
+
+    cams = [decode_cam(c) for c in batch["cam"]]
+    feats, weights = None, []
+    if spec.pseudo.image_prototypes:  # each tile's features per level, the level weights last
+        blobs = [decode_arrays(b) for b in batch["features"]]
+        feats, weights = [b[:-1] for b in blobs], blobs[0][-1].tolist()
+    return _stitched_rows(batch, decode_batch(batch)["image"], cams, feats, weights, spec, out_dir)
+
+
+class RegionPseudo:
+    """Ray Data callable (``pseudo.cam_context: regions``), one trained stage-1 model per actor, fed the paths
+    of the tile stage's per-slide Parquet files (no shuffle): per slide, the CAMs are read on the picture its
+    labelled tiles make together (``engine/pseudo/region_cams.py``), cut back into the tiles, and stitched
+    into masks as in :func:`stitch_slide`."""
+
+    def __init__(self, spec: Any, model_path: str, bank_dir: str | None, out_dir: str) -> None:
+        self.model = _cam_model(spec, model_path, bank_dir)
+        self.options = _options(spec)
+        self.spec, self.out_dir = spec, out_dir
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import pyarrow.parquet as pq
+
+        rows = []
+        for path in batch["path"]:
+            table = pq.read_table(str(path), columns=COLUMNS, filters=[("labelled", "==", True)])
+            rows.append(self.slide({k: table.column(k).to_numpy(zero_copy_only=False) for k in COLUMNS}))
+        return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+
+    def slide(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """One slide's labelled tile rows -> its masks and samples rows."""
+        from pbip_engine.engine.pseudo.region_cams import region_tile_cams
+        from pbip_engine.engine.pseudo.stitch import tile_layout
+
+        rgbs = decode_batch(batch)["image"]
+        layout = tile_layout([int(v) for v in batch["x"]], [int(v) for v in batch["y"]],
+                             [int(v) for v in batch["size0"]], [r.shape[0] for r in rgbs])  # fmt: skip
+        tile_px = int(np.median([e for _x, _y, e in layout[0]]))  # a tile's extent on the canvas
+        features = bool(self.spec.pseudo.image_prototypes)
+        weights: list[float] = []
+
+        def read(image: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+            nonlocal weights
+            cams, feats, weights = self.model.predict_region(image, tile_px, self.options, features)
+            return cams, feats
+
+        cams, feats = region_tile_cams(layout, rgbs, read, self.spec.pseudo.region_px, tile_px)
+        return _stitched_rows(
+            batch, rgbs, cams, feats if features else None, weights, self.spec, self.out_dir
+        )
+
+
+def _stitched_rows(
+    batch: dict[str, Any],
+    rgbs: Any,
+    cams: list[np.ndarray],
+    feats: list[list[np.ndarray]] | None,
+    weights: list[float],
+    spec: Any,
+    out_dir: str,
+) -> dict[str, Any]:
+    """One slide's tile CAMs (and with ``pseudo.image_prototypes`` their features per level) -> stitched
+    masks, the stitched regions stage 2 crops from, and the samples rows."""
     from pbip_engine.engine.pseudo.regions import IGNORE
-    from pbip_engine.engine.pseudo.stitch import decode_cam, least_certain, stitched_masks_and_margins
+    from pbip_engine.engine.pseudo.stitch import least_certain, stitched_masks_and_margins
 
     o = _options(spec)
     p = spec.pseudo
-    rgbs = decode_batch(batch)["image"]
     tiles = ([int(v) for v in batch["x"]], [int(v) for v in batch["y"]], [int(v) for v in batch["size0"]])
-    cams = [decode_cam(c) for c in batch["cam"]]
     labels = np.stack([np.asarray(v, np.float32) for v in batch["labels"]])
     rules = dict(white_threshold=o.white_threshold, min_size=o.min_object, power=o.gamma, crf=o.crf,
                  overlap_labels=p.overlap_labels)  # fmt: skip
-    if p.image_prototypes:  # the slide's own prototypes, from a first stitching's surest labels (no fill)
+    if p.image_prototypes and feats is not None:  # the slide's own prototypes, from its surest first labels
         from pbip_engine.engine.pseudo.image_prototypes import image_prototype_cams
-        from pbip_engine.engine.pseudo.stitch import decode_arrays
 
         first, lead = stitched_masks_and_margins(*tiles, cams, labels, o.background, rgbs, **rules)
-        blobs = [decode_arrays(b) for b in batch["features"]]
-        cams, _ = image_prototype_cams(cams, [b[:-1] for b in blobs], blobs[0][-1].tolist(), first, lead, labels,
-                                       p.image_prototypes, p.image_prototype_weight)  # fmt: skip
+        cams, _ = image_prototype_cams(cams, feats, weights, first, lead, labels, p.image_prototypes,
+                                       p.image_prototype_weight)  # fmt: skip
     masks, margins = stitched_masks_and_margins(
         *tiles, cams, labels, o.background, rgbs, **rules,
         fill_holes=[spec.class_names.index(c) + 1 for c in p.fill_holes],
         max_hole_px=p.max_hole_px, margins=bool(p.ignore_uncertain),
     )  # fmt: skip
     train = masks  # what stage 2 learns from: the least certain pixels can be left out of it
-    if spec.pseudo.ignore_uncertain:
-        doubt = least_certain(margins, spec.pseudo.ignore_uncertain)
+    if p.ignore_uncertain:
+        doubt = least_certain(margins, p.ignore_uncertain)
         train = [np.where(d, np.uint8(IGNORE), m) for m, d in zip(masks, doubt, strict=True)]
-    write_regions(batch, rgbs, train, spec.pseudo.region_px, Path(out_dir) / REGIONS)
+    write_regions(batch, rgbs, train, p.region_px, Path(out_dir) / REGIONS)
     return _mask_rows(batch, masks, Path(out_dir), [(255, 255, 255), *spec.class_colors])
 
 
@@ -177,8 +251,9 @@ class PseudoStage(Stage):
     # v8: a pixel under overlapping tiles takes only the classes they all list (pseudo.overlap_labels);
     # v9: holes a class encloses on the stitched mask can take that class (pseudo.fill_holes);
     # v10: the least certain pixels can be left unlabelled in the regions (pseudo.ignore_uncertain);
-    # v11: CAMs re-read against each slide's own prototypes (pseudo.image_prototypes)
-    version = 11
+    # v11: CAMs re-read against each slide's own prototypes (pseudo.image_prototypes);
+    # v12: CAMs read on each slide's stitched tiles as one picture (pseudo.cam_context: regions)
+    version = 12
     deps = ("tile", "bank", "classnet")
     sections = ("classes", "method", "pseudo")
 
@@ -194,31 +269,37 @@ class PseudoStage(Stage):
 
         spec = ctx.spec
         ctx.ray()
-        ds = ray.data.read_parquet(
-            [str(f) for f in tile_files(ctx.stage_dir("tile"))], columns=COLUMNS, **read_options()
-        )
-        ds = ds.filter(lambda row: bool(row["labelled"]), **read_options())  # fuses into the read
-        model_path = ctx.stage_dir("classnet") / "best.pt"
-        ds = ds.map_batches(
-            PseudoPredictor,
-            fn_constructor_kwargs={
-                "spec": spec,
-                "model_path": str(model_path),
-                "bank_dir": str(ctx.stage_dir("bank")) if "bank" in self.dependencies(spec) else None,
-                "out_dir": str(ctx.work_dir),
-                "stitch": spec.pseudo.stitch,
-            },
-            batch_size=32,
-            batch_format="numpy",
-            **actor_pool_options(spec.resources),
-        )
-        if spec.pseudo.stitch:  # every tile of a slide in one call: overlaps need all their tiles' CAMs
+        files = tile_files(ctx.stage_dir("tile"))
+        model = {
+            "spec": spec,
+            "model_path": str(ctx.stage_dir("classnet") / "best.pt"),
+            "bank_dir": str(ctx.stage_dir("bank")) if "bank" in self.dependencies(spec) else None,
+            "out_dir": str(ctx.work_dir),
+        }
+        if spec.pseudo.stitch:
             import shutil
 
             shutil.rmtree(ctx.work_dir / REGIONS, ignore_errors=True)  # a re-run's slides may differ
-            ds = ds.groupby("slide_id").map_groups(
-                stitch_slide, fn_kwargs={"spec": spec, "out_dir": str(ctx.work_dir)}, batch_format="numpy"
+        if spec.pseudo.stitch and spec.pseudo.cam_context == "regions":
+            # a slide's tiles are read as one picture: each actor call takes one slide's Parquet (no shuffle)
+            slides = [{"path": str(f)} for f in files if _any_labelled(f)]
+            ds = ray.data.from_items(slides, override_num_blocks=max(1, len(slides)))
+            ds = ds.map_batches(RegionPseudo, fn_constructor_kwargs=model, batch_size=1, batch_format="numpy",
+                                **actor_pool_options(spec.resources))  # fmt: skip
+        else:
+            ds = ray.data.read_parquet([str(f) for f in files], columns=COLUMNS, **read_options())
+            ds = ds.filter(lambda row: bool(row["labelled"]), **read_options())  # fuses into the read
+            ds = ds.map_batches(
+                PseudoPredictor,
+                fn_constructor_kwargs={**model, "stitch": spec.pseudo.stitch},
+                batch_size=32,
+                batch_format="numpy",
+                **actor_pool_options(spec.resources),
             )
+            if spec.pseudo.stitch:  # every tile of a slide in one call: overlaps need all their tiles' CAMs
+                ds = ds.groupby("slide_id").map_groups(
+                    stitch_slide, fn_kwargs={"spec": spec, "out_dir": str(ctx.work_dir)}, batch_format="numpy"
+                )
         write_parquet_fresh(ds, ctx.work_dir / "samples")  # masks/ PNGs are rewritten in place
         cols = ["tile_id", "slide_id", "x", "y", "size0", "mask_path", "labels"]
         index = (

@@ -84,7 +84,9 @@ class CamModel(Protocol):
     """A trained stage-1 model as the pseudo stage uses it.
 
     ``predict_cams`` is what lets the pseudo stage stitch overlapping tiles into one CAM per slide before the
-    argmax (``pseudo.stitch``); a model without it gets per-tile masks from ``predict_masks``.
+    argmax (``pseudo.stitch``); a model without it gets per-tile masks from ``predict_masks``. A model whose
+    method sets ``region_cams`` also has ``predict_region(image, tile_px, options, features)``: the CAMs (and
+    the features ``pseudo.image_prototypes`` reads) of one whole stitched image (``pseudo.cam_context``).
     """
 
     def predict_masks(self, batch: dict[str, Any], options: PseudoOptions) -> np.ndarray:
@@ -189,6 +191,11 @@ class Method:
     # ``pseudo.image_prototypes`` where the spec leaves it unset (with stitching): on only where it was measured
     # to help (pbip: GlaS and the demo cohort, BENCHMARKS.md session 22).
     image_prototypes_default: ClassVar[float] = 0.0
+    # True when the CAM model offers ``predict_region`` (CAMs of a whole stitched image at the tiles' scale),
+    # which ``pseudo.cam_context: regions`` needs; ``cam_context_default`` is that key where the spec leaves it
+    # unset: regions only where it was measured to help (pbip: GlaS, BENCHMARKS.md session 24).
+    region_cams: ClassVar[bool] = False
+    cam_context_default: ClassVar[str] = "tiles"
 
     def readout(self, cfg: MethodConfig) -> dict[str, Any]:
         """The spec's values of ``readout_keys``, for ``load_cam_model`` to apply over the checkpoint's."""

@@ -231,6 +231,13 @@ class PseudoSection(_Section):
         le=1,
         description="image_prototypes: weight of the slide-specific CAMs against the cohort's (1 = theirs alone)",
     )
+    cam_context: Literal["tiles", "regions"] | None = Field(
+        None,
+        description="with stitch: tiles = each tile's CAMs read on the tile alone, then averaged where tiles "
+        "overlap; regions = read on the picture a slide's labelled tiles make together (in windows of "
+        "region_px with a tile of context), so every tile's CAM sees its neighbours; null = the method's "
+        "default (pbip regions, others tiles). regions needs a method that reads whole images (pbip, lpd)",
+    )
     region_px: int = Field(
         512,
         ge=16,
@@ -456,6 +463,16 @@ class JobSpec(_Section):
 
             default = get_method(self.method.name).image_prototypes_default if self.pseudo.stitch else 0.0
             self.pseudo.image_prototypes = default
+        if self.pseudo.cam_context is None:  # the method's default where stitching allows it
+            from pbip_engine.methods import get_method
+
+            region = self.pseudo.stitch and get_method(self.method.name).cam_context_default == "regions"
+            self.pseudo.cam_context = "regions" if region else "tiles"
+        if self.pseudo.cam_context == "regions" and not self.pseudo.stitch:
+            raise ValueError(
+                "pseudo.cam_context: regions reads each slide's stitched tiles as one picture: it needs "
+                "pseudo.stitch: true"
+            )
         if self.pseudo.image_prototypes and not self.pseudo.stitch:
             raise ValueError(
                 f"pseudo.image_prototypes ({self.pseudo.image_prototypes}) takes prototypes from each slide's "
@@ -803,6 +820,11 @@ def check_inputs(spec: JobSpec) -> list[Path]:
         raise SpecError(
             f"pseudo.image_prototypes needs a method whose CAMs compare features with prototypes (pbip, lpd); "
             f"method {spec.method.name!r} has none"
+        )
+    if spec.pseudo.cam_context == "regions" and not get_method(spec.method.name).region_cams:
+        raise SpecError(
+            f"pseudo.cam_context: regions needs a method whose CAM model reads whole images (pbip, lpd); "
+            f"method {spec.method.name!r} reads tiles only (set pseudo.cam_context: tiles)"
         )
     try:
         get_method(spec.method.name).check_inputs(spec.method, spec)

@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 
 from pbip_engine.engine.metrics import IGNORE_INDEX
+from pbip_engine.engine.pseudo.stitch import Layout, tile_layout
 
 IGNORE = IGNORE_INDEX  # not scored, not learned from
 
@@ -37,13 +38,22 @@ class Region:
     mask: np.ndarray
 
 
-def _paste(canvas: np.ndarray, tile: np.ndarray, px: int, py: int, e: int, nearest: bool) -> None:
-    if tile.shape[0] != e or tile.shape[1] != e:
-        tile = cv2.resize(tile, (e, e), interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_AREA)
-    canvas[py : py + e, px : px + e] = tile
+def paste_canvas(layout: Layout, tiles: Sequence[np.ndarray], fill: int, nearest: bool) -> np.ndarray:
+    """The tiles (uint8 ``h,w`` or ``h,w,C``) pasted at their ``tile_layout`` positions on one canvas, ``fill``
+    where no tile lies; resized to their canvas extent (nearest for labels, area for pixels). Where tiles
+    overlap the later tile wins."""
+    pos, h, w = layout
+    first = np.asarray(tiles[0])
+    canvas = np.full((h, w, *first.shape[2:]), fill, first.dtype)
+    for (px, py, e), tile in zip(pos, tiles, strict=True):
+        tile = np.asarray(tile)
+        if tile.shape[0] != e or tile.shape[1] != e:
+            tile = cv2.resize(tile, (e, e), interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_AREA)
+        canvas[py : py + e, px : px + e] = tile
+    return canvas
 
 
-def _cuts(length: int, most: int) -> list[tuple[int, int]]:
+def cuts(length: int, most: int) -> list[tuple[int, int]]:
     """``length`` split into near-equal pieces of at most ``most`` (no sliver at the end)."""
     n = max(1, -(-length // most))
     edges = np.linspace(0, length, n + 1).round().astype(int)
@@ -72,20 +82,16 @@ def stitched_regions(
                          f"{len(masks)} masks")  # fmt: skip
     if region_px < 16:
         raise ValueError(f"region_px must be >= 16, got {region_px}")
-    scale = max(np.asarray(m).shape[0] / s for m, s in zip(masks, sizes0, strict=True))
+    sides = [np.asarray(m).shape[0] for m in masks]
+    layout = tile_layout(xs, ys, sizes0, sides)
+    scale = max(side / s for side, s in zip(sides, sizes0, strict=True))  # tile_layout's canvas scale
     x0, y0 = min(xs), min(ys)
-    pos = [(round((x - x0) * scale), round((y - y0) * scale), max(1, round(s * scale)))
-           for x, y, s in zip(xs, ys, sizes0, strict=True)]  # fmt: skip
-    w = max(px + e for px, _py, e in pos)
-    h = max(py + e for _px, py, e in pos)
-    image = np.full((h, w, 3), 255, np.uint8)
-    mask = np.full((h, w), IGNORE, np.uint8)
-    for (px, py, e), img, m in zip(pos, images, masks, strict=True):
-        _paste(image, np.asarray(img, np.uint8), px, py, e, nearest=False)
-        _paste(mask, np.asarray(m, np.uint8), px, py, e, nearest=True)
+    image = paste_canvas(layout, [np.asarray(i, np.uint8) for i in images], 255, nearest=False)
+    mask = paste_canvas(layout, [np.asarray(m, np.uint8) for m in masks], IGNORE, nearest=True)
+    h, w = mask.shape
     out = []
-    for ya, yb in _cuts(h, region_px):
-        for xa, xb in _cuts(w, region_px):
+    for ya, yb in cuts(h, region_px):
+        for xa, xb in cuts(w, region_px):
             m = mask[ya:yb, xa:xb]
             if not (m != IGNORE).any():
                 continue

@@ -106,7 +106,7 @@ def resize_maps(cam: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 Layout = tuple[list[tuple[int, int, int]], int, int]
 
 
-def _layout(xs: Sequence[int], ys: Sequence[int], sizes0: Sequence[int], sides: Sequence[int]) -> Layout:
+def tile_layout(xs: Sequence[int], ys: Sequence[int], sizes0: Sequence[int], sides: Sequence[int]) -> Layout:
     """Canvas position and extent ``(px, py, e)`` of each tile at the finest tile scale, and the canvas h, w."""
     scale = max(side / s for side, s in zip(sides, sizes0, strict=True))
     x0, y0 = min(xs), min(ys)
@@ -137,7 +137,7 @@ def shared_labels(
     the result is never empty where the tile has a label. A tile with no label says nothing about its
     pixels and does not take part. ``sides``: each tile's mask/CAM side in px.
     """
-    return _shared_on(_layout(xs, ys, sizes0, sides), sides, labels)
+    return _shared_on(tile_layout(xs, ys, sizes0, sides), sides, labels)
 
 
 def _shared_on(layout: Layout, sides: Sequence[int], labels: np.ndarray) -> list[np.ndarray]:
@@ -221,7 +221,7 @@ def stitch_cams(
     if not len(cams):
         return []
     labels = _checked(xs, ys, sizes0, cams, labels)
-    return _stitch_on(_layout(xs, ys, sizes0, [c.shape[1] for c in cams]), cams, labels)
+    return _stitch_on(tile_layout(xs, ys, sizes0, [c.shape[1] for c in cams]), cams, labels)
 
 
 def _checked(
@@ -337,7 +337,7 @@ def stitched_masks_and_margins(
         return [], []
     labels = _checked(xs, ys, sizes0, cams, labels)
     sides = [c.shape[1] for c in cams]
-    layout = _layout(xs, ys, sizes0, sides)  # once: the CAMs, the overlap rule and the fill share it
+    layout = tile_layout(xs, ys, sizes0, sides)  # once: the CAMs, the overlap rule and the fill share it
     stitched = _stitch_on(layout, cams, labels)
     allowed: list[np.ndarray | None] = [None] * len(stitched)
     if overlap_labels == "intersect":

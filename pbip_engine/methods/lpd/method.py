@@ -40,6 +40,7 @@ class LpdMethod(Method):
     demo_keys = {"warmup_iters": 10, "sim_size": 96}
     readout_keys = CAM_READOUT_KEYS
     prototype_features = True
+    region_cams = True
 
     def uses_stages(self, cfg: LpdConfig) -> frozenset[str]:
         """The bank only to initialise the prototypes from it (``init: bank``)."""

@@ -101,14 +101,32 @@ def predict_cams_and_features(
     """:func:`predict_cams`' CAMs, and what image-specific prototypes are matched against
     (``engine/pseudo/image_prototypes.py``): :func:`cam_level_features`, flip-averaged with ``flip``.
     ``features=False``: the CAMs alone (empty lists), for models whose output has no features."""
+    image = to_model_input(batch, cfg.mean, cfg.std, device)["image"]
+    side = getattr(cfg, "input_px", None)
+    return _cams_and_features(model, image, (side, side) if side else None, cfg, device, flip, features)
+
+
+def _cams_and_features(
+    model: nn.Module,
+    image: torch.Tensor,
+    net_size: tuple[int, int] | None,
+    cfg: ClassNetConfig,
+    device: torch.device | str,
+    flip: bool,
+    features: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[float]]:
+    """:func:`predict_cams_and_features` on a normalised ``B,3,H,W`` image that enters the network at
+    ``net_size`` (None: as it is); the CAMs come back at ``H,W``."""
     with _eval_mode(model):
-        image = to_model_input(batch, cfg.mean, cfg.std, device)["image"]
         size = tuple(image.shape[-2:])
         cams, feats, weights = None, None, []
         for mirrored in (False, True) if flip else (False,):
             x = image.flip(-1) if mirrored else image
+            if net_size and tuple(x.shape[-2:]) != tuple(net_size):
+                x = F.interpolate(x, size=net_size, mode="bilinear", align_corners=False,
+                                  antialias=net_size[0] < x.shape[-2])  # fmt: skip
             with autocast(device, cfg.amp):
-                out = model(resize_input(x, getattr(cfg, "input_px", None)))
+                out = model(x)
             w = cfg.eval_fuse_weights
             c = _readout(
                 fuse_cams(out["cams"], size, w), fuse_cams(out["cams"], size, w, normalize=False), cfg
@@ -231,3 +249,22 @@ class PbipCamModel(MasksFromCams):
             self.model, batch, self.cfg, self.device, flip=options.flip
         )
         return cams.float().cpu().numpy(), [f.half().cpu().numpy() for f in feats], weights
+
+    @torch.inference_mode()
+    def predict_region(
+        self, image: np.ndarray, tile_px: int, options: PseudoOptions, features: bool
+    ) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
+        """CAMs ``N,H,W`` of one uint8 ``H,W,3`` image at the tiles' pixel scale, read in one pass with all
+        its context (``pseudo.cam_context: regions``): the image enters the network scaled as its tiles of
+        ``tile_px`` were (to ``input_px``), so a feature cell covers the same tissue as in training. With
+        ``features``: per used level the unit features ``C,h,w`` (float16) and the level weights."""
+        x = to_model_input(
+            {"image": np.asarray(image, np.uint8)[None]}, self.cfg.mean, self.cfg.std, self.device
+        )
+        s = (getattr(self.cfg, "input_px", None) or tile_px) / tile_px
+        h, w = image.shape[:2]
+        net = (max(1, round(h * s)), max(1, round(w * s)))
+        cams, feats, weights = _cams_and_features(
+            self.model, x["image"], net, self.cfg, self.device, options.flip, features
+        )
+        return cams[0].float().cpu().numpy(), [f[0].half().cpu().numpy() for f in feats], weights

@@ -31,6 +31,8 @@ class PbipMethod(Method):
     summary = "PBIP (CVPR 2025): prototype-cosine CAMs on a bank of sub-class prototypes + FG/BG matching"
     readout_keys = CAM_READOUT_KEYS
     prototype_features = True
+    region_cams = True
+    cam_context_default = "regions"
     image_prototypes_default = 0.5
 
     def stage1_task(self, cfg: PbipConfig, inputs: Stage1Inputs) -> PbipTask:
