@@ -167,14 +167,16 @@ def test_the_default_is_the_methods_and_the_spec_checks_the_key(tmp_path):
     from pbip_engine.schemas.spec import SpecError, check_inputs, parse_spec
 
     raw = SPEC
-    assert parse_spec(raw, tmp_path).pseudo.cam_context == "regions"  # pbip: measured to help
-    for method in ("lpd", "gland"):  # lpd can, but was not measured; gland reads tiles only
-        assert parse_spec({**raw, "method": {"name": method}}, tmp_path).pseudo.cam_context == "tiles"
+    for method in ("pbip", "lpd"):  # measured to help
+        assert parse_spec({**raw, "method": {"name": method}}, tmp_path).pseudo.cam_context == "regions"
+    assert (
+        parse_spec({**raw, "method": {"name": "gland"}}, tmp_path).pseudo.cam_context == "tiles"
+    )  # tiles only
     assert parse_spec({**raw, "pseudo": {"stitch": False}}, tmp_path).pseudo.cam_context == "tiles"
     with pytest.raises(ValueError, match=r"cam_context.*stitch"):
         parse_spec({**raw, "pseudo": {"cam_context": "regions", "stitch": False}}, tmp_path)
-    lpd = parse_spec({**raw, "method": {"name": "lpd"}, "pseudo": {"cam_context": "regions"}}, tmp_path)
-    assert lpd.pseudo.cam_context == "regions"
+    lpd = parse_spec({**raw, "method": {"name": "lpd"}, "pseudo": {"cam_context": "tiles"}}, tmp_path)
+    assert lpd.pseudo.cam_context == "tiles"
     gland = parse_spec({**raw, "method": {"name": "gland"}, "pseudo": {"cam_context": "regions"}}, tmp_path)
     with pytest.raises(SpecError, match=r"cam_context.*'gland'"):
         check_inputs(gland)

@@ -193,7 +193,7 @@ class Method:
     image_prototypes_default: ClassVar[float] = 0.0
     # True when the CAM model offers ``predict_region`` (CAMs of a whole stitched image at the tiles' scale),
     # which ``pseudo.cam_context: regions`` needs; ``cam_context_default`` is that key where the spec leaves it
-    # unset: regions only where it was measured to help (pbip: GlaS, BENCHMARKS.md session 24).
+    # unset: regions only where it was measured to help (pbip: GlaS and the demo; lpd: the demo; BENCHMARKS.md session 24).
     region_cams: ClassVar[bool] = False
     cam_context_default: ClassVar[str] = "tiles"
 

@@ -236,7 +236,7 @@ class PseudoSection(_Section):
         description="with stitch: tiles = each tile's CAMs read on the tile alone, then averaged where tiles "
         "overlap; regions = read on the picture a slide's labelled tiles make together (in windows of "
         "region_px with a tile of context), so every tile's CAM sees its neighbours; null = the method's "
-        "default (pbip regions, others tiles). regions needs a method that reads whole images (pbip, lpd)",
+        "default (pbip, lpd: regions; others tiles). regions needs a method that reads whole images (pbip, lpd)",
     )
     region_px: int = Field(
         512,

@@ -41,6 +41,7 @@ class LpdMethod(Method):
     readout_keys = CAM_READOUT_KEYS
     prototype_features = True
     region_cams = True
+    cam_context_default = "regions"
 
     def uses_stages(self, cfg: LpdConfig) -> frozenset[str]:
         """The bank only to initialise the prototypes from it (``init: bank``)."""
