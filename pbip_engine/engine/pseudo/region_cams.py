@@ -6,7 +6,7 @@ tiles (``stitch.py``) averages these guesses but adds no context. Reading the wh
 pass lets every feature cell see its neighbours up to the network's receptive field, as OEEM and the gland
 paper do at test time on whole images. Measured on GlaS (BENCHMARKS.md, session 24): pseudo masks 0.709 ->
 0.733 and testA 0.729 -> 0.757 for one ClassNet, similar on two more seeds. Most of it comes through
-``pseudo.image_prototypes``, whose features then see the whole image: without it the masks are 0.689 either way.
+``pseudo.image_prototypes``, whose features then see the whole image: without it the masks are 0.687 (tiles) and 0.689 (whole image).
 
 The network must see the tissue at the scale it learnt: a tile of ``tile_px`` entered it at ``input_px``,
 so the canvas enters it scaled by ``input_px / tile_px`` (the CAM model's ``predict_region``). A large
