@@ -31,8 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pbip_engine.engine.pseudo.regions import cuts, paste_canvas
-from pbip_engine.engine.pseudo.stitch import Layout, resize_maps
+from pbip_engine.engine.pseudo.regions import cuts
+from pbip_engine.engine.pseudo.stitch import Layout, paste_canvas, resize_maps
 
 # One window's read: uint8 ``h,w,3`` -> (``N,h,w`` CAMs, per level ``C,h_l,w_l`` features; empty without them)
 RegionReader = Callable[[np.ndarray], tuple[np.ndarray, list[np.ndarray]]]

@@ -17,11 +17,10 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
 from pbip_engine.engine.metrics import IGNORE_INDEX
-from pbip_engine.engine.pseudo.stitch import Layout, tile_layout
+from pbip_engine.engine.pseudo.stitch import paste_canvas, tile_layout
 
 IGNORE = IGNORE_INDEX  # not scored, not learned from
 
@@ -36,21 +35,6 @@ class Region:
     height0: int
     image: np.ndarray
     mask: np.ndarray
-
-
-def paste_canvas(layout: Layout, tiles: Sequence[np.ndarray], fill: int, nearest: bool) -> np.ndarray:
-    """The tiles (uint8 ``h,w`` or ``h,w,C``) pasted at their ``tile_layout`` positions on one canvas, ``fill``
-    where no tile lies; resized to their canvas extent (nearest for labels, area for pixels). Where tiles
-    overlap the later tile wins."""
-    pos, h, w = layout
-    first = np.asarray(tiles[0])
-    canvas = np.full((h, w, *first.shape[2:]), fill, first.dtype)
-    for (px, py, e), tile in zip(pos, tiles, strict=True):
-        tile = np.asarray(tile)
-        if tile.shape[0] != e or tile.shape[1] != e:
-            tile = cv2.resize(tile, (e, e), interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_AREA)
-        canvas[py : py + e, px : px + e] = tile
-    return canvas
 
 
 def cuts(length: int, most: int) -> list[tuple[int, int]]:

@@ -115,6 +115,21 @@ def tile_layout(xs: Sequence[int], ys: Sequence[int], sizes0: Sequence[int], sid
     return pos, max(py + e for _px, py, e in pos), max(px + e for px, _py, e in pos)
 
 
+def paste_canvas(layout: Layout, tiles: Sequence[np.ndarray], fill: int, nearest: bool) -> np.ndarray:
+    """The tiles (uint8 ``h,w`` or ``h,w,C``) pasted at their ``tile_layout`` positions on one canvas, ``fill``
+    where no tile lies; resized to their canvas extent (nearest for labels, area for pixels). Where tiles
+    overlap the later tile wins."""
+    pos, h, w = layout
+    first = np.asarray(tiles[0])
+    canvas = np.full((h, w, *first.shape[2:]), fill, first.dtype)
+    for (px, py, e), tile in zip(pos, tiles, strict=True):
+        tile = np.asarray(tile)
+        if tile.shape[0] != e or tile.shape[1] != e:
+            tile = cv2.resize(tile, (e, e), interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_AREA)
+        canvas[py : py + e, px : px + e] = tile
+    return canvas
+
+
 def listed_by_all(boxes: Sequence[tuple[int, int, int]], labels: np.ndarray, h: int, w: int) -> np.ndarray:
     """bool ``N,h,w``: at each canvas pixel, the classes that every labelled square ``(x, y, side)`` over it
     lists (``labels``: multi-hot ``T,N``). A pixel no labelled square covers allows every class."""
@@ -189,10 +204,8 @@ def _fill_tiles(
     """``fill_enclosed`` on the canvas the tiles' masks make together, written back to each tile where the
     filled class is allowed (``ok``: bool ``N,side,side`` per tile). Where masks of overlapping tiles
     disagree (contradictory labels) the tile pasted last draws the canvas."""
-    pos, h, w = layout
-    canvas = np.zeros((h, w), np.uint8)
-    for (px, py, e), m in zip(pos, masks, strict=True):
-        canvas[py : py + e, px : px + e] = cv2.resize(m, (e, e), interpolation=cv2.INTER_NEAREST)
+    pos = layout[0]
+    canvas = paste_canvas(layout, masks, 0, nearest=True)
     filled = fill_enclosed(canvas, classes, max_px)
     if (filled == canvas).all():
         return masks
