@@ -30,8 +30,8 @@ cp -r "$GLAS" "$B/data/glas"
 du -sh "$B"
 cat <<'EOF'
 device calls (run tool), each with carry [".gpu_bundle"], timeout_s 600. Call 1: GlaS seed 0 + throughput; call 2
-(right after, the machine still warm): GlaS seed 1. Each script runs under `timeout`, so a slow step costs its
+(right after, the machine still warm): GlaS seed 1 without the control (the two fit 15 device-minutes). Each script runs under `timeout`, so a slow step costs its
 figure, not the call.
-set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu_bundle/whl/*.whl && export PYTHONPATH=$PWD:$PWD/bench:$PWD/.gpu_bundle/site:/tmp/site PYTHONUNBUFFERED=1 && nvidia-smi -L && timeout 300 python3 bench/gpu_glas.py --device cuda --seed 0 --data .gpu_bundle/data/glas --out $OUT/gpu_glas_s0.json 2>&1 | tee $OUT/gpu_glas_s0.log; timeout 240 python3 bench/gpu_throughput.py --device cuda --out $OUT/gpu_throughput.json 2>&1 | tee $OUT/gpu_throughput.log
-set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu_bundle/whl/*.whl && export PYTHONPATH=$PWD:$PWD/bench:$PWD/.gpu_bundle/site:/tmp/site PYTHONUNBUFFERED=1 && timeout 300 python3 bench/gpu_glas.py --device cuda --seed 1 --data .gpu_bundle/data/glas --out $OUT/gpu_glas_s1.json 2>&1 | tee $OUT/gpu_glas_s1.log
+set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu_bundle/whl/*.whl && export PYTHONPATH=$PWD:$PWD/bench:$PWD/.gpu_bundle/site:/tmp/site PYTHONUNBUFFERED=1 && nvidia-smi -L && timeout 420 python3 bench/gpu_glas.py --device cuda --seed 0 --data .gpu_bundle/data/glas --out $OUT/gpu_glas_s0.json 2>&1 | tee $OUT/gpu_glas_s0.log; timeout 150 python3 bench/gpu_throughput.py --device cuda --out $OUT/gpu_throughput.json 2>&1 | tee $OUT/gpu_throughput.log
+set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu_bundle/whl/*.whl && export PYTHONPATH=$PWD:$PWD/bench:$PWD/.gpu_bundle/site:/tmp/site PYTHONUNBUFFERED=1 && timeout 330 python3 bench/gpu_glas.py --device cuda --seed 1 --no-control --data .gpu_bundle/data/glas --out $OUT/gpu_glas_s1.json 2>&1 | tee $OUT/gpu_glas_s1.log
 EOF
