@@ -58,7 +58,8 @@ def _options(spec: Any) -> Any:
     from pbip_engine.methods import PseudoOptions
 
     p = spec.pseudo
-    return PseudoOptions(p.background, p.white_threshold, p.min_object, p.gamma, p.flip, p.crf)
+    return PseudoOptions(p.background, p.white_threshold, p.min_object, p.gamma, p.flip, p.crf,
+                         p.crf_options.kernels(spec.tiling.mpp) if p.crf else None)  # fmt: skip
 
 
 def _any_labelled(path: Path) -> bool:
@@ -193,16 +194,17 @@ def _stitched_rows(
     p = spec.pseudo
     tiles = ([int(v) for v in batch["x"]], [int(v) for v in batch["y"]], [int(v) for v in batch["size0"]])
     labels = np.stack([np.asarray(v, np.float32) for v in batch["labels"]])
-    rules = dict(white_threshold=o.white_threshold, min_size=o.min_object, power=o.gamma, crf=o.crf,
+    rules = dict(white_threshold=o.white_threshold, min_size=o.min_object, power=o.gamma,
                  overlap_labels=p.overlap_labels)  # fmt: skip
     if p.image_prototypes and feats is not None:  # the slide's own prototypes, from its surest first labels
         from pbip_engine.engine.pseudo.image_prototypes import image_prototype_cams
 
-        first, lead = stitched_masks_and_margins(*tiles, cams, labels, o.background, rgbs, **rules)
+        first, lead = stitched_masks_and_margins(*tiles, cams, labels, o.background, rgbs, **rules)  # no CRF
         cams, _ = image_prototype_cams(cams, feats, weights, first, lead, labels, p.image_prototypes,
                                        p.image_prototype_weight)  # fmt: skip
     masks, margins = stitched_masks_and_margins(
-        *tiles, cams, labels, o.background, rgbs, **rules,
+        *tiles, cams, labels, o.background, rgbs, **rules, crf=o.crf, crf_kernels=o.crf_kernels,
+        crf_window=p.region_px,
         fill_holes=[spec.class_names.index(c) + 1 for c in p.fill_holes],
         max_hole_px=p.max_hole_px, margins=bool(p.ignore_uncertain),
     )  # fmt: skip
@@ -252,8 +254,9 @@ class PseudoStage(Stage):
     # v9: holes a class encloses on the stitched mask can take that class (pseudo.fill_holes);
     # v10: the least certain pixels can be left unlabelled in the regions (pseudo.ignore_uncertain);
     # v11: CAMs re-read against each slide's own prototypes (pseudo.image_prototypes);
-    # v12: CAMs read on each slide's stitched tiles as one picture (pseudo.cam_context: regions)
-    version = 12
+    # v12: CAMs read on each slide's stitched tiles as one picture (pseudo.cam_context: regions);
+    # v13: with stitch the dense CRF runs on each slide's canvas (pseudo.crf, crf_options in µm)
+    version = 13
     deps = ("tile", "bank", "classnet")
     sections = ("classes", "method", "pseudo")
 

@@ -78,6 +78,7 @@ class PseudoOptions:
     gamma: float = 10.0
     flip: bool = False
     crf: bool = False  # dense CRF post-processing (engine.pseudo.crf)
+    crf_kernels: Any = None  # its engine.pseudo.crf.CrfKernels, in px at tiling.mpp; None = their defaults
 
 
 class CamModel(Protocol):
@@ -110,7 +111,7 @@ class MasksFromCams:
         return cams_to_mask(
             self.predict_cams(batch, options), batch["labels"], options.background, rgb=rgb,  # type: ignore[attr-defined]
             white_threshold=options.white_threshold, min_size=options.min_object, power=options.gamma,
-            crf=options.crf,
+            crf=options.crf, crf_kernels=options.crf_kernels,
         )  # fmt: skip
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -115,6 +116,7 @@ def cams_to_mask(
     power: float = 10.0,
     tie_break: torch.Tensor | np.ndarray | None = None,
     crf: bool = False,
+    crf_kernels: Any = None,
     allowed: torch.Tensor | np.ndarray | None = None,
 ) -> np.ndarray:
     """[B,N,H,W] fused CAMs (+ [B,N] image labels) -> uint8 [B,H,W]: 0 = background, k = class k, 255 = unsure.
@@ -125,7 +127,7 @@ def cams_to_mask(
     a tie left after that is ``UNCERTAIN`` (255), which stage 2 and the metrics ignore. The background
     rules still apply on top. ``rgb`` (uint8 [B,H,W,3]) is needed by the white rules and by ``crf``, which
     replaces the argmax over the present classes (and the ``power`` background) with a dense CRF's
-    (``engine.pseudo.crf``); ties then go to the CRF. ``allowed`` (bool [B,N,H,W]) narrows the present
+    (``engine.pseudo.crf``, with ``crf_kernels``, px; default ``CrfKernels()``); ties then go to the CRF. ``allowed`` (bool [B,N,H,W]) narrows the present
     classes per pixel (``engine.pseudo.stitch.shared_labels``: the classes every overlapping tile lists);
     a class it rules out cannot win there: where the CRF chose one, the plain argmax stands (which may
     be ``UNCERTAIN`` on a tie).
@@ -175,7 +177,9 @@ def cams_to_mask(
         if rgb.shape[:3] != out.shape:
             raise CamError(f"rgb shape {rgb.shape} does not match the masks {out.shape}")
     if crf:
-        from pbip_engine.engine.pseudo.crf import dense_crf
+        from pbip_engine.engine.pseudo.crf import CrfKernels, dense_crf
+
+        kernels = crf_kernels or CrfKernels()  # px of these tiles
 
         for i in range(b):
             ids = torch.nonzero(present[i]).flatten()
@@ -187,7 +191,7 @@ def cams_to_mask(
             chans = [own[ids]]
             if "power" in background:
                 chans.insert(0, ((1.0 - own.amax(0)).clamp(0, 1) ** power)[None])
-            won = dense_crf(torch.cat(chans).numpy(), rgb[i])
+            won = dense_crf(torch.cat(chans).numpy(), rgb[i], kernels)
             cls = (ids + 1).numpy()
             crf_mask = np.concatenate([[0], cls])[won] if "power" in background else cls[won]
             if allowed is not None:  # a ruled-out class the CRF chose gives way to the plain argmax

@@ -257,8 +257,8 @@ def _checked(
     return labels
 
 
-def _stitch_on(layout: Layout, cams: Sequence[np.ndarray], labels: np.ndarray) -> list[np.ndarray]:
-    """:func:`stitch_cams` on a layout already computed (and inputs already checked)."""
+def _stitched_canvas(layout: Layout, cams: Sequence[np.ndarray], labels: np.ndarray) -> np.ndarray:
+    """float32 ``N,H,W``: the label-restricted average of the tiles' CAMs on the slide's canvas."""
     pos, h, w = layout
     n = cams[0].shape[0]
     total = np.zeros((n, h, w), np.float32)
@@ -268,11 +268,55 @@ def _stitch_on(layout: Layout, cams: Sequence[np.ndarray], labels: np.ndarray) -
             resize_maps(cam.astype(np.float32), e) * (lab > 0.5)[:, None, None]
         )
         count[py : py + e, px : px + e] += 1.0
-    mean = total / np.maximum(count, 1.0)
-    return [
-        resize_maps(mean[:, py : py + e, px : px + e], cam.shape[1])
-        for (px, py, e), cam in zip(pos, cams, strict=True)
-    ]
+    return total / np.maximum(count, 1.0)
+
+
+def _cut(layout: Layout, canvas: np.ndarray, sides: Sequence[int]) -> list[np.ndarray]:
+    """Each tile's area of a ``N,H,W`` float canvas, at the tile's side."""
+    return [resize_maps(canvas[:, py : py + e, px : px + e], side)
+            for (px, py, e), side in zip(layout[0], sides, strict=True)]  # fmt: skip
+
+
+def _stitch_on(layout: Layout, cams: Sequence[np.ndarray], labels: np.ndarray) -> list[np.ndarray]:
+    """:func:`stitch_cams` on a layout already computed (and inputs already checked)."""
+    return _cut(layout, _stitched_canvas(layout, cams, labels), [c.shape[1] for c in cams])
+
+
+def _crf_on_canvas(
+    layout: Layout,
+    canvas: np.ndarray,
+    labels: np.ndarray,
+    rgbs: Sequence[np.ndarray],
+    overlap_labels: str,
+    kernels: Any,
+    window: int,
+    sides: Sequence[int],
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``engine.pseudo.crf.canvas_crf`` on a slide's stitched CAM canvas; per tile its winner (uint8 class,
+    1-based; 0 where no class is allowed) and the marginals' lead, at the tile's side."""
+    from pbip_engine.engine.pseudo.crf import CrfKernels, canvas_crf
+
+    pos, h, w = layout
+    lab = np.asarray(labels) > 0.5
+    union = np.zeros((lab.shape[1], h, w), bool)
+    for (px, py, e), row in zip(pos, lab, strict=True):
+        union[:, py : py + e, px : px + e] |= row[:, None, None]
+    allowed = union
+    if overlap_labels == "intersect":  # where the covering tiles share no class, any of theirs (as per tile)
+        every = listed_by_all(pos, lab, h, w) & union
+        allowed = np.where(every.any(0, keepdims=True), every, union)
+    rgb = paste_canvas(layout, [np.asarray(r)[..., :3] for r in rgbs], 255, nearest=False)
+    won, lead = canvas_crf(canvas, allowed, rgb, kernels or CrfKernels(), window)
+    won = (won + 1).astype(np.uint8)  # 1-based; 0 where no class is allowed
+    wins, leads = [], []
+    for (px, py, e), side in zip(pos, sides, strict=True):
+        a, m = won[py : py + e, px : px + e], lead[py : py + e, px : px + e]
+        if e != side:  # nearest: labels, and leads that may be inf
+            a = cv2.resize(a, (side, side), interpolation=cv2.INTER_NEAREST)
+            m = cv2.resize(m, (side, side), interpolation=cv2.INTER_NEAREST)
+        wins.append(a)
+        leads.append(m)
+    return wins, leads
 
 
 def decision_margins(cams: Sequence[np.ndarray], allowed: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -328,6 +372,8 @@ def stitched_masks_and_margins(
     min_size: int = MIN_WHITE_OBJECT_PX,
     power: float = 10.0,
     crf: bool = False,
+    crf_kernels: Any = None,
+    crf_window: int = 1024,
     overlap_labels: str = "intersect",
     fill_holes: Sequence[int] = (),
     max_hole_px: int | None = None,
@@ -341,6 +387,10 @@ def stitched_masks_and_margins(
     ``overlap_labels``: ``intersect`` (a pixel takes only classes every tile over it lists) or ``own``.
     ``fill_holes``: class values (1-based) whose enclosed holes up to ``max_hole_px`` (at the tiles' pixel
     scale) take that class, on the slide's stitched mask (:func:`fill_enclosed`).
+    ``crf``: a dense CRF (``crf_kernels``, px; ``engine.pseudo.crf.CrfKernels``) over the slide's stitched
+    canvas, in windows of ``crf_window`` px, decides among the classes allowed at each pixel wherever the
+    CAMs' argmax would (ties included); the background rules still apply on top, and the margins are then
+    the CRF marginals' leads.
     """
     if overlap_labels not in OVERLAP_LABELS:
         raise CamError(f"overlap_labels must be one of {OVERLAP_LABELS}, got {overlap_labels!r}")
@@ -351,7 +401,8 @@ def stitched_masks_and_margins(
     labels = _checked(xs, ys, sizes0, cams, labels)
     sides = [c.shape[1] for c in cams]
     layout = tile_layout(xs, ys, sizes0, sides)  # once: the CAMs, the overlap rule and the fill share it
-    stitched = _stitch_on(layout, cams, labels)
+    canvas = _stitched_canvas(layout, cams, labels)
+    stitched = _cut(layout, canvas, sides)
     allowed: list[np.ndarray | None] = [None] * len(stitched)
     if overlap_labels == "intersect":
         allowed = list(_shared_on(layout, sides, labels))
@@ -360,14 +411,22 @@ def stitched_masks_and_margins(
         rgb = None if rgbs is None else np.asarray(rgbs[i])[None]
         out.append(
             cams_to_mask(cam[None], labels[i : i + 1], background, rgb=rgb, allowed=None if ok is None else ok[None],
-                         white_threshold=white_threshold, min_size=min_size, power=power, crf=crf)[0]
+                         white_threshold=white_threshold, min_size=min_size, power=power)[0]
         )  # fmt: skip
     ok = [np.broadcast_to((lab > 0.5)[:, None, None], (len(lab), s, s)) if a is None else a
           for a, lab, s in zip(allowed, labels, sides, strict=True)]  # fmt: skip
+    if crf:
+        assert rgbs is not None
+        wins, crf_lead = _crf_on_canvas(layout, canvas, labels, rgbs, overlap_labels, crf_kernels, crf_window,
+                                        sides)  # fmt: skip
+        for i, (w, a) in enumerate(zip(wins, ok, strict=True)):
+            cls = np.clip(w.astype(np.int64) - 1, 0, a.shape[0] - 1)
+            take = (out[i] != 0) & (w != 0) & np.take_along_axis(a, cls[None], 0)[0]
+            out[i] = np.where(take, w, out[i]).astype(np.uint8)
     filled = _fill_tiles(out, layout, ok, fill_holes, max_hole_px) if fill_holes else out
     if not margins:
         return filled, []
     # the CAMs' argmax decided a pixel unless the fill, a background rule or a tie (UNCERTAIN) did
     decided = [(f == m) & (f != 0) & (f != UNCERTAIN) for f, m in zip(filled, out, strict=True)]
-    lead = decision_margins(stitched, ok)
+    lead = crf_lead if crf else decision_margins(stitched, ok)
     return filled, [np.where(d, g, np.float32(np.inf)) for d, g in zip(decided, lead, strict=True)]
