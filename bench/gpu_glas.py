@@ -62,7 +62,8 @@ Protocol (QUALITY_AUDIT.md "A GPU run worth preparing", METHODS.md §4.3/§8):
   argmax; with ``--image-prototypes`` (the GlaS spec's ``pseudo.image_prototypes``) the CAMs are mixed with
   the image's own-prototype CAMs (``engine.pseudo.image_prototypes``: prototypes from the label-settled pixels
   and the surest CAM decisions) and the argmax taken again; then gland takes the holes it encloses (lumens;
-  ``--fill-holes``, the GlaS specs' ``pseudo.fill_holes``); scored against the train masks (gland = 1, non-gland = 2, one confusion matrix, 2-class mIoU);
+  ``--fill-holes``, the GlaS specs' ``pseudo.fill_holes``; before it, with ``--crf``, a dense CRF over the
+  whole image decides among the allowed classes, ``engine.pseudo.crf.canvas_crf``, as ``pseudo.crf``); scored against the train masks (gland = 1, non-gland = 2, one confusion matrix, 2-class mIoU);
   stage 2 then does not learn from the least sure ``--ignore-uncertain`` of each image's CAM-decided pixels
   (the smallest leads of the winner; the GlaS spec's ``pseudo.ignore_uncertain``);
 * (d) stage 2: ``build_segmenter`` (DeepLab-v3+ at OS 16 by default; ASPP rates fitted to the crop) on random
@@ -102,6 +103,7 @@ from pbip_engine.engine.metrics import IGNORE_INDEX, SegmentationMeter
 from pbip_engine.engine.nn.deeplab import build_segmenter
 from pbip_engine.engine.prototypes.bank import BankParams, build_bank
 from pbip_engine.engine.pseudo.cams import fuse_cams
+from pbip_engine.engine.pseudo.crf import canvas_crf
 from pbip_engine.engine.pseudo.image_prototypes import prototype_cam, seed_masks, slide_prototypes
 from pbip_engine.engine.pseudo.stitch import fill_enclosed, least_certain, listed_by_all
 from pbip_engine.engine.training.amp import autocast
@@ -120,12 +122,14 @@ from pbip_engine.methods.lpd.task import LpdTask
 from pbip_engine.methods.pbip.cams import cam_level_features
 from pbip_engine.methods.pbip.classnet import ClassNetConfig, build_classnet
 from pbip_engine.methods.pbip.task import PbipTask
+from pbip_engine.schemas.spec import CrfOptions
 
 REPO = Path(__file__).resolve().parents[1]
 # the bundle bench/gpu_bundle.sh builds for the GPU machine, else the shared data beside the checkout
 _DATA_DIRS = (REPO / ".gpu_bundle" / "data" / "glas", REPO.parent / "shared" / "data" / "glas")
 DEFAULT_DATA = next((d for d in _DATA_DIRS if (d / "labels.csv").is_file()), _DATA_DIRS[-1])
 N_CLASSES = len(CLASSES)  # gland = 1, non_gland = 2; no background on GlaS
+GLAS_MPP = 0.62  # the scan's µm/px (20x), as examples/glas.yaml's data.patch_mpp
 
 
 # ------------------------------------------------------------------------------------------- plumbing
@@ -421,6 +425,11 @@ def pseudo_masks(model, cfg, images, masks, args, dev):
             cams = own_prototype_cams(model, cfg, img, cams, pred, margin, present, base, args, dev)
             pred, margin, tie = decide(cams, present)
         ties += tie
+        if args.crf:  # the engine's pseudo.crf over the whole image; margins = the marginals' leads
+            won, lead = canvas_crf(cams.float().cpu().numpy(), present.expand_as(cams).cpu().numpy(),
+                                   img.cpu().numpy(), CrfOptions().kernels(GLAS_MPP / args.image_scale))  # fmt: skip
+            pred = torch.from_numpy((won + 1).astype(np.uint8)).to(dev)
+            margin = torch.from_numpy(lead).to(dev)
         if args.fill_holes:  # the engine's pseudo.fill_holes: [gland], where gland is allowed
             max_px = max(1, round(args.fill_holes * args.image_scale**2))
             filled = torch.from_numpy(fill_enclosed(pred.cpu().numpy(), [1], max_px)).to(dev)
@@ -634,6 +643,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--image-prototype-weight", type=float, default=0.75, help="their weight against the cohort CAMs"
     )
+    g.add_argument("--crf", action="store_true",
+                   help="a dense CRF over each whole image decides among its allowed classes (the engine's "
+                   "pseudo.crf and crf_options defaults; needs pydensecrf2)")  # fmt: skip
     g.add_argument("--sim", dest="sim", action="store_true", default=None,
                    help="L_SIM on (FG/BG matching; default: off for pbip, as examples/glas.yaml; on for lpd)")  # fmt: skip
     g.add_argument("--no-sim", dest="sim", action="store_false", help="L_CLS only (no FG/BG matching)")

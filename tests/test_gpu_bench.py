@@ -7,6 +7,7 @@ GlaS test is skipped.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -66,10 +67,15 @@ def test_gpu_glas_tiny(tmp_path: Path) -> None:
 
 
 def test_gpu_glas_tiny_lpd(tmp_path: Path) -> None:
-    """``--method lpd``: no bank step, LPD's stage 1 (k=3 in --tiny, warm-up 2 iterations) and the rest as PBIP."""
+    """``--method lpd``: no bank step, LPD's stage 1 (k=3 in --tiny, warm-up 2 iterations) and the rest as PBIP;
+    with ``--crf`` (the engine's whole-image CRF, where pydensecrf2 is installed)."""
     if not (GLAS / "labels.csv").is_file():
         pytest.skip(f"GlaS data not found at {GLAS}")
-    res = _run("gpu_glas.py", tmp_path / "lpd.json", "--data", str(GLAS), "--method", "lpd", "--no-control")
+    crf = ["--crf"] if importlib.util.find_spec("pydensecrf") else []
+    res = _run(
+        "gpu_glas.py", tmp_path / "lpd.json", "--data", str(GLAS), "--method", "lpd", "--no-control", *crf
+    )
+    assert res["settings"]["crf"] is bool(crf)
     assert res["method"] == "lpd" and res["bank"] == "not needed" and res["bank_macro_f1"] is None
     for key in ("pseudo_miou", "stage2_testA_miou"):
         assert _unit(res[key]), (key, res[key])
