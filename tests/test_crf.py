@@ -29,14 +29,22 @@ def two_tiles():
 def test_the_stitched_crf_settles_an_edge_from_both_sides_of_a_tile_border():
     tiles, cams, rgbs, truth = two_tiles()
     labels = np.ones((2, 2), np.float32)
-    plain, _ = stitched_masks_and_margins(*tiles, cams, labels, "none", rgbs)
+    plain, plain_lead = stitched_masks_and_margins(*tiles, cams, labels, "none", rgbs)
     crf, lead = stitched_masks_and_margins(
         *tiles, cams, labels, "none", rgbs, crf=True, crf_kernels=CrfKernels()
     )
     acc = lambda masks: (np.concatenate(masks, axis=1) == truth).mean()  # noqa: E731
     assert acc(plain) < 0.9
     assert acc(crf) > 0.98  # the second tile's left columns are blue like its right: the canvas CRF sees it
-    assert all(np.isfinite(m).all() and (m >= 0).all() and (m <= 1).all() for m in lead)  # marginals' leads
+    # ignore_uncertain ranks the CAMs' margins with the CRF too: where the CRF moved an edge the CAMs were unsure,
+    # and those pixels must stay the first to go (the CRF marginals' own leads taught stage 2 worse on GlaS)
+    for a, b in zip(lead, plain_lead, strict=True):  # a CAM tie (inf without the CRF) is the CRF's to settle
+        both = np.isfinite(b)
+        assert both.mean() > 0.9
+        np.testing.assert_array_equal(a[both], b[both])
+    moved = np.concatenate(crf, axis=1) != np.concatenate(plain, axis=1)
+    margins = np.concatenate(lead, axis=1)
+    assert moved.any() and margins[moved].mean() < margins[~moved].mean()
 
 
 def test_a_class_the_labels_rule_out_never_comes_back_through_the_crf():

@@ -256,7 +256,8 @@ class PseudoStage(Stage):
     # v11: CAMs re-read against each slide's own prototypes (pseudo.image_prototypes);
     # v12: CAMs read on each slide's stitched tiles as one picture (pseudo.cam_context: regions);
     # v13: with stitch the dense CRF runs on each slide's canvas (pseudo.crf, crf_options in µm)
-    version = 13
+    # v14: with the CRF, ignore_uncertain still ranks the CAMs' margins, not the CRF marginals' leads
+    version = 14
     deps = ("tile", "bank", "classnet")
     sections = ("classes", "method", "pseudo")
 

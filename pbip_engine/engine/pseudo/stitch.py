@@ -291,9 +291,9 @@ def _crf_on_canvas(
     kernels: Any,
     window: int,
     sides: Sequence[int],
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
+) -> list[np.ndarray]:
     """``engine.pseudo.crf.canvas_crf`` on a slide's stitched CAM canvas; per tile its winner (uint8 class,
-    1-based; 0 where no class is allowed) and the marginals' lead, at the tile's side."""
+    1-based; 0 where no class is allowed), at the tile's side."""
     from pbip_engine.engine.pseudo.crf import CrfKernels, canvas_crf
 
     pos, h, w = layout
@@ -306,17 +306,15 @@ def _crf_on_canvas(
         every = listed_by_all(pos, lab, h, w) & union
         allowed = np.where(every.any(0, keepdims=True), every, union)
     rgb = paste_canvas(layout, [np.asarray(r)[..., :3] for r in rgbs], 255, nearest=False)
-    won, lead = canvas_crf(canvas, allowed, rgb, kernels or CrfKernels(), window)
+    won, _ = canvas_crf(canvas, allowed, rgb, kernels or CrfKernels(), window)
     won = (won + 1).astype(np.uint8)  # 1-based; 0 where no class is allowed
-    wins, leads = [], []
+    wins = []
     for (px, py, e), side in zip(pos, sides, strict=True):
-        a, m = won[py : py + e, px : px + e], lead[py : py + e, px : px + e]
-        if e != side:  # nearest: labels, and leads that may be inf
+        a = won[py : py + e, px : px + e]
+        if e != side:  # nearest: labels
             a = cv2.resize(a, (side, side), interpolation=cv2.INTER_NEAREST)
-            m = cv2.resize(m, (side, side), interpolation=cv2.INTER_NEAREST)
         wins.append(a)
-        leads.append(m)
-    return wins, leads
+    return wins
 
 
 def decision_margins(cams: Sequence[np.ndarray], allowed: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -389,8 +387,9 @@ def stitched_masks_and_margins(
     scale) take that class, on the slide's stitched mask (:func:`fill_enclosed`).
     ``crf``: a dense CRF (``crf_kernels``, px; ``engine.pseudo.crf.CrfKernels``) over the slide's stitched
     canvas, in windows of ``crf_window`` px, decides among the classes allowed at each pixel wherever the
-    CAMs' argmax would (ties included); the background rules still apply on top, and the margins are then
-    the CRF marginals' leads.
+    CAMs' argmax would (ties included); the background rules still apply on top. The margins stay the CAMs'
+    leads: the CRF's own marginals are sure of the edges it smooths, and stage 2 taught on them instead lost
+    testA 0.757 / 0.751 -> 0.749 / 0.715 on GlaS (BENCHMARKS.md, sessions 25-26).
     """
     if overlap_labels not in OVERLAP_LABELS:
         raise CamError(f"overlap_labels must be one of {OVERLAP_LABELS}, got {overlap_labels!r}")
@@ -417,7 +416,7 @@ def stitched_masks_and_margins(
           for a, lab, s in zip(allowed, labels, sides, strict=True)]  # fmt: skip
     if crf:
         assert rgbs is not None
-        wins, crf_lead = _crf_on_canvas(layout, canvas, labels, rgbs, overlap_labels, crf_kernels, crf_window,
+        wins = _crf_on_canvas(layout, canvas, labels, rgbs, overlap_labels, crf_kernels, crf_window,
                                         sides)  # fmt: skip
         for i, (w, a) in enumerate(zip(wins, ok, strict=True)):
             cls = np.clip(w.astype(np.int64) - 1, 0, a.shape[0] - 1)
@@ -428,5 +427,5 @@ def stitched_masks_and_margins(
         return filled, []
     # the CAMs' argmax decided a pixel unless the fill, a background rule or a tie (UNCERTAIN) did
     decided = [(f == m) & (f != 0) & (f != UNCERTAIN) for f, m in zip(filled, out, strict=True)]
-    lead = crf_lead if crf else decision_margins(stitched, ok)
+    lead = decision_margins(stitched, ok)  # the CAMs', with or without the CRF
     return filled, [np.where(d, g, np.float32(np.inf)) for d, g in zip(decided, lead, strict=True)]
