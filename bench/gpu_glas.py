@@ -426,8 +426,8 @@ def pseudo_masks(model, cfg, images, masks, args, dev):
             pred, margin, tie = decide(cams, present)
         ties += tie
         if args.crf:  # the engine's pseudo.crf over the whole image; the margins stay the CAMs'
-            won, _ = canvas_crf(cams.float().cpu().numpy(), present.expand_as(cams).cpu().numpy(),
-                                img.cpu().numpy(), CrfOptions().kernels(GLAS_MPP / args.image_scale))  # fmt: skip
+            won = canvas_crf(cams.float().cpu().numpy(), present.expand_as(cams).cpu().numpy(),
+                             img.cpu().numpy(), CrfOptions().kernels(GLAS_MPP / args.image_scale))  # fmt: skip
             pred = torch.from_numpy((won + 1).astype(np.uint8)).to(dev)
         if args.fill_holes:  # the engine's pseudo.fill_holes: [gland], where gland is allowed
             max_px = max(1, round(args.fill_holes * args.image_scale**2))

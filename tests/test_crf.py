@@ -66,11 +66,11 @@ def test_windows_with_a_margin_decide_as_one_pass_does():
     score = np.clip(blob + rng.normal(0, 0.45, blob.shape), 0, 1).astype(np.float32)
     scores = np.stack([score, 1 - score])
     allowed = np.ones_like(scores, bool)
-    whole, lead = canvas_crf(scores, allowed, rgb, CrfKernels(), window=1024)
-    parts, _ = canvas_crf(scores, allowed, rgb, CrfKernels(), window=40)
+    whole = canvas_crf(scores, allowed, rgb, CrfKernels(), window=1024)
+    parts = canvas_crf(scores, allowed, rgb, CrfKernels(), window=40)
     assert (whole == parts).mean() > 0.99
     assert (whole == np.where(blob, 0, 1)).mean() > (scores.argmax(0) == np.where(blob, 0, 1)).mean()
-    assert lead.shape == (h, w) and np.isfinite(lead).all()
+    assert whole.shape == (h, w) and (whole >= 0).all()  # every pixel allows a class, so every pixel has one
 
 
 def test_the_spec_sets_the_kernels_in_micrometres():

@@ -90,21 +90,21 @@ def canvas_crf(
     rgb: np.ndarray,
     kernels: CrfKernels,
     window: int = 1024,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> np.ndarray:
     """The CRF over one slide's stitched canvas: ``C,H,W`` class scores, bool ``C,H,W`` classes allowed per
-    pixel, uint8 ``H,W,3`` pixels -> (int ``H,W`` winning class, float32 ``H,W`` its marginal's lead over the
-    runner-up among the allowed classes; ``inf`` where one class is allowed, ``-1`` / ``inf`` where none).
+    pixel, uint8 ``H,W,3`` pixels -> int ``H,W`` winning class among the allowed ones (``-1`` where none is).
 
     A disallowed class gets (almost) no probability in the unaries, so the appearance kernel cannot carry it
     across a label's border. Canvases larger than ``window`` run in windows of at most that much, each read
     with a margin of three appearance kernels, whose result is dropped: what a pixel's label depends on lies
-    well inside it, and the memory stays that of one window.
+    well inside it, and the memory stays that of one window. The marginals' leads are not returned: as
+    margins for ``pseudo.ignore_uncertain`` they taught stage 2 worse than the CAMs' (BENCHMARKS.md, GlaS,
+    sessions 25-26).
     """
     c, h, w = scores.shape
     winner = np.full((h, w), -1, np.int64)
-    lead = np.full((h, w), np.inf, np.float32)
     if c == 0:
-        return winner, lead
+        return winner
     s = np.where(allowed, np.clip(scores, 0, None), 0.0).astype(np.float32)
     pad = int(np.ceil(3 * max(kernels.bilateral_sxy, kernels.gaussian_sxy)))
     for y0, y1 in cuts(h, window):
@@ -117,12 +117,5 @@ def canvas_crf(
                 q = _marginals(s[:, a0:a1, b0:b1], rgb[a0:a1, b0:b1], kernels)
             core = (slice(None), slice(y0 - a0, y1 - a0), slice(x0 - b0, x1 - b0))
             q, ok = q[core], ok[core]
-            q = np.where(ok, q, -np.inf)
-            top2 = (
-                -np.partition(-q, 1, axis=0)[:2] if c > 1 else np.stack([q[0], np.full_like(q[0], -np.inf)])
-            )
-            with np.errstate(invalid="ignore"):
-                m = top2[0] - top2[1]
-            winner[y0:y1, x0:x1] = np.where(ok.any(0), q.argmax(0), -1)
-            lead[y0:y1, x0:x1] = np.where(np.isfinite(m), m, np.inf)
-    return winner, lead
+            winner[y0:y1, x0:x1] = np.where(ok.any(0), np.where(ok, q, -np.inf).argmax(0), -1)
+    return winner

@@ -306,7 +306,7 @@ def _crf_on_canvas(
         every = listed_by_all(pos, lab, h, w) & union
         allowed = np.where(every.any(0, keepdims=True), every, union)
     rgb = paste_canvas(layout, [np.asarray(r)[..., :3] for r in rgbs], 255, nearest=False)
-    won, _ = canvas_crf(canvas, allowed, rgb, kernels or CrfKernels(), window)
+    won = canvas_crf(canvas, allowed, rgb, kernels or CrfKernels(), window)
     won = (won + 1).astype(np.uint8)  # 1-based; 0 where no class is allowed
     wins = []
     for (px, py, e), side in zip(pos, sides, strict=True):
