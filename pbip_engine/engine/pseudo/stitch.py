@@ -133,6 +133,15 @@ def paste_canvas(layout: Layout, tiles: Sequence[np.ndarray], fill: int, nearest
 def listed_by_all(boxes: Sequence[tuple[int, int, int]], labels: np.ndarray, h: int, w: int) -> np.ndarray:
     """bool ``N,h,w``: at each canvas pixel, the classes that every labelled square ``(x, y, side)`` over it
     lists (``labels``: multi-hot ``T,N``). A pixel no labelled square covers allows every class."""
+    covered, listed = _label_counts(boxes, labels, h, w)
+    return listed == covered[None]
+
+
+def _label_counts(
+    boxes: Sequence[tuple[int, int, int]], labels: np.ndarray, h: int, w: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """int32 ``h,w`` labelled squares over each canvas pixel, and int32 ``N,h,w`` how many of them list each
+    class: every class they all list is ``listed == covered``, any class one of them lists ``listed > 0``."""
     labels = np.asarray(labels) > 0.5
     covered = np.zeros((h, w), np.int32)
     listed = np.zeros((labels.shape[1], h, w), np.int32)
@@ -140,7 +149,7 @@ def listed_by_all(boxes: Sequence[tuple[int, int, int]], labels: np.ndarray, h: 
         if lab.any():
             covered[py : py + e, px : px + e] += 1
             listed[:, py : py + e, px : px + e] += lab[:, None, None]
-    return listed == covered[None]
+    return covered, listed
 
 
 def shared_labels(
@@ -297,13 +306,11 @@ def _crf_on_canvas(
     from pbip_engine.engine.pseudo.crf import CrfKernels, canvas_crf
 
     pos, h, w = layout
-    lab = np.asarray(labels) > 0.5
-    union = np.zeros((lab.shape[1], h, w), bool)
-    for (px, py, e), row in zip(pos, lab, strict=True):
-        union[:, py : py + e, px : px + e] |= row[:, None, None]
+    covered, listed = _label_counts(pos, labels, h, w)
+    union = listed > 0  # a class any covering tile lists
     allowed = union
     if overlap_labels == "intersect":  # where the covering tiles share no class, any of theirs (as per tile)
-        every = listed_by_all(pos, lab, h, w) & union
+        every = (listed == covered[None]) & union
         allowed = np.where(every.any(0, keepdims=True), every, union)
     rgb = paste_canvas(layout, [np.asarray(r)[..., :3] for r in rgbs], 255, nearest=False)
     won = canvas_crf(canvas, allowed, rgb, kernels or CrfKernels(), window)
