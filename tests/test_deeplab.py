@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ from torch import nn
 
 from pbip_engine.engine.nn.deeplab import SegmenterError, build_segmenter, segmenter_from_config
 from pbip_engine.engine.training.augment import augment_batch
+from pbip_engine.engine.training.checkpoint import read_checkpoint
+from pbip_engine.engine.training.ema import WeightAverage
 from pbip_engine.engine.training.loop import (
     LocalStore,
     LoopConfig,
@@ -310,3 +313,79 @@ def test_segmentation_task_trains_channels_last_with_the_same_numbers():
         ours = task(batch)["loss"]
         plain = nn.functional.cross_entropy(reference(batch["image"].contiguous()), batch["mask"])
     assert torch.allclose(ours, plain, atol=1e-4), (float(ours), float(plain))
+
+
+# ------------------------------------------------------------------------ the weight average (EMA)
+
+
+def test_average_is_the_running_mean_then_an_exponential_with_the_time_constant_in_steps():
+    net = nn.BatchNorm1d(1)
+    avg = WeightAverage(net, epochs=1.0, steps_per_epoch=4)  # tau = 4 steps
+    values = [3.0, 7.0, -1.0, 5.0, 2.0, 8.0, 0.0, 4.0]
+    expected, d = [], math.exp(-1 / 4)
+    for n, v in enumerate(values):
+        with torch.no_grad():
+            net.weight.fill_(v)
+            net.running_mean.fill_(10 * v)
+            net.num_batches_tracked.fill_(n + 1)
+        avg.update(net)
+        prev = expected[-1] if expected else v
+        share = min(n / (n + 1), d)
+        expected.append(share * prev + (1 - share) * v)
+        assert float(avg.module.weight.detach()) == pytest.approx(expected[-1], rel=1e-6)
+        assert float(avg.module.running_mean) == pytest.approx(10 * expected[-1], rel=1e-6)  # buffers too
+        assert int(avg.module.num_batches_tracked) == n + 1  # counters copied, not averaged
+    assert expected[2] == pytest.approx(np.mean(values[:3]))  # warm-up: the plain mean
+    assert avg.steps == len(values)
+    assert float(net.weight.detach()) == values[-1]  # the trained model is untouched
+    with pytest.raises(ValueError, match="time constant"):
+        WeightAverage(net, epochs=0)
+
+
+def _fit_averaged(out, epochs: int, ema: float, seed: int = 0):
+    torch.manual_seed(seed)
+    imgs, masks = _toy_batches(n=8)
+    cfg = LoopConfig(epochs=epochs, lr=0.02, optimizer="adamw", amp=False, augment=False,
+                     ema_epochs=ema)  # fmt: skip
+    torch.manual_seed(1)
+    task = SegmentationTask(Tiny())
+    return fit_local(
+        task,
+        lambda e: iter_minibatches(imgs, masks, 2, seed=e),
+        cfg,
+        out,
+        val_data=lambda e: iter_minibatches(imgs, masks, 8, shuffle=False),
+        log_fn=None,
+        steps_per_epoch=4,
+    ), task
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_ships_the_average_validates_it_and_resumes_both(tmp_path):
+    res, task = _fit_averaged(tmp_path / "straight", 3, ema=1.0)
+    last = read_checkpoint(tmp_path / "straight" / "last.pt", "segmenter")
+    trained = {k: v.cpu() for k, v in task.model.state_dict().items()}
+    assert _same(last["training_model"], trained)  # the optimiser's weights, for a resume
+    assert not _same(last["model"], trained)  # what readers load is the average, not the last step
+    assert last["average_steps"] == 12
+    # The validation score is the shipped model's.
+    imgs, masks = _toy_batches(n=8)
+    model = Tiny()
+    model.load_state_dict(last["model"])
+    shipped = evaluate(model, iter_minibatches(imgs, masks, 8, shuffle=False))
+    assert res["history"][-1]["val_score"] == pytest.approx(shipped["miou"])
+    # Stopped after epoch 2 and resumed: the same weights and the same average as the run straight through.
+    _fit_averaged(tmp_path / "resumed", 2, ema=1.0)
+    _fit_averaged(tmp_path / "resumed", 3, ema=1.0)
+    again = read_checkpoint(tmp_path / "resumed" / "last.pt", "segmenter")
+    assert again["epoch"] == 3 and again["average_steps"] == 12
+    for key in ("training_model", "model"):
+        for name, t in last[key].items():
+            torch.testing.assert_close(again[key][name], t, msg=f"{key}.{name}")
+    # Off (the default): no second copy of the weights, and "model" is the last step's.
+    _, plain_task = _fit_averaged(tmp_path / "plain", 1, ema=0.0)
+    plain = read_checkpoint(tmp_path / "plain" / "last.pt", "segmenter")
+    assert "training_model" not in plain and _same(plain["model"], plain_task.model.state_dict())

@@ -177,6 +177,7 @@ class SegmenterStage(Stage):
                 "weight_decay": s.weight_decay,
                 "optimizer": "adamw",
                 "schedule": "poly",
+                "ema_epochs": s.ema_epochs,
                 "amp": s.amp,
                 "augment": True,
                 "seed": s.seed,

@@ -340,6 +340,12 @@ class SegmenterSection(_Section):
         gt=0,
         description="crop_px: crops per epoch, as a multiple of the regions' area over a crop's area",
     )
+    ema_epochs: float = Field(
+        0.0,
+        ge=0,
+        description="ship (and validate) an exponential moving average of the weights with this time constant "
+        "in epochs instead of the last step's weights; 0 = off",
+    )
     amp: bool = True
     seed: int = 0
 

@@ -3,7 +3,9 @@
 A checkpoint is a ``weights_only``-loadable dict: ``format``, ``kind`` (what the weights are, e.g.
 ``"stage1:pbip"`` or ``"segmenter"``), ``model`` (state dict), ``model_config`` (enough to rebuild the
 model without the spec), ``optimizer``/``scaler`` (resume state, absent in exported weights), ``epoch``,
-``step``, ``metrics``, ``config`` (the training settings). Writes are atomic, so a crash mid-save never
+``step``, ``metrics``, ``config`` (the training settings). When the loop keeps a moving average of the
+weights, ``model`` is the average (what every reader loads) and ``training_model`` the weights the
+optimiser moves (what a resumed run goes on from), after ``average_steps`` updates. Writes are atomic, so a crash mid-save never
 leaves a truncated file under the final name; every failure to read names the file.
 """
 
@@ -39,6 +41,8 @@ def save_checkpoint(
     scaler: torch.amp.GradScaler | None = None,
     model_config: Mapping[str, Any] | None = None,
     config: Mapping[str, Any] | None = None,
+    training_model: nn.Module | None = None,
+    average_steps: int | None = None,
 ) -> Path:
     """Atomically write weights, their rebuild config and (optionally) the optimiser/scaler resume state."""
     state = {
@@ -53,6 +57,9 @@ def save_checkpoint(
         "metrics": jsonable(dict(metrics or {})),
         "config": jsonable(dict(config)) if config is not None else None,
     }
+    if training_model is not None:
+        state["training_model"] = unwrap(training_model).state_dict()
+        state["average_steps"] = int(average_steps or 0)
     p = Path(path)
     atomic_save(p, lambda tmp: torch.save(state, tmp))
     return p

@@ -1,7 +1,7 @@
 """The one training loop: stage 1 and stage 2 of every method, in one process or in a Ray Train worker.
 
 Epochs over ``task`` with per-sample dihedral augmentation, AMP (see ``amp``), gradient clipping, a
-constant or poly learning rate, a checkpoint after every epoch, resume from the latest one, the best
+constant or poly learning rate, an optional moving average of the weights (``ema``), a checkpoint after every epoch, resume from the latest one, the best
 epoch by validation score, and a JSON-lines history. Where checkpoints live is the only thing that
 differs between a laptop and a cluster, so it is a small ``CheckpointStore``: :class:`LocalStore` here,
 the Ray Train store in ``jobs/ray_train.py``. ``fit_local`` is the laptop entry point; the Ray worker
@@ -34,6 +34,7 @@ from pbip_engine.engine.training.checkpoint import (
     restore_training_state,
     save_checkpoint,
 )
+from pbip_engine.engine.training.ema import WeightAverage
 from pbip_engine.engine.training.inputs import unwrap
 from pbip_engine.engine.training.task import TrainTask
 
@@ -56,6 +57,7 @@ class LoopConfig:
     augment: bool = True  # per-sample flips/rot90 of image (and mask)
     seed: int = 0
     log_every: int = 0  # steps between log lines; 0 = one line per epoch
+    ema_epochs: float = 0.0  # > 0: validate and ship a moving average of the weights with this time constant
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -168,6 +170,8 @@ class Trainer:
         self.log_fn = log_fn
         self.run_config = dict(run_config or {})
         task.to(self.device)
+        # Built before DDP wraps the model: the average follows the bare network, rank by rank alike.
+        self.ema = WeightAverage(task.model, cfg.ema_epochs) if cfg.ema_epochs > 0 else None
         if wrap is not None:
             task.wrap(wrap)
         self.optimizer = make_optimizer(task, cfg)
@@ -201,6 +205,8 @@ class Trainer:
                 )
             self.optimizer.zero_grad(set_to_none=True)
             backward_step(loss, task.model, self.optimizer, self.scaler, cfg.grad_clip)
+            if self.ema is not None:
+                self.ema.update(unwrap(task.model))
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             for k, v in out.items():
                 if k != "loss":
@@ -226,7 +232,16 @@ class Trainer:
             return 1, 0, -math.inf, []
         path, history = found
         state = read_checkpoint(path, self.task.kind, map_location=self.device)
+        averaged = None
+        if state.get("training_model") is not None:  # "model" is the average; the optimiser moves these
+            averaged = state["model"]
+            state = {**state, "model": state["training_model"]}
         restore_training_state(path, state, self.task.model, self.optimizer, self.scaler)
+        if self.ema is not None:
+            if averaged is not None:
+                self.ema.load(averaged, int(state.get("average_steps") or 1))
+            else:  # the average starts now, from the restored weights
+                self.ema = WeightAverage(unwrap(self.task.model), self.cfg.ema_epochs)
         done = int(state["epoch"])
         best = (state.get("metrics") or {}).get("best_score")
         if self.log_fn is not None:
@@ -244,6 +259,8 @@ class Trainer:
             steps_per_epoch = step // (start - 1) or None
         for epoch in range(start, cfg.epochs + 1):
             total = cfg.epochs * steps_per_epoch if steps_per_epoch else None
+            if self.ema is not None:
+                self.ema.steps_per_epoch = steps_per_epoch
             stats = self.train_epoch(_epoch_batches(train_data, epoch), epoch, step, total)
             step += int(stats["steps"])
             steps_per_epoch = steps_per_epoch or int(stats["steps"]) or None
@@ -251,7 +268,7 @@ class Trainer:
                                       "world_size": self.world_size, **stats}  # fmt: skip
             is_best = val_data is None
             if val_data is not None:
-                val = self.task.evaluate(_epoch_batches(val_data, epoch), self.device)
+                val = self._evaluate(_epoch_batches(val_data, epoch))
                 record["val"] = val
                 record["val_score"] = score = float(val.get("score", math.nan))
                 if not math.isnan(score) and score > best:
@@ -270,11 +287,24 @@ class Trainer:
                 self.log_fn(msg)
         return history
 
+    def _evaluate(self, batches: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+        """The task's validation, of the weight average when there is one (the model the checkpoint ships)."""
+        if self.ema is None:
+            return self.task.evaluate(batches, self.device)
+        trained = self.task.model
+        self.task.model = self.ema.module
+        try:
+            return self.task.evaluate(batches, self.device)
+        finally:
+            self.task.model = trained
+
     def _writer(self, epoch: int, step: int, record: dict[str, Any]) -> Callable[[Path], None]:
+        ema = self.ema
+
         def write(path: Path) -> None:
             save_checkpoint(
                 path,
-                unwrap(self.task.model),
+                unwrap(self.task.model) if ema is None else ema.module,
                 kind=self.task.kind,
                 epoch=epoch,
                 step=step,
@@ -283,6 +313,8 @@ class Trainer:
                 scaler=self.scaler,
                 model_config=self.task.model_config(),
                 config={"loop": self.cfg.to_dict(), **self.run_config},
+                training_model=None if ema is None else unwrap(self.task.model),
+                average_steps=None if ema is None else ema.steps,
             )
 
         return write
