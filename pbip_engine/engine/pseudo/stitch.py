@@ -170,13 +170,30 @@ def _shared_on(layout: Layout, sides: Sequence[int], labels: np.ndarray) -> list
     labels = np.asarray(labels) > 0.5
     every = listed_by_all(pos, labels, h, w)
     out = []
-    for (px, py, e), lab, side in zip(pos, labels, sides, strict=True):
-        area = every[:, py : py + e, px : px + e]
-        if e != side:  # a coarser tile: nearest, so a class is allowed where the canvas allows it
-            area = np.stack([cv2.resize(a.astype(np.uint8), (side, side), interpolation=cv2.INTER_NEAREST)
-                             for a in area]).astype(bool)  # fmt: skip
+    for area, lab in zip(_cut_nearest(layout, every, sides), labels, strict=True):
         area = area & lab[:, None, None]
         out.append(np.where(area.any(0, keepdims=True), area, lab[:, None, None]))
+    return out
+
+
+def _cut_nearest(layout: Layout, canvas: np.ndarray, sides: Sequence[int]) -> list[np.ndarray]:
+    """Each tile's area of a label canvas (``H,W`` or ``N,H,W``; uint8 or bool) at the tile's side.
+
+    Nearest, unlike :func:`_cut`: a class value or an allowed-class flag of a coarser tile is the canvas
+    pixel's own, never a blend of two.
+    """
+    out = []
+    for (px, py, e), side in zip(layout[0], sides, strict=True):
+        area = canvas[..., py : py + e, px : px + e]
+        if e != side:
+            flat = (
+                area.astype(np.uint8)
+                if area.ndim == 2
+                else np.ascontiguousarray(area.transpose(1, 2, 0), np.uint8)
+            )
+            small = cv2.resize(flat, (side, side), interpolation=cv2.INTER_NEAREST).reshape(side, side, -1)
+            area = (small[..., 0] if area.ndim == 2 else small.transpose(2, 0, 1)).astype(area.dtype)
+        out.append(area)
     return out
 
 
@@ -213,15 +230,12 @@ def _fill_tiles(
     """``fill_enclosed`` on the canvas the tiles' masks make together, written back to each tile where the
     filled class is allowed (``ok``: bool ``N,side,side`` per tile). Where masks of overlapping tiles
     disagree (contradictory labels) the tile pasted last draws the canvas."""
-    pos = layout[0]
     canvas = paste_canvas(layout, masks, 0, nearest=True)
     filled = fill_enclosed(canvas, classes, max_px)
     if (filled == canvas).all():
         return masks
     out = []
-    for (px, py, e), m, allow in zip(pos, masks, ok, strict=True):
-        side = m.shape[0]
-        f = cv2.resize(filled[py : py + e, px : px + e], (side, side), interpolation=cv2.INTER_NEAREST)
+    for f, m, allow in zip(_cut_nearest(layout, filled, [m.shape[0] for m in masks]), masks, ok, strict=True):
         cls = np.clip(f.astype(np.int64) - 1, 0, allow.shape[0] - 1)
         take = (f != m) & np.isin(f, classes) & np.take_along_axis(allow, cls[None], 0)[0]
         out.append(np.where(take, f, m).astype(np.uint8))
@@ -314,14 +328,7 @@ def _crf_on_canvas(
         allowed = np.where(every.any(0, keepdims=True), every, union)
     rgb = paste_canvas(layout, [np.asarray(r)[..., :3] for r in rgbs], 255, nearest=False)
     won = canvas_crf(canvas, allowed, rgb, kernels or CrfKernels(), window)
-    won = (won + 1).astype(np.uint8)  # 1-based; 0 where no class is allowed
-    wins = []
-    for (px, py, e), side in zip(pos, sides, strict=True):
-        a = won[py : py + e, px : px + e]
-        if e != side:  # nearest: labels
-            a = cv2.resize(a, (side, side), interpolation=cv2.INTER_NEAREST)
-        wins.append(a)
-    return wins
+    return _cut_nearest(layout, (won + 1).astype(np.uint8), sides)  # 1-based; 0 where no class is allowed
 
 
 def decision_margins(cams: Sequence[np.ndarray], allowed: Sequence[np.ndarray]) -> list[np.ndarray]:
