@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from pbip_engine.engine.pseudo.crf import CrfKernels
     from pbip_engine.engine.training.task import TrainTask
 
 
@@ -78,7 +79,7 @@ class PseudoOptions:
     gamma: float = 10.0
     flip: bool = False
     crf: bool = False  # dense CRF post-processing (engine.pseudo.crf)
-    crf_kernels: Any = None  # its engine.pseudo.crf.CrfKernels, in px at tiling.mpp; None = their defaults
+    crf_kernels: CrfKernels | None = None  # in px at tiling.mpp; None = their defaults
 
 
 class CamModel(Protocol):

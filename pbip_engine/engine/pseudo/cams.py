@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -29,6 +29,9 @@ from PIL import Image
 from pbip_engine.engine.io.atomic import atomic_save
 from pbip_engine.engine.metrics import IGNORE_INDEX
 from pbip_engine.engine.pseudo import MIN_WHITE_OBJECT_PX, WHITE_THRESHOLD
+
+if TYPE_CHECKING:  # crf imports regions, which imports stitch, which imports this module
+    from pbip_engine.engine.pseudo.crf import CrfKernels
 
 BACKGROUNDS = ("none", "white", "power", "white+power")
 UNCERTAIN = IGNORE_INDEX  # a pixel the CAMs cannot decide: stage 2's loss and the metrics skip it
@@ -116,7 +119,7 @@ def cams_to_mask(
     power: float = 10.0,
     tie_break: torch.Tensor | np.ndarray | None = None,
     crf: bool = False,
-    crf_kernels: Any = None,
+    crf_kernels: CrfKernels | None = None,
     allowed: torch.Tensor | np.ndarray | None = None,
 ) -> np.ndarray:
     """[B,N,H,W] fused CAMs (+ [B,N] image labels) -> uint8 [B,H,W]: 0 = background, k = class k, 255 = unsure.

@@ -47,7 +47,7 @@ from __future__ import annotations
 import io
 import zlib
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -55,6 +55,9 @@ from scipy import ndimage as ndi
 
 from pbip_engine.engine.pseudo import MIN_WHITE_OBJECT_PX, WHITE_THRESHOLD
 from pbip_engine.engine.pseudo.cams import UNCERTAIN, CamError, cams_to_mask
+
+if TYPE_CHECKING:  # crf imports regions, which imports this module
+    from pbip_engine.engine.pseudo.crf import CrfKernels
 
 OVERLAP_LABELS = ("intersect", "own")
 
@@ -311,7 +314,7 @@ def _crf_on_canvas(
     labels: np.ndarray,
     rgbs: Sequence[np.ndarray],
     overlap_labels: str,
-    kernels: Any,
+    kernels: CrfKernels | None,
     window: int,
     sides: Sequence[int],
 ) -> list[np.ndarray]:
@@ -384,7 +387,7 @@ def stitched_masks_and_margins(
     min_size: int = MIN_WHITE_OBJECT_PX,
     power: float = 10.0,
     crf: bool = False,
-    crf_kernels: Any = None,
+    crf_kernels: CrfKernels | None = None,
     crf_window: int = 1024,
     overlap_labels: str = "intersect",
     fill_holes: Sequence[int] = (),
