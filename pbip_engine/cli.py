@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from pbip_engine.cli_cluster import split_names
+from pbip_engine.engine.inference import SEGMENT_OVERLAP
 from pbip_engine.schemas.spec import JobSpec, SpecError, check_inputs, json_schema, load_spec, parse_spec
 
 DEMO_SPEC = Path(__file__).parent / "examples" / "demo.yaml"
@@ -218,7 +219,7 @@ segmenter_cmd = _stage_command("segmenter", "Train the stage-2 DeepLab on the ps
 @click.option("--mpp", type=float, default=None, help="µm/px of the inputs (required for plain images)")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--address", default=None, help="Ray cluster address (default: run in this process)")
-@click.option("--overlap", default=0.25, show_default=True, type=click.FloatRange(0, 0.9))
+@click.option("--overlap", default=SEGMENT_OVERLAP, show_default=True, type=click.FloatRange(0, 0.9))
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--tta/--no-tta", default=True, show_default=True, help="average logits over tile mirrors")
 @click.option("--tta-scales", default="1", show_default=True, help="with --tta: scales, e.g. 0.75,1,1.25")

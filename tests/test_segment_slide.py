@@ -137,6 +137,23 @@ def test_plan_tiles_tissue_at_model_resolution(toy_slide):
     }
 
 
+def test_default_overlap_predicts_each_interior_tissue_pixel_from_four_tiles(toy_slide):
+    """The segment stage's default (``segment.overlap``, the engine's ``plan``): half-tile steps, so the blend
+    averages four tile positions at every pixel away from the grid's edges (0.25 gave one at tile centres)."""
+    from pbip_engine.schemas.spec import SegmentSection
+
+    path, truth = toy_slide
+    p = plan(path, model_mpp=1.0, tile_px=128, overlap=SegmentSection().overlap)
+    count = np.zeros(truth.shape, np.int32)
+    for t in p.tiles:
+        count[t.y : t.y + t.size0, t.x : t.x + t.size0] += 1
+    xs, ys = sorted({t.x for t in p.tiles}), sorted({t.y for t in p.tiles})
+    inner = count[ys[1] : ys[-1], xs[1] : xs[-1]] if len(xs) > 2 and len(ys) > 2 else count[:0]
+    full = truth[ys[1] : ys[-1], xs[1] : xs[-1]] > 0
+    assert inner.size and full.any()
+    assert (inner[full] >= 4).all()
+
+
 def test_tile_reader_matches_direct_reads(toy_slide):
     path, _ = toy_slide
     p = plan(path, model_mpp=1.0, tile_px=128, overlap=0.25)
@@ -321,7 +338,7 @@ def test_real_glas_jpeg_as_one_level_slide(glas_dir, tmp_path):
     h, w = cv2.imread(str(img)).shape[:2]
     stats = segment_local(
         img, SegmentPredictor(ColorNet(), device="cpu"), tmp_path, CLASSES, COLORS,
-        model_mpp=0.62, tile_px=256, mpp_override=0.62, use_tissue=False, write_overlay_png=False,
+        model_mpp=0.62, tile_px=256, overlap=0.25, mpp_override=0.62, use_tissue=False, write_overlay_png=False,
     )  # fmt: skip
     with tifffile.TiffFile(tmp_path / f"{img.stem}.mask.ome.tif") as tf:
         mask = tf.series[0].levels[0].asarray()

@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from pbip_engine.engine.inference import SEGMENT_OVERLAP
 from pbip_engine.engine.wsi.slide_ids import SlideIdError, check_unique_ids
 from pbip_engine.methods.base import MIN_WHITE_OBJECT_PX, WHITE_THRESHOLD, MethodConfig
 
@@ -360,7 +361,13 @@ class SegmentSection(_Section):
     slides: list[str] = Field(
         default_factory=list, description="slides to segment; empty = the training slides"
     )
-    overlap: float = Field(0.25, ge=0, lt=1)
+    overlap: float = Field(
+        SEGMENT_OVERLAP,
+        ge=0,
+        lt=1,
+        description="inference tiles overlap by this fraction and are Gaussian-blended; 0.5 beat 0.25 on every "
+        "demo training measured (+0.010 mIoU mean) for 2.25x the tiles",
+    )
     tile_px: int | None = Field(
         None,
         ge=16,

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from pbip_engine.engine.inference import SEGMENT_OVERLAP
 from pbip_engine.engine.inference.plan import open_any, plan
 from pbip_engine.engine.inference.predict import iter_tile_pixels
 from pbip_engine.engine.inference.write import stitch_and_write
@@ -70,7 +71,7 @@ def segment_local(
     *,
     model_mpp: float,
     tile_px: int = 512,
-    overlap: float = 0.25,
+    overlap: float = SEGMENT_OVERLAP,
     output_mpp: float | None = None,
     batch_size: int = 16,
     tissue_params: TissueParams | None = None,

@@ -15,6 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pbip_engine.engine.inference import SEGMENT_OVERLAP
 from pbip_engine.engine.wsi.grid import grid_positions
 from pbip_engine.engine.wsi.slide_ids import slide_id
 from pbip_engine.engine.wsi.slides import (
@@ -160,7 +161,7 @@ def plan(
     slide_path: str | Path,
     model_mpp: float,
     tile_px: int = 512,
-    overlap: float = 0.25,
+    overlap: float = SEGMENT_OVERLAP,
     tissue_params: TissueParams | None = None,
     *,
     min_tissue: float = 0.0,
