@@ -5,8 +5,9 @@ A checkpoint is a ``weights_only``-loadable dict: ``format``, ``kind`` (what the
 model without the spec), ``optimizer``/``scaler`` (resume state, absent in exported weights), ``epoch``,
 ``step``, ``metrics``, ``config`` (the training settings). When the loop keeps a moving average of the
 weights, ``model`` is the average (what every reader loads) and ``training_model`` the weights the
-optimiser moves (what a resumed run goes on from), after ``average_steps`` updates. Writes are atomic, so a crash mid-save never
-leaves a truncated file under the final name; every failure to read names the file.
+optimiser moves (what a resumed run goes on from), after ``average_steps`` updates. Writes are atomic,
+so a crash mid-save never leaves a truncated file under the final name; every failure to read names the
+file.
 """
 
 from __future__ import annotations

@@ -62,11 +62,7 @@ class WeightAverage:
         """Fold in the trained model's current weights (call after each optimiser step)."""
         self.averaged.update_parameters(model)
 
-    def state_dict(self) -> dict[str, Any]:
-        """The averaged network's own state dict (loads into a plain model of the same config)."""
-        return self.module.state_dict()
-
     def load(self, weights: Mapping[str, Any], steps: int) -> None:
-        """Restore an average saved with :meth:`state_dict` after ``steps`` updates (on resume)."""
+        """Restore an average (the state dict of :attr:`module`) after ``steps`` updates, on resume."""
         self.module.load_state_dict(weights)
         self.averaged.n_averaged.fill_(int(steps))

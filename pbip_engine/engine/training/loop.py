@@ -1,11 +1,12 @@
 """The one training loop: stage 1 and stage 2 of every method, in one process or in a Ray Train worker.
 
 Epochs over ``task`` with per-sample dihedral augmentation, AMP (see ``amp``), gradient clipping, a
-constant or poly learning rate, an optional moving average of the weights (``ema``), a checkpoint after every epoch, resume from the latest one, the best
-epoch by validation score, and a JSON-lines history. Where checkpoints live is the only thing that
-differs between a laptop and a cluster, so it is a small ``CheckpointStore``: :class:`LocalStore` here,
-the Ray Train store in ``jobs/ray_train.py``. ``fit_local`` is the laptop entry point; the Ray worker
-builds a :class:`Trainer` the same way and hands it its store.
+constant or poly learning rate, an optional moving average of the weights (``ema_epochs``, see ``ema``), a
+checkpoint after every epoch, resume from the latest one, the best epoch by validation score, and a
+JSON-lines history. Where checkpoints live is the only thing that differs between a laptop and a cluster,
+so it is a small ``CheckpointStore``: :class:`LocalStore` here, the Ray Train store in
+``jobs/ray_train.py``. ``fit_local`` is the laptop entry point; the Ray worker builds a :class:`Trainer`
+the same way and hands it its store.
 
 Epochs are numbered from 1. Each history row holds the epoch, the global step, the epoch this attempt
 started at (``start_epoch``: 1 on a fresh run, k + 1 after resuming from epoch k), the world size, the
