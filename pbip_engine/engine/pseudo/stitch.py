@@ -164,14 +164,17 @@ def shared_labels(
     the result is never empty where the tile has a label. A tile with no label says nothing about its
     pixels and does not take part. ``sides``: each tile's mask/CAM side in px.
     """
-    return _shared_on(tile_layout(xs, ys, sizes0, sides), sides, labels)
+    layout = tile_layout(xs, ys, sizes0, sides)
+    return _shared_on(layout, sides, labels, _label_counts(layout[0], labels, *layout[1:]))
 
 
-def _shared_on(layout: Layout, sides: Sequence[int], labels: np.ndarray) -> list[np.ndarray]:
-    """:func:`shared_labels` on a layout already computed."""
-    pos, h, w = layout
+def _shared_on(
+    layout: Layout, sides: Sequence[int], labels: np.ndarray, counts: tuple[np.ndarray, np.ndarray]
+) -> list[np.ndarray]:
+    """:func:`shared_labels` on a layout and its :func:`_label_counts` already computed."""
     labels = np.asarray(labels) > 0.5
-    every = listed_by_all(pos, labels, h, w)
+    covered, listed = counts
+    every = listed == covered[None]
     out = []
     for area, lab in zip(_cut_nearest(layout, every, sides), labels, strict=True):
         area = area & lab[:, None, None]
@@ -311,7 +314,7 @@ def _stitch_on(layout: Layout, cams: Sequence[np.ndarray], labels: np.ndarray) -
 def _crf_on_canvas(
     layout: Layout,
     canvas: np.ndarray,
-    labels: np.ndarray,
+    counts: tuple[np.ndarray, np.ndarray],
     rgbs: Sequence[np.ndarray],
     overlap_labels: str,
     kernels: CrfKernels | None,
@@ -322,8 +325,7 @@ def _crf_on_canvas(
     1-based; 0 where no class is allowed), at the tile's side."""
     from pbip_engine.engine.pseudo.crf import CrfKernels, canvas_crf
 
-    pos, h, w = layout
-    covered, listed = _label_counts(pos, labels, h, w)
+    covered, listed = counts  # the tiles' _label_counts on this canvas
     union = listed > 0  # a class any covering tile lists
     allowed = union
     if overlap_labels == "intersect":  # where the covering tiles share no class, any of theirs (as per tile)
@@ -420,8 +422,10 @@ def stitched_masks_and_margins(
     canvas = _stitched_canvas(layout, cams, labels)
     stitched = _cut(layout, canvas, sides)
     allowed: list[np.ndarray | None] = [None] * len(stitched)
+    # once per slide: the overlap rule and the canvas CRF both read which classes the covering tiles list
+    counts = _label_counts(layout[0], labels, *layout[1:])
     if overlap_labels == "intersect":
-        allowed = list(_shared_on(layout, sides, labels))
+        allowed = list(_shared_on(layout, sides, labels, counts))
     out = []
     for i, (cam, ok) in enumerate(zip(stitched, allowed, strict=True)):
         rgb = None if rgbs is None else np.asarray(rgbs[i])[None]
@@ -433,8 +437,7 @@ def stitched_masks_and_margins(
           for a, lab, s in zip(allowed, labels, sides, strict=True)]  # fmt: skip
     if crf:
         assert rgbs is not None
-        wins = _crf_on_canvas(layout, canvas, labels, rgbs, overlap_labels, crf_kernels, crf_window,
-                                        sides)  # fmt: skip
+        wins = _crf_on_canvas(layout, canvas, counts, rgbs, overlap_labels, crf_kernels, crf_window, sides)
         for i, (w, a) in enumerate(zip(wins, ok, strict=True)):
             cls = np.clip(w.astype(np.int64) - 1, 0, a.shape[0] - 1)
             take = (out[i] != 0) & (w != 0) & np.take_along_axis(a, cls[None], 0)[0]
