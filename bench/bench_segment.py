@@ -3,6 +3,7 @@
     python bench/bench_segment.py                          # 50k x 50k synthetic slide, tiny CNN, CPU
     python bench/bench_segment.py --size 8000              # quick run
     python bench/bench_segment.py --model deeplabv2 --device cuda --batch-size 64
+    python bench/bench_segment.py --overlap 0.25 0.5       # each overlap on the same slide; ratios to the first
 
 The slide is a JPEG pyramid written with engine.tiff_writer from a cheap procedural pattern (glass with
 large H&E-coloured discs, two "tissue types" per disc): engine.synth renders ~4 s per megapixel, i.e.
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 import pbip_engine
+from pbip_engine.engine.inference import SEGMENT_OVERLAP
 
 
 def _warm_cucim() -> None:
@@ -121,7 +123,7 @@ def worker(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     stats = segment_local(
         args.slide, pred, args.out, CLASSES, COLORS,
-        model_mpp=args.model_mpp, tile_px=args.tile_px, overlap=args.overlap,
+        model_mpp=args.model_mpp, tile_px=args.tile_px, overlap=args.overlap[0],
         output_mpp=args.output_mpp, batch_size=args.batch_size, canvas_dtype=args.canvas_dtype,
         max_open_mb=args.cache_mb, maxworkers=args.threads,
     )  # fmt: skip
@@ -143,7 +145,13 @@ def main() -> None:
     ap.add_argument("--model-mpp", type=float, default=1.0)
     ap.add_argument("--output-mpp", type=float, default=None, help="default: the model's")
     ap.add_argument("--tile-px", type=int, default=512)
-    ap.add_argument("--overlap", type=float, default=0.25)
+    ap.add_argument(
+        "--overlap",
+        type=float,
+        nargs="+",
+        default=[SEGMENT_OVERLAP],
+        help="one or more tile overlaps, each run on the same slide; the first is the baseline of the ratios",
+    )
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--micro-batch", type=int, default=None)
     ap.add_argument("--device", default="cpu")
@@ -159,6 +167,7 @@ def main() -> None:
         worker(args)
         return
 
+    runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench_segment.", dir=args.workdir) as tmp:
         work = Path(args.workdir or tmp)
         slide = work / f"pattern_{args.size}.tif"
@@ -168,32 +177,45 @@ def main() -> None:
             print(
                 f"wrote {slide.name} ({slide.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t:.0f} s"
             )
-        cmd = [sys.executable, __file__, "--worker", "--slide", str(slide), "--out", str(work / "out")]
-        for k in (
-            "model",
-            "model_mpp",
-            "tile_px",
-            "overlap",
-            "batch_size",
-            "device",
-            "threads",
-            "canvas_dtype",
-            "cache_mb",
-        ):
+        for overlap in args.overlap:
+            s = _run_worker(args, slide, work / f"out_{overlap:g}", overlap)
+            _report(args, s, overlap)
+            runs.append(s)
+    if len(runs) > 1:
+        base = runs[0]
+        print(f"ratios to overlap {args.overlap[0]:.0%}:")
+        for overlap, s in zip(args.overlap[1:], runs[1:], strict=True):
+            print(
+                f"  overlap {overlap:.0%}: tiles {s['n_tiles'] / base['n_tiles']:.2f}x, "
+                f"wall {s['wall_s'] / base['wall_s']:.2f}x, inference {s['infer_s'] / base['infer_s']:.2f}x, "
+                f"stitching {s['stitch_s'] / max(base['stitch_s'], 1e-9):.2f}x, "
+                f"peak RSS {s['peak_rss_mb'] / base['peak_rss_mb']:.2f}x"
+            )
+
+
+def _run_worker(args: argparse.Namespace, slide: Path, out: Path, overlap: float) -> dict:
+    """Segment ``slide`` in a child process (its peak RSS is the figure) and return its stats."""
+    cmd = [sys.executable, __file__, "--worker", "--slide", str(slide), "--out", str(out)]
+    cmd += ["--overlap", str(overlap)]
+    for k in ("model", "model_mpp", "tile_px", "batch_size", "device", "threads", "canvas_dtype", "cache_mb"):
+        cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+    for k in ("output_mpp", "micro_batch"):
+        if getattr(args, k) is not None:
             cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
-        for k in ("output_mpp", "micro_batch"):
-            if getattr(args, k) is not None:
-                cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            sys.stderr.write(proc.stdout + proc.stderr)
-            raise SystemExit(f"worker failed (rc {proc.returncode})")
-        s = json.loads(lines[-1][len("RESULT ") :])
-        outs = {k: Path(p).stat().st_size / 2**20 for k, p in s["paths"].items()}
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        raise SystemExit(f"worker failed (rc {proc.returncode})")
+    s = json.loads(lines[-1][len("RESULT ") :])
+    s["output_mib"] = {k: Path(p).stat().st_size / 2**20 for k, p in s["paths"].items()}
+    return s
+
+
+def _report(args: argparse.Namespace, s: dict, overlap: float) -> None:
     wall = s["wall_s"]
     print(f"slide {args.size}x{args.size} @ {args.mpp} µm/px, model {args.model} @ {args.model_mpp} µm/px, "
-          f"tile {args.tile_px} px, overlap {args.overlap:.0%}, device {s['device']}, {args.threads} threads")  # fmt: skip
+          f"tile {args.tile_px} px, overlap {overlap:.0%}, device {s['device']}, {args.threads} threads")  # fmt: skip
     print(f"  tiles {s['n_tiles']}, tissue {s['tissue_mpix']:.0f} MP (level 0), output {s['shape'][1]}x{s['shape'][0]} "
           f"@ {s['output_mpp']} µm/px, {s['levels']} levels, canvas chunks {s['canvas_chunks']}")  # fmt: skip
     print(
@@ -207,7 +229,7 @@ def main() -> None:
         f"  peak RSS {s['peak_rss_mb']:.0f} MB ({s['base_rss_mb']:.0f} MB before the slide: python+torch+model)"
         + (f", peak GPU {s['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in s else "")
     )
-    print("  outputs: " + ", ".join(f"{k} {v:.1f} MiB" for k, v in outs.items()))
+    print("  outputs: " + ", ".join(f"{k} {v:.1f} MiB" for k, v in s["output_mib"].items()))
     print("  class areas (mm²): " + ", ".join(f"{k} {v / 1e6:.2f}" for k, v in s["class_areas_um2"].items()))
     if not math.isfinite(wall):
         raise SystemExit("bad timing")
