@@ -5,13 +5,15 @@ Masks are restricted to each tile's image-level classes; background follows ``ps
 before the argmax (``engine/pseudo/stitch.py``), so a pixel under several tiles gets one label, not one
 per tile. With ``pseudo.cam_context: regions`` the actors take a whole slide at a time and read its CAMs
 on the picture its tiles make together (``engine/pseudo/region_cams.py``): every tile's CAM sees its
-neighbours' tissue.
+neighbours' tissue. Both stitching paths take a large slide in blocks of ``pseudo.block_px`` with a ring of
+context tiles (``engine/pseudo/blocks.py``), so memory does not grow with the slide.
 Where ground truth exists (the synthetic cohort; patch datasets that ship masks, e.g. GlaS), the pseudo masks are scored against it, and a
 per-slide mosaic of the masks is written for QA.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -125,12 +127,16 @@ def stitch_slide(batch: dict[str, Any], spec: Any, out_dir: str) -> dict[str, An
     """Ray Data ``map_groups`` function: one slide's tile CAMs -> stitched masks -> the samples rows."""
     from pbip_engine.engine.pseudo.stitch import decode_arrays, decode_cam
 
-    cams = [decode_cam(c) for c in batch["cam"]]
-    feats, weights = None, []
-    if spec.pseudo.image_prototypes:  # each tile's features per level, the level weights last
-        blobs = [decode_arrays(b) for b in batch["features"]]
-        feats, weights = [b[:-1] for b in blobs], blobs[0][-1].tolist()
-    return _stitched_rows(batch, decode_batch(batch)["image"], cams, feats, weights, spec, out_dir)
+    def block(sub: dict[str, Any]) -> tuple[Any, list[np.ndarray], list[np.ndarray]]:
+        cams = [decode_cam(c) for c in sub["cam"]]
+        feats, weights = None, []
+        if spec.pseudo.image_prototypes:  # each tile's features per level, the level weights last
+            blobs = [decode_arrays(b) for b in sub["features"]]
+            feats, weights = [b[:-1] for b in blobs], blobs[0][-1].tolist()
+        rgbs = decode_batch(sub)["image"]
+        return (rgbs, *_stitched_masks(sub, rgbs, cams, feats, weights, spec))
+
+    return _by_blocks(batch, spec, out_dir, block)
 
 
 class RegionPseudo:
@@ -154,7 +160,11 @@ class RegionPseudo:
         return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
 
     def slide(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """One slide's labelled tile rows -> its masks and samples rows."""
+        """One slide's labelled tile rows -> its masks and samples rows (block by block, ``pseudo.block_px``)."""
+        return _by_blocks(batch, self.spec, self.out_dir, self.block)
+
+    def block(self, batch: dict[str, Any]) -> tuple[Any, list[np.ndarray], list[np.ndarray]]:
+        """A block's tile rows -> their images, masks and stage-2 training masks, its CAMs read as one picture."""
         from pbip_engine.engine.pseudo.region_cams import region_tile_cams
         from pbip_engine.engine.pseudo.stitch import tile_layout
 
@@ -171,22 +181,48 @@ class RegionPseudo:
             return cams, feats
 
         cams, feats = region_tile_cams(layout, rgbs, read, self.spec.pseudo.region_px, tile_px)
-        return _stitched_rows(
-            batch, rgbs, cams, feats if features else None, weights, self.spec, self.out_dir
-        )
+        return (rgbs, *_stitched_masks(batch, rgbs, cams, feats if features else None, weights, self.spec))
 
 
-def _stitched_rows(
+def _by_blocks(
+    batch: dict[str, Any],
+    spec: Any,
+    out_dir: str,
+    block: Callable[[dict[str, Any]], tuple[Any, list[np.ndarray], list[np.ndarray]]],
+) -> dict[str, Any]:
+    """One slide's tile rows, split into blocks of at most ``pseudo.block_px`` (``engine/pseudo/blocks.py``):
+    ``block`` makes each block's images, masks and training masks; each block writes its own tiles' masks and
+    stitched regions (``<slide>.parquet`` when the slide is one block, ``<slide>.b<k>.parquet`` otherwise).
+    Returns the samples rows of every tile, in the order of ``batch``'s rows within each block."""
+    from pbip_engine.engine.pseudo.blocks import slide_blocks
+
+    sid = str(batch["slide_id"][0])
+    blocks = slide_blocks([int(v) for v in batch["x"]], [int(v) for v in batch["y"]],
+                          [int(v) for v in batch["size0"]], spec.tiling.tile_px, spec.pseudo.block_px)  # fmt: skip
+    colors = [(255, 255, 255), *spec.class_colors]
+    parts = []
+    for k, b in enumerate(blocks):
+        sub = {c: np.asarray(v)[b.members] for c, v in batch.items()}
+        rgbs, masks, train = block(sub)
+        kept = {c: v[b.keep] for c, v in sub.items()}
+        keep = np.flatnonzero(b.keep)
+        name = sid if len(blocks) == 1 else f"{sid}.b{k}"
+        write_regions(kept, [rgbs[i] for i in keep], [train[i] for i in keep], spec.pseudo.region_px,
+                      Path(out_dir) / REGIONS, name)  # fmt: skip
+        parts.append(_mask_rows(kept, [masks[i] for i in keep], Path(out_dir), colors))
+    return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+
+
+def _stitched_masks(
     batch: dict[str, Any],
     rgbs: Any,
     cams: list[np.ndarray],
     feats: list[list[np.ndarray]] | None,
     weights: list[float],
     spec: Any,
-    out_dir: str,
-) -> dict[str, Any]:
-    """One slide's tile CAMs (and with ``pseudo.image_prototypes`` their features per level) -> stitched
-    masks, the stitched regions stage 2 crops from, and the samples rows."""
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """One slide's (or block's) tile CAMs (and with ``pseudo.image_prototypes`` their features per level) ->
+    stitched masks, and the masks stage 2 learns from (the least certain pixels left out)."""
     from pbip_engine.engine.pseudo.regions import IGNORE
     from pbip_engine.engine.pseudo.stitch import least_certain, stitched_masks_and_margins
 
@@ -212,13 +248,15 @@ def _stitched_rows(
     if p.ignore_uncertain:
         doubt = least_certain(margins, p.ignore_uncertain)
         train = [np.where(d, np.uint8(IGNORE), m) for m, d in zip(masks, doubt, strict=True)]
-    write_regions(batch, rgbs, train, p.region_px, Path(out_dir) / REGIONS)
-    return _mask_rows(batch, masks, Path(out_dir), [(255, 255, 255), *spec.class_colors])
+    return masks, train
 
 
-def write_regions(batch: dict[str, Any], rgbs: Any, masks: Any, region_px: int, folder: Path) -> int:
-    """One slide's stitched regions (``engine/pseudo/regions.py``) as ``<folder>/<slide>.parquet``, for
-    stage 2's crops (``segmenter.crop_px``); written to a temp name and renamed. Returns the region count."""
+def write_regions(
+    batch: dict[str, Any], rgbs: Any, masks: Any, region_px: int, folder: Path, name: str | None = None
+) -> int:
+    """One slide's (or block's) stitched regions (``engine/pseudo/regions.py``) as ``<folder>/<name>.parquet``
+    (``name``: the slide id by default), for stage 2's crops (``segmenter.crop_px``); written to a temp name
+    and renamed. Returns the region count."""
     import cv2
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -239,7 +277,7 @@ def write_regions(batch: dict[str, Any], rgbs: Any, masks: Any, region_px: int, 
                      "width0": r.width0, "height0": r.height0, "width": r.image.shape[1], "height": r.image.shape[0],
                      "image": img.tobytes(), "mask": msk.tobytes()})  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / f"{sid}.parquet") as tmp:
+    with atomic_path(folder / f"{name or sid}.parquet") as tmp:
         pq.write_table(pa.Table.from_pylist(rows, schema=_region_schema()), tmp)
     return len(rows)
 

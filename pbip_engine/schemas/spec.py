@@ -268,6 +268,15 @@ class PseudoSection(_Section):
         description="with stitch: each slide's pseudo-labelled tiles are also pasted into regions of at most "
         "this many px a side (at tiling.mpp), which stage 2 crops from (segmenter.crop_px)",
     )
+    block_px: int = Field(
+        4096,
+        ge=256,
+        description="with stitch: a slide whose labelled tiles span more than this many px a side (at "
+        "tiling.mpp) is read and stitched in blocks of this size, each with two tiles of context around it, "
+        "so memory stays bounded on whole slides labelled throughout (slide-level labels): ~2.3 GB a block "
+        "at 4096 px, 0.9 GB at 2048 (four classes, half-overlapping tiles); a slide that fits is one block "
+        "(every patch image)",
+    )
     flip: bool = Field(False, description="test-time flip: average each tile's CAMs with its mirror's")
     crf: bool = Field(
         False,

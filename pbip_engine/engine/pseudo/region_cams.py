@@ -17,10 +17,10 @@ The canvas CAMs (and features, for ``pseudo.image_prototypes``) are then cut bac
 every rule that follows (the tiles' labels, the background rule, the hole fill, the margins) is the
 tile-stitching path's, unchanged.
 
-Memory: the canvas image (uint8) and its CAMs (float32, one map per class) span the bounding box of a slide's
-labelled tiles, as the stitching canvas of ``stitch.py`` does; the features are at their levels' strides.
-Fine for patch sets and the labelled areas of annotated slides; a slide labelled across 40k x 40k px at tile
-scale would need both canvases chunked on disk.
+Memory: the canvas image (uint8) and its CAMs (float32, one map per class) span the bounding box of the tiles
+they are given, as the stitching canvas of ``stitch.py`` does; the features are at their levels' strides. The
+pseudo stage hands them one block of a slide at a time (``blocks.py``, ``pseudo.block_px``), so a slide labelled
+throughout does not need its whole section on one canvas.
 """
 
 from __future__ import annotations

@@ -1,0 +1,185 @@
+"""A slide's labelled tiles read and stitched in blocks of bounded size (``pseudo.block_px``).
+
+The blocks must not change the masks: each block reads its tiles with a ring of context tiles, so a tile at a
+block's edge sees the same neighbours and is stitched with the same overlapping tiles as on the whole slide.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pbip_engine.engine.pseudo.blocks import slide_blocks
+
+
+def _squares(xs, ys, s):
+    return [(float(x), float(y), float(s)) for x, y in zip(xs, ys, strict=True)]
+
+
+def _overlaps(a, b) -> bool:
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[2] and b[1] < a[1] + a[2]
+
+
+def test_a_slide_that_fits_is_one_block_keeping_every_tile():
+    xs, ys = [0, 100, 200, 300], [0, 0, 100, 300]
+    (block,) = slide_blocks(xs, ys, [200] * 4, tile_px=100, block_px=256)  # 500 level-0 px = 250 canvas px
+    assert block.members.tolist() == [0, 1, 2, 3] and block.keep.all()
+    assert slide_blocks([], [], [], 100, 256) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    cols=st.integers(1, 30),
+    rows=st.integers(1, 30),
+    stride=st.sampled_from([16, 24, 32]),
+    block_px=st.sampled_from([64, 100, 256]),
+    holes=st.lists(st.integers(0, 899), max_size=200),
+)
+def test_every_tile_is_kept_once_with_every_tile_it_overlaps_beside_it(cols, rows, stride, block_px, holes):
+    """Tiles of 32 level-0 px (16-px images) on a grid with gaps: each is kept by one block, and its block also
+    reads every tile that overlaps it or lies within half a tile of it."""
+    grid = [(c * stride, r * stride) for r in range(rows) for c in range(cols)]
+    tiles = [t for i, t in enumerate(grid) if i not in set(holes)] or grid[:1]
+    xs, ys = [t[0] for t in tiles], [t[1] for t in tiles]
+    blocks = slide_blocks(xs, ys, [32] * len(tiles), tile_px=16, block_px=block_px)
+    kept = np.concatenate([b.members[b.keep] for b in blocks])
+    assert sorted(kept.tolist()) == list(range(len(tiles)))  # exactly once
+    squares = _squares(xs, ys, 32)
+    grown = [(x - 16, y - 16, 64.0) for x, y, _ in squares]  # half a tile around each square
+    for b in blocks:
+        members = set(b.members.tolist())
+        for t in b.members[b.keep]:
+            near = {u for u in range(len(tiles)) if _overlaps(grown[t], squares[u])}
+            assert near <= members
+        span = max(squares[u][0] + 32 for u in members) - min(squares[u][0] for u in members)
+        # bounded: the block (level-0 px = 2 canvas px), two tiles of margin a side, a tile straddling each edge
+        assert span <= block_px * 2 + 2 * 2 * 32 + 2 * 32
+
+
+def _slide(n: int = 22, stride: int = 16, side: int = 32, seed: int = 0) -> tuple[dict, np.ndarray]:
+    """``n`` x ``n`` tiles of ``side`` px every ``stride`` px cut from one random picture (PNG: exact crops, so
+    the canvas a block pastes is the slide's own), level 0 = tile px; two classes listed everywhere."""
+    rng = np.random.default_rng(seed)
+    extent = (n - 1) * stride + side
+    picture = cv2.GaussianBlur(rng.integers(0, 255, (extent, extent, 3), dtype=np.uint8), (0, 0), 3)
+    rows = []
+    for r in range(n):
+        for c in range(n):
+            x, y = c * stride, r * stride
+            ok, png = cv2.imencode(
+                ".png", cv2.cvtColor(picture[y : y + side, x : x + side], cv2.COLOR_RGB2BGR)
+            )
+            assert ok
+            rows.append((f"s:{x}_{y}", x, y, png.tobytes()))
+    batch = {
+        "tile_id": np.array([r[0] for r in rows], dtype=object),
+        "slide_id": np.array(["s"] * len(rows), dtype=object),
+        "x": np.array([r[1] for r in rows]), "y": np.array([r[2] for r in rows]),
+        "size0": np.array([side] * len(rows)),
+        "labels": np.array([[1, 1]] * len(rows), np.uint8),
+        "image": np.array([r[3] for r in rows], dtype=object),
+    }  # fmt: skip
+    return batch, picture
+
+
+def _box_cams(image: np.ndarray) -> np.ndarray:
+    """Two-class CAMs of a uint8 ``h,w,3`` picture: 5x5 box means of its red and blue (a 2-px reach)."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255
+    return F.avg_pool2d(F.pad(x[:, [0, 2]], (2, 2, 2, 2), mode="replicate"), 5, stride=1)[0].numpy()
+
+
+def _masks(rows: dict, folder) -> dict[str, np.ndarray]:
+    from PIL import Image
+
+    return {
+        str(t): np.asarray(Image.open(folder / p))
+        for t, p in zip(rows["tile_id"], rows["mask_path"], strict=True)
+    }
+
+
+SPEC = {
+    "run": {"name": "t", "output": "out"},
+    "data": {"synthetic": {"slides": 1, "size": 768}},
+    "classes": [{"name": "a", "color": [200, 0, 0]}, {"name": "b", "color": [0, 0, 200]}],
+    "tiling": {"tile_px": 32},
+}
+
+
+def test_regions_read_in_blocks_give_the_whole_slides_masks(tmp_path, monkeypatch):
+    """``RegionPseudo`` on a 368-px slide of 484 half-overlapping tiles: with ``block_px: 256`` it reads four
+    blocks, and every tile's mask equals the one-block read (a 2-px CAM reach: a block without context tiles
+    would differ at its edges); each block writes its own stitched regions."""
+    import pyarrow.parquet as pq
+
+    import pbip_engine.jobs.pseudo as job
+    from pbip_engine.jobs.rundir import REGIONS
+    from pbip_engine.schemas.spec import parse_spec
+
+    reads: list[tuple[int, int]] = []
+
+    class Model:
+        def predict_region(self, image, tile_px, options, features):
+            reads.append(image.shape[:2])
+            return _box_cams(image), [], []
+
+    monkeypatch.setattr(job, "_cam_model", lambda *a: Model())
+    batch, _ = _slide()
+    out = {}
+    for block_px in (4096, 256):
+        spec = parse_spec({**SPEC, "pseudo": {"background": "none", "image_prototypes": 0, "block_px": block_px,
+                                              "region_px": 128}}, tmp_path)  # fmt: skip
+        assert spec.pseudo.cam_context == "regions"
+        folder = tmp_path / str(block_px)
+        reads.clear()
+        rows = job.RegionPseudo(spec, "model.pt", None, str(folder)).slide(batch)
+        assert sorted(rows["tile_id"]) == sorted(batch["tile_id"])  # every tile once
+        out[block_px] = _masks(rows, folder), sorted(p.name for p in (folder / REGIONS).glob("*.parquet"))
+        if block_px == 256:
+            assert max(max(r) for r in reads) <= 128 + 2 * 32  # windows of region_px + a tile of context
+    whole, blocked = out[4096][0], out[256][0]
+    assert out[4096][1] == ["s.parquet"]
+    assert out[256][1] == ["s.b0.parquet", "s.b1.parquet", "s.b2.parquet", "s.b3.parquet"]
+    for tid, mask in whole.items():
+        np.testing.assert_array_equal(blocked[tid], mask, err_msg=tid)
+    assert len({m.tobytes() for m in whole.values()}) > 1  # the masks differ from tile to tile
+    regions = [
+        r for name in out[256][1] for r in pq.read_table(tmp_path / "256" / REGIONS / name).to_pylist()
+    ]
+    area = sum(r["width"] * r["height"] for r in regions)
+    assert area >= 368 * 368 * 0.9  # the blocks' regions cover the slide (each tile in one block)
+
+
+def test_stitched_tile_cams_in_blocks_give_the_whole_slides_masks(tmp_path):
+    """The tile-CAM path (``stitch_slide``) in blocks: each tile's own CAMs, averaged where tiles overlap,
+    give every tile the mask the whole slide gives it."""
+    from pbip_engine.engine.pseudo.stitch import encode_cam
+    from pbip_engine.jobs.pseudo import stitch_slide
+    from pbip_engine.schemas.spec import parse_spec
+
+    batch, picture = _slide(seed=1)
+    cams = []
+    for x, y in zip(batch["x"], batch["y"], strict=True):
+        cams.append(encode_cam(_box_cams(picture[y : y + 32, x : x + 32])))  # each tile read alone
+    batch["cam"] = np.array(cams, dtype=object)
+    masks = {}
+    for block_px in (4096, 256):
+        spec = parse_spec({**SPEC, "pseudo": {"background": "none", "image_prototypes": 0, "block_px": block_px,
+                                              "cam_context": "tiles"}}, tmp_path)  # fmt: skip
+        folder = tmp_path / str(block_px)
+        masks[block_px] = _masks(stitch_slide(batch, spec, str(folder)), folder)
+    assert masks[4096].keys() == masks[256].keys()
+    for tid, mask in masks[4096].items():
+        np.testing.assert_array_equal(masks[256][tid], mask, err_msg=tid)
+
+
+def test_the_spec_bounds_the_block(tmp_path):
+    from pbip_engine.schemas.spec import parse_spec
+
+    assert parse_spec(SPEC, tmp_path).pseudo.block_px == 4096
+    with pytest.raises(ValueError, match="block_px"):
+        parse_spec({**SPEC, "pseudo": {"block_px": 100}}, tmp_path)
