@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from child_process import report, run_child
 
 import pbip_engine
 from pbip_engine.engine.inference import SEGMENT_OVERLAP
@@ -134,7 +134,7 @@ def worker(args: argparse.Namespace) -> None:
     stats["device"] = str(pred.device)
     if pred.device.type == "cuda":
         stats["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    print("RESULT " + json.dumps(stats, default=str))
+    report(stats)
 
 
 def main() -> None:
@@ -202,12 +202,7 @@ def _run_worker(args: argparse.Namespace, slide: Path, out: Path, overlap: float
     for k in ("output_mpp", "micro_batch"):
         if getattr(args, k) is not None:
             cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout + proc.stderr)
-        raise SystemExit(f"worker failed (rc {proc.returncode})")
-    s = json.loads(lines[-1][len("RESULT ") :])
+    s = run_child(cmd)
     s["output_mib"] = {k: Path(p).stat().st_size / 2**20 for k, p in s["paths"].items()}
     return s
 

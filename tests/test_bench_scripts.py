@@ -1,7 +1,7 @@
-"""bench/bench_segment.py runs on a small slide and compares overlaps on the same slide.
+"""bench/bench_segment.py and bench/bench_pseudo_blocks.py run on small inputs and print their ratio lines.
 
-BENCHMARKS.md's cost of ``segment.overlap`` comes from this script's ratio line, so the test proves the line
-is printed and that it compares what it says (the half overlap plans more tiles than the quarter).
+BENCHMARKS.md's cost of ``segment.overlap`` and the pseudo stage's memory in blocks come from these lines, so
+the tests prove each line is printed and compares what it says.
 """
 
 from __future__ import annotations
@@ -35,3 +35,17 @@ def test_two_overlaps_on_one_slide_print_ratios(tmp_path: Path) -> None:
     assert ratio is not None, out
     assert float(ratio.group(1)) == pytest.approx(tiles[1] / tiles[0], abs=0.01)
     assert (tmp_path / "out_0.25").is_dir() and (tmp_path / "out_0.5").is_dir()
+
+
+def test_pseudo_blocks_bench_reads_one_slide_as_one_canvas_and_in_blocks() -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_pseudo_blocks.py"), "--side", "640", "--block-px", "0", "256"],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    files = [int(n) for n in re.findall(r"tiles, (\d+) region file", out)]
+    tiles = set(re.findall(r"(\d+) tiles,", out))
+    assert files[0] == 1 and files[1] > 1 and len(tiles) == 1, out  # the same tiles, one canvas vs blocks
+    assert re.search(r"block_px 256 / one canvas: wall [\d.]+x, memory above the tiles [\d.]+x", out), out
