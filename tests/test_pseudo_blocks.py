@@ -183,3 +183,12 @@ def test_the_spec_bounds_the_block(tmp_path):
     assert parse_spec(SPEC, tmp_path).pseudo.block_px == 4096
     with pytest.raises(ValueError, match="block_px"):
         parse_spec({**SPEC, "pseudo": {"block_px": 100}}, tmp_path)
+
+
+def test_a_list_column_keeps_its_bytes_whole():
+    """Rows picked from a list column (not an array) keep an encoded image's trailing zero bytes."""
+    from pbip_engine.jobs.pseudo import _column
+
+    col = _column([b"\x89PNG\x00\x00", b"x", [1, 0]])
+    assert col[[0]][0] == b"\x89PNG\x00\x00" and col[[2]][0] == [1, 0]
+    assert np.asarray([b"\x89PNG\x00\x00", b"x"])[0] != b"\x89PNG\x00\x00"  # what numpy alone would do

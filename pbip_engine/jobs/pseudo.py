@@ -184,6 +184,16 @@ class RegionPseudo:
         return (rgbs, *_stitched_masks(batch, rgbs, cams, feats if features else None, weights, self.spec))
 
 
+def _column(values: Any) -> np.ndarray:
+    """A batch column as a numpy array to index rows by (a list of bytes stays objects: numpy's fixed-width
+    bytes would drop an encoded image's trailing zero bytes)."""
+    if isinstance(values, np.ndarray):
+        return values
+    out = np.empty(len(values), dtype=object)
+    out[:] = list(values)
+    return out
+
+
 def _by_blocks(
     batch: dict[str, Any],
     spec: Any,
@@ -202,7 +212,7 @@ def _by_blocks(
     colors = [(255, 255, 255), *spec.class_colors]
     parts = []
     for k, b in enumerate(blocks):
-        sub = {c: np.asarray(v)[b.members] for c, v in batch.items()}
+        sub = {c: _column(v)[b.members] for c, v in batch.items()}
         rgbs, masks, train = block(sub)
         kept = {c: v[b.keep] for c, v in sub.items()}
         keep = np.flatnonzero(b.keep)
