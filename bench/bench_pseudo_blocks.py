@@ -97,8 +97,8 @@ def worker(args: argparse.Namespace) -> None:
         wall = time.perf_counter() - t0
         regions = len(list((Path(tmp) / "regions").glob("*.parquet")))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    report({"tiles": len(rows["tile_id"]), "wall_s": wall, "peak_mb": peak,
-                                  "base_mb": base, "region_files": regions})  # fmt: skip
+    report({"tiles": len(rows["tile_id"]), "wall_s": wall, "peak_mb": peak, "base_mb": base,
+            "region_files": regions})  # fmt: skip
 
 
 def main() -> None:
