@@ -214,8 +214,8 @@ def _by_blocks(
     for k, b in enumerate(blocks):
         sub = {c: _column(v)[b.members] for c, v in batch.items()}
         rgbs, masks, train = block(sub)
-        kept = {c: v[b.keep] for c, v in sub.items()}
         keep = np.flatnonzero(b.keep)
+        kept = {c: v[keep] for c, v in sub.items()}
         name = sid if len(blocks) == 1 else f"{sid}.b{k}"
         write_regions(kept, [rgbs[i] for i in keep], [train[i] for i in keep], spec.pseudo.region_px,
                       Path(out_dir) / REGIONS, name)  # fmt: skip
