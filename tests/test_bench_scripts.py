@@ -19,15 +19,18 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def test_two_overlaps_on_one_slide_print_ratios(tmp_path: Path) -> None:
+def _bench(script: str, *args: str) -> str:
+    """Run ``bench/<script>`` with ``args`` on one thread; its stdout, after asserting it exited cleanly."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "bench_segment.py"), "--size", "3000", "--tile-px", "96", "--threads", "1",
-         "--overlap", "0.25", "0.5", "--workdir", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=300, check=False,
-    )  # fmt: skip
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args],
+                          capture_output=True, text=True, env=env, timeout=300, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = proc.stdout
+    return proc.stdout
+
+
+def test_two_overlaps_on_one_slide_print_ratios(tmp_path: Path) -> None:
+    out = _bench("bench_segment.py", "--size", "3000", "--tile-px", "96", "--threads", "1",
+                 "--overlap", "0.25", "0.5", "--workdir", str(tmp_path))  # fmt: skip
     tiles = [int(n) for n in re.findall(r"^  tiles (\d+),", out, re.M)]
     assert len(tiles) == 2 and "overlap 25%" in out and "overlap 50%" in out, out
     assert tiles[1] > tiles[0], tiles  # the half overlap plans more tiles on the same slide
@@ -38,13 +41,7 @@ def test_two_overlaps_on_one_slide_print_ratios(tmp_path: Path) -> None:
 
 
 def test_pseudo_blocks_bench_reads_one_slide_as_one_canvas_and_in_blocks() -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "bench_pseudo_blocks.py"), "--side", "640", "--block-px", "0", "256"],
-        capture_output=True, text=True, env=env, timeout=300, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = proc.stdout
+    out = _bench("bench_pseudo_blocks.py", "--side", "640", "--block-px", "0", "256")
     files = [int(n) for n in re.findall(r"tiles, (\d+) region file", out)]
     tiles = set(re.findall(r"(\d+) tiles,", out))
     assert files[0] == 1 and files[1] > 1 and len(tiles) == 1, out  # the same tiles, one canvas vs blocks
