@@ -207,6 +207,38 @@ def test_pseudo_reads_tiles_alone_or_in_their_slide(pipeline_run: Path, tmp_path
     assert (out / "pseudo" / "regions" / "synth_000.parquet").is_file()
 
 
+def test_tile_cams_grouped_by_block_give_the_whole_slides_masks(pipeline_run: Path, tmp_path: Path) -> None:
+    """``cam_context: tiles`` with ``block_px: 256`` on a real Ray: the per-tile actors tag each tile with the
+    blocks that read it and Ray Data groups by block, not by slide; every tile's mask equals the one the
+    whole-slide grouping gives (each tile's CAM is its own, so the ring of context tiles makes them exact)."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    masks, names = {}, {}
+    for block_px in (4096, 256):
+        out = tmp_path / str(block_px)
+        shutil.copytree(pipeline_run, out, ignore=shutil.ignore_patterns("pseudo", "seg*", ".work"))
+        raw = yaml.safe_load((pipeline_run.parent / "spec.yaml").read_text())
+        raw["run"]["output"] = str(out)
+        raw["pseudo"] = {"cam_context": "tiles", "image_prototypes": 0, "block_px": block_px}
+        p = tmp_path / f"spec{block_px}.yaml"
+        p.write_text(yaml.safe_dump(raw))
+        s = run_pipeline(load_spec(p), only=["pseudo"], log=print, progress=False)
+        assert s.exit_code == 0, s.stages
+        index = pq.read_table(out / "pseudo" / "index.parquet").to_pylist()
+        masks[block_px] = {
+            r["tile_id"]: np.asarray(Image.open(out / "pseudo" / r["mask_path"])) for r in index
+        }
+        names[block_px] = sorted(f.name for f in (out / "pseudo" / "regions").glob("*.parquet"))
+    assert names[4096] == ["synth_000.parquet", "synth_001.parquet", "synth_002.parquet"]
+    assert len(names[256]) > 3 and all(".b" in n for n in names[256])  # every slide here spans > 256 px
+    assert masks[256].keys() == masks[4096].keys()
+    for tid, mask in masks[4096].items():
+        np.testing.assert_array_equal(masks[256][tid], mask, err_msg=tid)
+
+
 def test_rerun_after_failed_pseudo_counts_each_tile_once(pipeline_run: Path) -> None:
     """A failed attempt's work folder (same inputs) is kept for resume; its samples must not be appended to."""
     import shutil

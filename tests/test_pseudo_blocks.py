@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pbip_engine.engine.pseudo.blocks import slide_blocks
+from pbip_engine.engine.pseudo.blocks import BlockGrid
 
 
 def _squares(xs, ys, s):
@@ -27,9 +27,11 @@ def _overlaps(a, b) -> bool:
 
 def test_a_slide_that_fits_is_one_block_keeping_every_tile():
     xs, ys = [0, 100, 200, 300], [0, 0, 100, 300]
-    (block,) = slide_blocks(xs, ys, [200] * 4, tile_px=100, block_px=256)  # 500 level-0 px = 250 canvas px
+    (block,) = BlockGrid.of(xs, ys, [200] * 4, tile_px=100, block_px=256).blocks(
+        xs, ys, [200] * 4
+    )  # 500 level-0 px = 250 canvas px
     assert block.members.tolist() == [0, 1, 2, 3] and block.keep.all()
-    assert slide_blocks([], [], [], 100, 256) == []
+    assert BlockGrid.of([], [], [], 100, 256).blocks([], [], []) == []
 
 
 @settings(max_examples=60, deadline=None)
@@ -46,7 +48,8 @@ def test_every_tile_is_kept_once_with_every_tile_it_overlaps_beside_it(cols, row
     grid = [(c * stride, r * stride) for r in range(rows) for c in range(cols)]
     tiles = [t for i, t in enumerate(grid) if i not in set(holes)] or grid[:1]
     xs, ys = [t[0] for t in tiles], [t[1] for t in tiles]
-    blocks = slide_blocks(xs, ys, [32] * len(tiles), tile_px=16, block_px=block_px)
+    sizes = [32] * len(tiles)
+    blocks = BlockGrid.of(xs, ys, sizes, tile_px=16, block_px=block_px).blocks(xs, ys, sizes)
     kept = np.concatenate([b.members[b.keep] for b in blocks])
     assert sorted(kept.tolist()) == list(range(len(tiles)))  # exactly once
     squares = _squares(xs, ys, 32)
@@ -175,6 +178,95 @@ def test_stitched_tile_cams_in_blocks_give_the_whole_slides_masks(tmp_path):
     assert masks[4096].keys() == masks[256].keys()
     for tid, mask in masks[4096].items():
         np.testing.assert_array_equal(masks[256][tid], mask, err_msg=tid)
+
+
+def test_stitched_tile_cams_grouped_by_block_give_the_whole_slides_masks(tmp_path):
+    """The Ray path: each tile tagged with every block that reads it (``tag_blocks``), the rows grouped by
+    block in any order, each group stitched alone (``stitch_block``): every tile is kept by one group, no group
+    spans more than a block and its ring, and every mask equals the whole slide's."""
+    from pbip_engine.engine.pseudo.blocks import BlockGrid
+    from pbip_engine.engine.pseudo.stitch import encode_cam
+    from pbip_engine.jobs.pseudo import stitch_block, stitch_slide, tag_blocks
+    from pbip_engine.schemas.spec import parse_spec
+
+    batch, picture = _slide(seed=2)
+    batch["cam"] = np.array(
+        [
+            encode_cam(_box_cams(picture[y : y + 32, x : x + 32]))
+            for x, y in zip(batch["x"], batch["y"], strict=True)
+        ],
+        dtype=object,
+    )
+    pseudo = {"background": "none", "image_prototypes": 0, "cam_context": "tiles"}
+    whole_spec = parse_spec({**SPEC, "pseudo": pseudo}, tmp_path)
+    whole = _masks(stitch_slide(batch, whole_spec, str(tmp_path / "whole")), tmp_path / "whole")
+    spec = parse_spec({**SPEC, "pseudo": {**pseudo, "block_px": 256}}, tmp_path)
+    grids = {"s": BlockGrid.of(batch["x"], batch["y"], batch["size0"], 32, 256)}
+    assert len(grids["s"]) == 4
+    tagged = tag_blocks(batch, grids)
+    assert tagged["keep"].sum() == len(batch["tile_id"]) < len(tagged["keep"])  # context tiles come twice
+    rng = np.random.default_rng(0)
+    rows = []
+    for key in rng.permutation(sorted(set(tagged["block"]))):
+        at = rng.permutation(np.flatnonzero(tagged["block"] == key))  # Ray's groups come in any order
+        group = {c: v[at] for c, v in tagged.items()}
+        xs = group["x"]
+        assert xs.max() + 32 - xs.min() <= 256 + 2 * 2 * 32 + 2 * 32  # a block, its ring, a straddling tile
+        rows.append(stitch_block(group, spec, str(tmp_path / "blocks"), grids))
+    blocked = {k: v for r in rows for k, v in _masks(r, tmp_path / "blocks").items()}
+    assert sorted(blocked) == sorted(whole)
+    for tid, mask in whole.items():
+        np.testing.assert_array_equal(blocked[tid], mask, err_msg=tid)
+    names = sorted(p.name for p in (tmp_path / "blocks" / "regions").glob("*.parquet"))
+    assert names == ["s.b0.parquet", "s.b1.parquet", "s.b2.parquet", "s.b3.parquet"]
+
+
+def test_a_slides_parquet_is_read_one_block_at_a_time(tmp_path, monkeypatch):
+    """``RegionPseudo`` on a slide's tile Parquet reads one block's rows at a time (never the whole slide),
+    skips unlabelled tiles, sizes blocks at the tiles' stored edge (32 px here, not the spec's 64), and gives
+    the masks of the whole slide held in memory."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import pbip_engine.jobs.pseudo as job
+    from pbip_engine.schemas.spec import parse_spec
+
+    class Model:
+        def predict_region(self, image, tile_px, options, features):
+            return _box_cams(image), [], []
+
+    monkeypatch.setattr(job, "_cam_model", lambda *a: Model())
+    batch, _ = _slide(seed=3)
+    n = len(batch["tile_id"])
+    table = pa.table({**{c: list(v) for c, v in batch.items()}, "tile_px": [32] * n,
+                      "labelled": [True] * n})  # fmt: skip
+    unlabelled = table.slice(0, 5).set_column(table.schema.get_field_index("labelled"), "labelled",
+                                              pa.array([False] * 5))  # fmt: skip
+    unlabelled = unlabelled.set_column(0, "tile_id", pa.array([f"u{i}" for i in range(5)]))
+    path = tmp_path / "s.parquet"
+    pq.write_table(pa.concat_tables([table, unlabelled]), path)
+    reads: list[int] = []
+    real_read = pq.read_table
+
+    def counting_read(*args, **kwargs):
+        t = real_read(*args, **kwargs)
+        if "image" in t.column_names:
+            reads.append(t.num_rows)
+        return t
+
+    monkeypatch.setattr(pq, "read_table", counting_read)
+    raw = {**SPEC, "tiling": {"tile_px": 64}, "pseudo": {"background": "none", "image_prototypes": 0}}
+    whole_spec = parse_spec(raw, tmp_path)
+    whole = _masks(
+        job.RegionPseudo(whole_spec, "m.pt", None, str(tmp_path / "w")).slide(batch), tmp_path / "w"
+    )
+    spec = parse_spec({**raw, "pseudo": {**raw["pseudo"], "block_px": 256}}, tmp_path)
+    rows = job.RegionPseudo(spec, "m.pt", None, str(tmp_path / "b"))({"path": np.array([str(path)])})
+    assert len(reads) == 4 and max(reads) < n  # four blocks, each read alone
+    blocked = _masks(rows, tmp_path / "b")
+    assert sorted(blocked) == sorted(whole)  # the unlabelled tiles left out
+    for tid, mask in whole.items():
+        np.testing.assert_array_equal(blocked[tid], mask, err_msg=tid)
 
 
 def test_the_spec_bounds_the_block(tmp_path):

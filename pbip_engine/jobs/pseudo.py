@@ -6,7 +6,9 @@ before the argmax (``engine/pseudo/stitch.py``), so a pixel under several tiles 
 per tile. With ``pseudo.cam_context: regions`` the actors take a whole slide at a time and read its CAMs
 on the picture its tiles make together (``engine/pseudo/region_cams.py``): every tile's CAM sees its
 neighbours' tissue. Both stitching paths take a large slide in blocks of ``pseudo.block_px`` with a ring of
-context tiles (``engine/pseudo/blocks.py``), so memory does not grow with the slide.
+context tiles (``engine/pseudo/blocks.py``), so memory does not grow with the slide: the tile-CAM path groups
+its rows by block (a context tile travels to each block that reads it), the whole-picture path reads a block's
+rows from the slide's Parquet at a time.
 Where ground truth exists (the synthetic cohort; patch datasets that ship masks, e.g. GlaS), the pseudo masks are scored against it, and a
 per-slide mosaic of the masks is written for QA.
 """
@@ -88,15 +90,26 @@ class PseudoPredictor:
     """Ray Data callable: one trained stage-1 model per actor.
 
     Per tile it writes the mask PNG and returns the samples rows, or with ``stitch`` returns the tile's CAMs
-    (compressed float16) for :func:`stitch_slide`, which needs every tile of a slide before any argmax.
+    (compressed float16) for :func:`stitch_block`, which needs every tile of a block (and its ring of context
+    tiles) before any argmax: each tile's row comes once per block that reads it (``grids``: each slide's
+    :class:`~pbip_engine.engine.pseudo.blocks.BlockGrid`), tagged for Ray Data to group by.
     """
 
-    def __init__(self, spec: Any, model_path: str, bank_dir: str | None, out_dir: str, stitch: bool) -> None:
+    def __init__(
+        self,
+        spec: Any,
+        model_path: str,
+        bank_dir: str | None,
+        out_dir: str,
+        stitch: bool,
+        grids: dict[str, Any] | None = None,
+    ) -> None:
         self.model = _cam_model(spec, model_path, bank_dir)
         self.options = _options(spec)
         self.out_dir = Path(out_dir)
         self.colors = [(255, 255, 255), *spec.class_colors]
         self.stitch = stitch
+        self.grids = grids or {}
         self.features = stitch and spec.pseudo.image_prototypes > 0
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -120,30 +133,43 @@ class PseudoPredictor:
             cams = masks_as_votes(masks, decoded["labels"].shape[1])
         keep = ("tile_id", "slide_id", "x", "y", "size0", "labels", "image")
         cam = np.array([encode_cam(c) for c in cams], dtype=object)
-        return {**{k: batch[k] for k in keep}, "cam": cam, **extra}
+        return tag_blocks({**{k: batch[k] for k in keep}, "cam": cam, **extra}, self.grids)
 
 
 def stitch_slide(batch: dict[str, Any], spec: Any, out_dir: str) -> dict[str, Any]:
-    """Ray Data ``map_groups`` function: one slide's tile CAMs -> stitched masks -> the samples rows."""
+    """One slide's tile CAMs -> stitched masks -> the samples rows, in process (the Ray path groups by block
+    instead: :func:`stitch_block`); a slide larger than ``pseudo.block_px`` is stitched block by block."""
+    return _by_blocks(batch, spec, out_dir, lambda sub: _stitch_cams(sub, spec))
+
+
+def stitch_block(batch: dict[str, Any], spec: Any, out_dir: str, grids: dict[str, Any]) -> dict[str, Any]:
+    """Ray Data ``map_groups`` function: one block's tile CAMs (the rows :class:`PseudoPredictor` tagged with
+    the block, its context tiles with ``keep`` false) -> stitched masks -> the kept tiles' samples rows."""
+    sid, k = str(batch["block"][0]).rsplit("/", 1)
+    rows = {c: v for c, v in batch.items() if c not in ("block", "keep")}
+    name = grids[sid].name(sid, int(k))
+    return _write_block(rows, np.asarray(batch["keep"], bool), *_stitch_cams(rows, spec), spec, out_dir, name)
+
+
+def _stitch_cams(sub: dict[str, Any], spec: Any) -> tuple[Any, list[np.ndarray], list[np.ndarray]]:
+    """A block's rows with their encoded CAMs (and features) -> images, masks and stage-2 training masks."""
     from pbip_engine.engine.pseudo.stitch import decode_arrays, decode_cam
 
-    def block(sub: dict[str, Any]) -> tuple[Any, list[np.ndarray], list[np.ndarray]]:
-        cams = [decode_cam(c) for c in sub["cam"]]
-        feats, weights = None, []
-        if spec.pseudo.image_prototypes:  # each tile's features per level, the level weights last
-            blobs = [decode_arrays(b) for b in sub["features"]]
-            feats, weights = [b[:-1] for b in blobs], blobs[0][-1].tolist()
-        rgbs = decode_batch(sub)["image"]
-        return (rgbs, *_stitched_masks(sub, rgbs, cams, feats, weights, spec))
-
-    return _by_blocks(batch, spec, out_dir, block)
+    cams = [decode_cam(c) for c in sub["cam"]]
+    feats, weights = None, []
+    if spec.pseudo.image_prototypes:  # each tile's features per level, the level weights last
+        blobs = [decode_arrays(b) for b in sub["features"]]
+        feats, weights = [b[:-1] for b in blobs], blobs[0][-1].tolist()
+    rgbs = decode_batch(sub)["image"]
+    return (rgbs, *_stitched_masks(sub, rgbs, cams, feats, weights, spec))
 
 
 class RegionPseudo:
     """Ray Data callable (``pseudo.cam_context: regions``), one trained stage-1 model per actor, fed the paths
     of the tile stage's per-slide Parquet files (no shuffle): per slide, the CAMs are read on the picture its
     labelled tiles make together (``engine/pseudo/region_cams.py``), cut back into the tiles, and stitched
-    into masks as in :func:`stitch_slide`."""
+    into masks as in :func:`stitch_slide`. A slide larger than ``pseudo.block_px`` is read from its Parquet
+    one block (with its context tiles) at a time, so neither its tiles nor its canvases are held whole."""
 
     def __init__(self, spec: Any, model_path: str, bank_dir: str | None, out_dir: str) -> None:
         self.model = _cam_model(spec, model_path, bank_dir)
@@ -151,16 +177,32 @@ class RegionPseudo:
         self.spec, self.out_dir = spec, out_dir
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        parts = [part for path in batch["path"] for part in self.slide_file(Path(str(path)))]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def slide_file(self, path: Path) -> list[dict[str, Any]]:
+        """One slide's tile Parquet -> its samples rows, a block's rows read at a time (a filter on the
+        block's window, then the exact members)."""
         import pyarrow.parquet as pq
 
-        rows = []
-        for path in batch["path"]:
-            table = pq.read_table(str(path), columns=COLUMNS, filters=[("labelled", "==", True)])
-            rows.append(self.slide({k: table.column(k).to_numpy(zero_copy_only=False) for k in COLUMNS}))
-        return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+        labelled = [("labelled", "==", True)]
+        grid, sid, reach = slide_grid(path, self.spec)
+        parts = []
+        for k in range(len(grid)):
+            table = pq.read_table(
+                str(path), columns=COLUMNS, filters=labelled + _window_filter(grid, k, reach)
+            )
+            rows = {c: table.column(c).to_numpy(zero_copy_only=False) for c in COLUMNS}
+            members = np.flatnonzero(grid.reads(k, rows["x"], rows["y"], rows["size0"]))
+            sub = {c: _column(v)[members] for c, v in rows.items()}
+            keep = grid.keeps(k, sub["x"], sub["y"], sub["size0"])
+            parts.append(
+                _write_block(sub, keep, *self.block(sub), self.spec, self.out_dir, grid.name(sid, k))
+            )
+        return parts
 
     def slide(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """One slide's labelled tile rows -> its masks and samples rows (block by block, ``pseudo.block_px``)."""
+        """One slide's labelled tile rows, all in memory -> its masks and samples rows (block by block)."""
         return _by_blocks(batch, self.spec, self.out_dir, self.block)
 
     def block(self, batch: dict[str, Any]) -> tuple[Any, list[np.ndarray], list[np.ndarray]]:
@@ -184,6 +226,56 @@ class RegionPseudo:
         return (rgbs, *_stitched_masks(batch, rgbs, cams, feats if features else None, weights, self.spec))
 
 
+def slide_grid(path: Path, spec: Any) -> tuple[Any, str, int]:
+    """A slide's block grid (``engine/pseudo/blocks.py``), id and largest tile (level-0 px), from its labelled
+    tiles' squares in its tile Parquet (only the position columns are read), blocks sized at the tiles'
+    stored edge."""
+    import pyarrow.parquet as pq
+
+    from pbip_engine.engine.pseudo.blocks import BlockGrid
+
+    cols = ["slide_id", "x", "y", "size0", "tile_px"]
+    t = pq.read_table(str(path), columns=cols, filters=[("labelled", "==", True)])
+    v = {c: t.column(c).to_numpy(zero_copy_only=False) for c in cols}
+    sid = str(v["slide_id"][0]) if t.num_rows else path.stem
+    edge = int(np.median(v["tile_px"])) if t.num_rows else spec.tiling.tile_px
+    reach = int(v["size0"].max()) if t.num_rows else 0
+    return BlockGrid.of(v["x"], v["y"], v["size0"], edge, spec.pseudo.block_px), sid, reach
+
+
+def _window_filter(grid: Any, k: int, reach: int) -> list[tuple[str, str, int]]:
+    """A Parquet row filter holding every tile that reaches into block ``k``'s window (a superset: ``reach``,
+    the largest tile, bounds how far left of the window a tile may start)."""
+    import math
+
+    left, top, right, bottom = grid.window(k)
+    if not math.isfinite(left):
+        return []
+    return [("x", "<", math.ceil(right)), ("x", ">", math.floor(left) - reach),
+            ("y", "<", math.ceil(bottom)), ("y", ">", math.floor(top) - reach)]  # fmt: skip
+
+
+def tag_blocks(rows: dict[str, Any], grids: dict[str, Any]) -> dict[str, Any]:
+    """Tiles' rows -> one row per (tile, block that reads it), with the block's key (``<slide>/<k>``, what
+    Ray Data groups by) and whether the block keeps the tile; a context tile so travels to two or more
+    blocks, and no group holds more than a block and its ring."""
+    sids = np.asarray([str(v) for v in rows["slide_id"]])
+    order, keys, keep = [], [], []
+    for sid in dict.fromkeys(sids.tolist()):
+        at = np.flatnonzero(sids == sid)
+        grid = grids[sid]
+        x, y, s = (np.asarray(rows[c])[at] for c in ("x", "y", "size0"))
+        for k in range(len(grid)):
+            reads = grid.reads(k, x, y, s)
+            if reads.any():
+                order.append(at[reads])
+                keys += [f"{sid}/{k}"] * int(reads.sum())
+                keep.append(grid.keeps(k, x, y, s)[reads])
+    idx = np.concatenate(order)
+    return {**{c: _column(v)[idx] for c, v in rows.items()}, "block": np.array(keys, dtype=object),
+            "keep": np.concatenate(keep)}  # fmt: skip
+
+
 def _column(values: Any) -> np.ndarray:
     """A batch column as a numpy array to index rows by (a list of bytes stays objects: numpy's fixed-width
     bytes would drop an encoded image's trailing zero bytes)."""
@@ -200,27 +292,40 @@ def _by_blocks(
     out_dir: str,
     block: Callable[[dict[str, Any]], tuple[Any, list[np.ndarray], list[np.ndarray]]],
 ) -> dict[str, Any]:
-    """One slide's tile rows, split into blocks of at most ``pseudo.block_px`` (``engine/pseudo/blocks.py``):
-    ``block`` makes each block's images, masks and training masks; each block writes its own tiles' masks and
-    stitched regions (``<slide>.parquet`` when the slide is one block, ``<slide>.b<k>.parquet`` otherwise).
-    Returns the samples rows of every tile, in the order of ``batch``'s rows within each block."""
-    from pbip_engine.engine.pseudo.blocks import slide_blocks
+    """One slide's tile rows, all in memory, split into blocks of at most ``pseudo.block_px``
+    (``engine/pseudo/blocks.py``; at the rows' ``tile_px`` where they carry it, else ``tiling.tile_px``):
+    ``block`` makes each block's images, masks and training masks, and :func:`_write_block` writes its kept
+    tiles. Returns the samples rows of every tile, in the order of ``batch``'s rows within each block."""
+    from pbip_engine.engine.pseudo.blocks import BlockGrid
 
     sid = str(batch["slide_id"][0])
-    blocks = slide_blocks([int(v) for v in batch["x"]], [int(v) for v in batch["y"]],
-                          [int(v) for v in batch["size0"]], spec.tiling.tile_px, spec.pseudo.block_px)  # fmt: skip
-    colors = [(255, 255, 255), *spec.class_colors]
+    edge = int(np.median(batch["tile_px"])) if "tile_px" in batch else spec.tiling.tile_px
+    x, y, s = batch["x"], batch["y"], batch["size0"]
+    grid = BlockGrid.of(x, y, s, edge, spec.pseudo.block_px)
     parts = []
-    for k, b in enumerate(blocks):
+    for k, b in enumerate(grid.blocks(x, y, s)):
         sub = {c: _column(v)[b.members] for c, v in batch.items()}
-        rgbs, masks, train = block(sub)
-        keep = np.flatnonzero(b.keep)
-        kept = {c: v[keep] for c, v in sub.items()}
-        name = sid if len(blocks) == 1 else f"{sid}.b{k}"
-        write_regions(kept, [rgbs[i] for i in keep], [train[i] for i in keep], spec.pseudo.region_px,
-                      Path(out_dir) / REGIONS, name)  # fmt: skip
-        parts.append(_mask_rows(kept, [masks[i] for i in keep], Path(out_dir), colors))
+        parts.append(_write_block(sub, b.keep, *block(sub), spec, out_dir, grid.name(sid, k)))
     return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+
+
+def _write_block(
+    sub: dict[str, Any],
+    keep: np.ndarray,
+    rgbs: Any,
+    masks: Any,
+    train: Any,
+    spec: Any,
+    out_dir: str,
+    name: str,
+) -> dict[str, Any]:
+    """A block's kept tiles: their stitched regions (``regions/<name>.parquet``), mask PNGs and samples rows."""
+    idx = np.flatnonzero(keep)
+    kept = {c: _column(v)[idx] for c, v in sub.items()}
+    write_regions(kept, [rgbs[i] for i in idx], [train[i] for i in idx], spec.pseudo.region_px,
+                  Path(out_dir) / REGIONS, name)  # fmt: skip
+    colors = [(255, 255, 255), *spec.class_colors]
+    return _mask_rows(kept, [masks[i] for i in idx], Path(out_dir), colors)
 
 
 def _stitched_masks(
@@ -339,19 +444,26 @@ class PseudoStage(Stage):
             ds = ds.map_batches(RegionPseudo, fn_constructor_kwargs=model, batch_size=1, batch_format="numpy",
                                 **actor_pool_options(spec.resources))  # fmt: skip
         else:
+            grids = {}
+            if spec.pseudo.stitch:  # each slide's blocks, from its tiles' positions alone (a small object)
+                for f in files:
+                    if _any_labelled(f):
+                        grid, sid, _ = slide_grid(f, spec)
+                        grids[sid] = grid
             ds = ray.data.read_parquet([str(f) for f in files], columns=COLUMNS, **read_options())
             ds = ds.filter(lambda row: bool(row["labelled"]), **read_options())  # fuses into the read
             ds = ds.map_batches(
                 PseudoPredictor,
-                fn_constructor_kwargs={**model, "stitch": spec.pseudo.stitch},
+                fn_constructor_kwargs={**model, "stitch": spec.pseudo.stitch, "grids": grids},
                 batch_size=32,
                 batch_format="numpy",
                 **actor_pool_options(spec.resources),
             )
-            if spec.pseudo.stitch:  # every tile of a slide in one call: overlaps need all their tiles' CAMs
-                ds = ds.groupby("slide_id").map_groups(
-                    stitch_slide, fn_kwargs={"spec": spec, "out_dir": str(ctx.work_dir)}, batch_format="numpy"
-                )
+            if spec.pseudo.stitch:  # every tile of a block in one call: overlaps need all their tiles' CAMs
+                ds = ds.groupby("block").map_groups(
+                    stitch_block, fn_kwargs={"spec": spec, "out_dir": str(ctx.work_dir), "grids": grids},
+                    batch_format="numpy",
+                )  # fmt: skip
         write_parquet_fresh(ds, ctx.work_dir / "samples")  # masks/ PNGs are rewritten in place
         cols = ["tile_id", "slide_id", "x", "y", "size0", "mask_path", "labels"]
         index = (

@@ -13,6 +13,11 @@ writes only its own tiles' masks. A tile at a block's edge so still sees its nei
 stitched with every tile that overlaps it; only what the stage takes per slide (the slide's own prototypes,
 the least certain fraction of its pixels) is taken per block.
 
+A tile's blocks follow from its own square and the slide's grid (:class:`BlockGrid`, a few numbers), so the
+tiles need not be held together to be blocked: the per-tile path tags each tile's CAM row with the blocks that
+read it and Ray Data groups by block (no group holds a whole slide), and the whole-picture path reads one
+block's rows from the slide's Parquet at a time.
+
 A slide whose labelled tiles fit in one block (every patch image, the demo's slides) is one block with every
 tile kept: its masks are exactly the unblocked ones.
 """
@@ -24,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Block", "slide_blocks"]
+__all__ = ["Block", "BlockGrid"]
 
 
 @dataclass(frozen=True)
@@ -36,42 +41,100 @@ class Block:
     keep: np.ndarray
 
 
-def slide_blocks(
-    xs: Sequence[int],
-    ys: Sequence[int],
-    sizes0: Sequence[int],
-    tile_px: int,
-    block_px: int,
-    margin_tiles: float = 2.0,
-) -> list[Block]:
-    """Blocks of one slide's tiles (level-0 squares ``x, y, size0`` that become ``tile_px``-px images).
+@dataclass(frozen=True)
+class BlockGrid:
+    """One slide's blocks, as a grid any subset of its tiles can be placed on.
 
-    A block is a square of ``block_px`` canvas px (at the tiles' scale) on a grid anchored at the tiles'
-    top-left corner; it keeps the tiles whose centres fall in it and reads with them every tile whose square
-    reaches within ``margin_tiles`` tile sizes of it. Blocks keep their tiles in index order.
+    Computed once from the slide's labelled tiles (:meth:`of`), it is small (a few numbers and the list of
+    blocks that keep a tile), so it travels to wherever the tiles are: the per-tile actors tag each tile
+    with the blocks that read it and Ray Data groups by block, and the whole-picture actors read one block's
+    rows at a time with a filter on :meth:`window`. A tile's blocks follow from its own square alone, so both
+    give the blocks :meth:`blocks` gives the whole slide held together.
+
+    ``x0, y0``: the grid's anchor (the tiles' top-left corner); ``side0``: a block's side and ``margin0`` the
+    ring of context around it, in level-0 px (``side0 = 0``: the slide fits in one block); ``cells``: the
+    (row, column) of each block that keeps a tile, in order (a block's index names its files).
     """
-    x = np.asarray(xs, np.float64)
-    y = np.asarray(ys, np.float64)
-    s = np.asarray(sizes0, np.float64)
-    n = len(x)
-    if n == 0:
-        return []
-    if block_px < 1 or tile_px < 1:
-        raise ValueError(f"slide_blocks: block_px and tile_px must be >= 1, got {block_px}, {tile_px}")
-    size0 = float(np.median(s))
-    block0 = block_px * size0 / tile_px  # a block's side in level-0 px
-    x0, y0 = float(x.min()), float(y.min())
-    if (x + s).max() - x0 <= block0 and (y + s).max() - y0 <= block0:
-        return [Block(np.arange(n), np.ones(n, bool))]
-    col = np.floor((x + s / 2 - x0) / block0).astype(np.int64)
-    row = np.floor((y + s / 2 - y0) / block0).astype(np.int64)
-    margin0 = margin_tiles * size0
-    blocks = []
-    for r, c in sorted(set(zip(row.tolist(), col.tolist(), strict=True))):
-        left, top = x0 + c * block0 - margin0, y0 + r * block0 - margin0
-        right, bottom = x0 + (c + 1) * block0 + margin0, y0 + (r + 1) * block0 + margin0
+
+    x0: float
+    y0: float
+    side0: float
+    margin0: float
+    cells: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def of(
+        cls,
+        xs: Sequence[int],
+        ys: Sequence[int],
+        sizes0: Sequence[int],
+        tile_px: int,
+        block_px: int,
+        margin_tiles: float = 2.0,
+    ) -> BlockGrid:
+        """The grid of one slide's tiles (level-0 squares ``x, y, size0`` that become ``tile_px``-px images):
+        squares of ``block_px`` canvas px (at the tiles' scale) anchored at the tiles' top-left corner, each
+        reading the tiles that reach within ``margin_tiles`` tile sizes of it."""
+        if block_px < 1 or tile_px < 1:
+            raise ValueError(f"slide blocks: block_px and tile_px must be >= 1, got {block_px}, {tile_px}")
+        x, y, s = _squares(xs, ys, sizes0)
+        if len(x) == 0:
+            return cls(0.0, 0.0, 0.0, 0.0, ())
+        size0 = float(np.median(s))
+        side0 = block_px * size0 / tile_px
+        x0, y0 = float(x.min()), float(y.min())
+        if (x + s).max() - x0 <= side0 and (y + s).max() - y0 <= side0:
+            return cls(x0, y0, 0.0, 0.0, ((0, 0),))
+        grid = cls(x0, y0, side0, margin_tiles * size0, ())
+        row, col = grid._cell(x, y, s)
+        cells = tuple(sorted(set(zip(row.tolist(), col.tolist(), strict=True))))
+        return cls(x0, y0, side0, grid.margin0, cells)
+
+    def __len__(self) -> int:
+        return len(self.cells)
+
+    def name(self, slide_id: str, k: int) -> str:
+        """Block ``k``'s file name stem: the slide id when the slide is one block, ``<slide>.b<k>`` otherwise."""
+        return slide_id if len(self.cells) == 1 else f"{slide_id}.b{k}"
+
+    def window(self, k: int) -> tuple[float, float, float, float]:
+        """Block ``k`` with its ring of context, ``(left, top, right, bottom)`` in level-0 px: it reads the
+        tiles whose squares reach into this window, and keeps those whose centres fall in the block."""
+        if self.side0 == 0:
+            return (-np.inf, -np.inf, np.inf, np.inf)
+        r, c = self.cells[k]
+        return (self.x0 + c * self.side0 - self.margin0, self.y0 + r * self.side0 - self.margin0,
+                self.x0 + (c + 1) * self.side0 + self.margin0, self.y0 + (r + 1) * self.side0 + self.margin0)  # fmt: skip
+
+    def keeps(self, k: int, xs: Sequence[int], ys: Sequence[int], sizes0: Sequence[int]) -> np.ndarray:
+        """Which tiles block ``k`` keeps (writes the masks of): those whose centres fall in it."""
+        x, y, s = _squares(xs, ys, sizes0)
+        if self.side0 == 0:
+            return np.ones(len(x), bool)
+        row, col = self._cell(x, y, s)
+        return (row == self.cells[k][0]) & (col == self.cells[k][1])
+
+    def reads(self, k: int, xs: Sequence[int], ys: Sequence[int], sizes0: Sequence[int]) -> np.ndarray:
+        """Which tiles block ``k`` reads and stitches: those it keeps and those reaching into its window."""
+        x, y, s = _squares(xs, ys, sizes0)
+        left, top, right, bottom = self.window(k)
         near = (x < right) & (x + s > left) & (y < bottom) & (y + s > top)
-        own = (row == r) & (col == c)
-        members = np.flatnonzero(near | own)
-        blocks.append(Block(members, own[members]))
-    return blocks
+        return near | self.keeps(k, x, y, s)
+
+    def blocks(self, xs: Sequence[int], ys: Sequence[int], sizes0: Sequence[int]) -> list[Block]:
+        """The blocks of tiles held together (the slide's, or any of its tiles): each reads its members and
+        keeps those whose centres fall in it; members in index order."""
+        blocks = []
+        for k in range(len(self)):
+            members = np.flatnonzero(self.reads(k, xs, ys, sizes0))
+            blocks.append(Block(members, self.keeps(k, xs, ys, sizes0)[members]))
+        return blocks
+
+    def _cell(self, x: np.ndarray, y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        row = np.floor((y + s / 2 - self.y0) / self.side0).astype(np.int64)
+        col = np.floor((x + s / 2 - self.x0) / self.side0).astype(np.int64)
+        return row, col
+
+
+def _squares(xs: Sequence[int], ys: Sequence[int], sizes0: Sequence[int]) -> tuple[np.ndarray, ...]:
+    return tuple(np.asarray(v, np.float64).reshape(-1) for v in (xs, ys, sizes0))
