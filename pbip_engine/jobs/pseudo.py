@@ -23,7 +23,7 @@ import numpy as np
 
 from pbip_engine.engine.training.batches import decode_batch
 from pbip_engine.jobs.manifest import write_json_atomic
-from pbip_engine.jobs.resources import actor_pool_options, read_options, write_parquet_fresh
+from pbip_engine.jobs.resources import actor_pool_options, labelled_rows, read_options, write_parquet_fresh
 from pbip_engine.jobs.rundir import REGIONS, mask_relpath, synth_truth_dir, tile_files
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
 
@@ -451,7 +451,7 @@ class PseudoStage(Stage):
                         grid, sid, _ = slide_grid(f, spec)
                         grids[sid] = grid
             ds = ray.data.read_parquet([str(f) for f in files], columns=COLUMNS, **read_options())
-            ds = ds.filter(lambda row: bool(row["labelled"]), **read_options())  # fuses into the read
+            ds = labelled_rows(ds)  # pushed into the read
             ds = ds.map_batches(
                 PseudoPredictor,
                 fn_constructor_kwargs={**model, "stitch": spec.pseudo.stitch, "grids": grids},

@@ -16,6 +16,15 @@ def read_options() -> dict[str, Any]:
     return {"num_cpus": READ_CPUS}
 
 
+def labelled_rows(ds: Any, labelled: bool = True) -> Any:
+    """``ds``'s rows whose ``labelled`` column is ``labelled``, as an Arrow predicate: Ray Data pushes it into
+    a Parquet read, so a slide's unlabelled tiles are never decoded into Python rows (a lambda filter would
+    be, row by row)."""
+    from ray.data.expressions import col, lit
+
+    return ds.filter(expr=col("labelled") == lit(labelled), **read_options())
+
+
 def write_options() -> dict[str, Any]:
     """``Dataset.write_parquet`` options: fractional-CPU write tasks."""
     return {"ray_remote_args": {"num_cpus": READ_CPUS}}

@@ -11,7 +11,7 @@ from typing import Any
 
 from pbip_engine.engine.training.batches import decode_batch
 from pbip_engine.jobs.ray_train import fit_on_ray, holdout_split
-from pbip_engine.jobs.resources import read_options
+from pbip_engine.jobs.resources import labelled_rows, read_options
 from pbip_engine.jobs.rundir import tile_files
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
 from pbip_engine.methods import Stage1Inputs, get_method
@@ -67,7 +67,7 @@ class ClassNetStage(Stage):
             raise SpecError(problem)
         ctx.ray()
         ds = ray.data.read_parquet(files, columns=TRAIN_COLUMNS, **read_options())
-        ds = ds.filter(lambda row: bool(row["labelled"]), **read_options())  # fuses into the read
+        ds = labelled_rows(ds)  # pushed into the read
         datasets, n_train = holdout_split(ds, labelled, spec.stage1.val_fraction)
         bank = ctx.stage_dir("bank") if "bank" in self.dependencies(spec) else None
         config = {

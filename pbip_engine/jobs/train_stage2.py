@@ -10,7 +10,7 @@ from typing import Any
 from pbip_engine.engine.training.batches import decode_samples
 from pbip_engine.jobs.manifest import write_json_atomic
 from pbip_engine.jobs.ray_train import fit_on_ray, holdout_split
-from pbip_engine.jobs.resources import read_options
+from pbip_engine.jobs.resources import labelled_rows, read_options
 from pbip_engine.jobs.rundir import MODEL_CARD, REGIONS, model_card, synth_truth_dir, tile_files
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
 from pbip_engine.schemas.spec import JobSpec
@@ -235,11 +235,11 @@ def own_label_datasets(ctx: StageContext, own: Any, val_fraction: float) -> tupl
     repeat = own.repeat or max(1, round(n_unl / max(1, n_lab)))
     ds = ray.data.read_parquet(files, columns=TILE_COLUMNS, **read_options())
     ds = ds.map_batches(own.attach, batch_format="numpy", **read_options())
-    lab = ds.filter(lambda r: bool(r["labelled"]), **read_options())
+    lab = labelled_rows(ds)
     parts, _ = holdout_split(lab, lab_ids, val_fraction)
     train = repeated(parts["train"], repeat)
     if n_unl:
-        train = train.union(ds.filter(lambda r: not bool(r["labelled"]), **read_options()))
+        train = train.union(labelled_rows(ds, False))
     # fractional CPUs like every op above: at Ray Data's default of 1 CPU, a Train worker holding all of a
     # node's CPUs (cpus_per_worker = node CPUs, as in examples/glas-semi.yaml on 2 cores) starves this op
     # and the first epoch never starts
