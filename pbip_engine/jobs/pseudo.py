@@ -447,8 +447,8 @@ class PseudoStage(Stage):
             grids = {}
             if spec.pseudo.stitch:  # each slide's blocks, from its tiles' positions alone (a small object)
                 for f in files:
-                    if _any_labelled(f):
-                        grid, sid, _ = slide_grid(f, spec)
+                    grid, sid, _ = slide_grid(f, spec)
+                    if len(grid):  # a slide without labelled tiles has no blocks
                         grids[sid] = grid
             ds = ray.data.read_parquet([str(f) for f in files], columns=COLUMNS, **read_options())
             ds = labelled_rows(ds)  # pushed into the read
