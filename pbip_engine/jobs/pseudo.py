@@ -177,29 +177,21 @@ class RegionPseudo:
         self.spec, self.out_dir = spec, out_dir
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        parts = [part for path in batch["path"] for part in self.slide_file(Path(str(path)))]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return _concat([part for path in batch["path"] for part in self.slide_file(Path(str(path)))])
 
     def slide_file(self, path: Path) -> list[dict[str, Any]]:
         """One slide's tile Parquet -> its samples rows, a block's rows read at a time (a filter on the
-        block's window, then the exact members)."""
+        block's window; :func:`_blocks_of` then takes the exact members)."""
         import pyarrow.parquet as pq
 
-        labelled = [("labelled", "==", True)]
         grid, sid, reach = slide_grid(path, self.spec)
-        parts = []
-        for k in range(len(grid)):
-            table = pq.read_table(
-                str(path), columns=COLUMNS, filters=labelled + _window_filter(grid, k, reach)
-            )
-            rows = {c: table.column(c).to_numpy(zero_copy_only=False) for c in COLUMNS}
-            members = np.flatnonzero(grid.reads(k, rows["x"], rows["y"], rows["size0"]))
-            sub = {c: _column(v)[members] for c, v in rows.items()}
-            keep = grid.keeps(k, sub["x"], sub["y"], sub["size0"])
-            parts.append(
-                _write_block(sub, keep, *self.block(sub), self.spec, self.out_dir, grid.name(sid, k))
-            )
-        return parts
+
+        def rows_of(k: int) -> dict[str, Any]:
+            filters = [("labelled", "==", True), *_window_filter(grid, k, reach)]
+            table = pq.read_table(str(path), columns=COLUMNS, filters=filters)
+            return {c: table.column(c).to_numpy(zero_copy_only=False) for c in COLUMNS}
+
+        return _blocks_of(grid, sid, rows_of, self.spec, self.out_dir, self.block)
 
     def slide(self, batch: dict[str, Any]) -> dict[str, Any]:
         """One slide's labelled tile rows, all in memory -> its masks and samples rows (block by block)."""
@@ -266,11 +258,11 @@ def tag_blocks(rows: dict[str, Any], grids: dict[str, Any]) -> dict[str, Any]:
         grid = grids[sid]
         x, y, s = (np.asarray(rows[c])[at] for c in ("x", "y", "size0"))
         for k in range(len(grid)):
-            reads = grid.reads(k, x, y, s)
+            reads, keeps = grid.select(k, x, y, s)
             if reads.any():
                 order.append(at[reads])
                 keys += [f"{sid}/{k}"] * int(reads.sum())
-                keep.append(grid.keeps(k, x, y, s)[reads])
+                keep.append(keeps[reads])
     idx = np.concatenate(order)
     return {**{c: _column(v)[idx] for c, v in rows.items()}, "block": np.array(keys, dtype=object),
             "keep": np.concatenate(keep)}  # fmt: skip
@@ -300,12 +292,32 @@ def _by_blocks(
 
     sid = str(batch["slide_id"][0])
     edge = int(np.median(batch["tile_px"])) if "tile_px" in batch else spec.tiling.tile_px
-    x, y, s = batch["x"], batch["y"], batch["size0"]
-    grid = BlockGrid.of(x, y, s, edge, spec.pseudo.block_px)
+    grid = BlockGrid.of(batch["x"], batch["y"], batch["size0"], edge, spec.pseudo.block_px)
+    return _concat(_blocks_of(grid, sid, lambda _k: batch, spec, out_dir, block))
+
+
+def _blocks_of(
+    grid: Any,
+    sid: str,
+    rows_of: Callable[[int], dict[str, Any]],
+    spec: Any,
+    out_dir: str,
+    block: Callable[[dict[str, Any]], tuple[Any, list[np.ndarray], list[np.ndarray]]],
+) -> list[dict[str, Any]]:
+    """Per block of ``grid``: the rows ``rows_of(k)`` gives (the whole slide, or a superset read for the
+    block), cut to the block's members; ``block`` makes their images, masks and training masks, and
+    :func:`_write_block` writes the kept tiles. Returns each block's samples rows."""
     parts = []
-    for k, b in enumerate(grid.blocks(x, y, s)):
-        sub = {c: _column(v)[b.members] for c, v in batch.items()}
-        parts.append(_write_block(sub, b.keep, *block(sub), spec, out_dir, grid.name(sid, k)))
+    for k in range(len(grid)):
+        rows = rows_of(k)
+        reads, keeps = grid.select(k, rows["x"], rows["y"], rows["size0"])
+        members = np.flatnonzero(reads)
+        sub = {c: _column(v)[members] for c, v in rows.items()}
+        parts.append(_write_block(sub, keeps[members], *block(sub), spec, out_dir, grid.name(sid, k)))
+    return parts
+
+
+def _concat(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
 
 

@@ -25,7 +25,7 @@ tile kept: its masks are exactly the unblocked ones.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -87,8 +87,7 @@ class BlockGrid:
             return cls(x0, y0, 0.0, 0.0, ((0, 0),))
         grid = cls(x0, y0, side0, margin_tiles * size0, ())
         row, col = grid._cell(x, y, s)
-        cells = tuple(sorted(set(zip(row.tolist(), col.tolist(), strict=True))))
-        return cls(x0, y0, side0, grid.margin0, cells)
+        return replace(grid, cells=tuple(sorted(set(zip(row.tolist(), col.tolist(), strict=True)))))
 
     def __len__(self) -> int:
         return len(self.cells)
@@ -106,28 +105,29 @@ class BlockGrid:
         return (self.x0 + c * self.side0 - self.margin0, self.y0 + r * self.side0 - self.margin0,
                 self.x0 + (c + 1) * self.side0 + self.margin0, self.y0 + (r + 1) * self.side0 + self.margin0)  # fmt: skip
 
-    def keeps(self, k: int, xs: Sequence[int], ys: Sequence[int], sizes0: Sequence[int]) -> np.ndarray:
-        """Which tiles block ``k`` keeps (writes the masks of): those whose centres fall in it."""
+    def select(
+        self, k: int, xs: Sequence[int], ys: Sequence[int], sizes0: Sequence[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Which tiles block ``k`` reads and stitches (those reaching into its window, and those it keeps), and
+        which it keeps (writes the masks of: those whose centres fall in the block); two bool arrays."""
         x, y, s = _squares(xs, ys, sizes0)
         if self.side0 == 0:
-            return np.ones(len(x), bool)
+            every = np.ones(len(x), bool)
+            return every, every
         row, col = self._cell(x, y, s)
-        return (row == self.cells[k][0]) & (col == self.cells[k][1])
-
-    def reads(self, k: int, xs: Sequence[int], ys: Sequence[int], sizes0: Sequence[int]) -> np.ndarray:
-        """Which tiles block ``k`` reads and stitches: those it keeps and those reaching into its window."""
-        x, y, s = _squares(xs, ys, sizes0)
+        keeps = (row == self.cells[k][0]) & (col == self.cells[k][1])
         left, top, right, bottom = self.window(k)
         near = (x < right) & (x + s > left) & (y < bottom) & (y + s > top)
-        return near | self.keeps(k, x, y, s)
+        return near | keeps, keeps
 
     def blocks(self, xs: Sequence[int], ys: Sequence[int], sizes0: Sequence[int]) -> list[Block]:
         """The blocks of tiles held together (the slide's, or any of its tiles): each reads its members and
         keeps those whose centres fall in it; members in index order."""
         blocks = []
         for k in range(len(self)):
-            members = np.flatnonzero(self.reads(k, xs, ys, sizes0))
-            blocks.append(Block(members, self.keeps(k, xs, ys, sizes0)[members]))
+            reads, keeps = self.select(k, xs, ys, sizes0)
+            members = np.flatnonzero(reads)
+            blocks.append(Block(members, keeps[members]))
         return blocks
 
     def _cell(self, x: np.ndarray, y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
