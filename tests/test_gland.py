@@ -256,3 +256,62 @@ def test_gland_runs_neither_the_bank_nor_the_embed_stage(tmp_path):
         assert "does not use a prototype bank" in get_stage(name).not_needed(gland)
         assert get_stage(name).not_needed(pbip) is None
     assert get_stage("classnet").dependencies(gland) == ("tile",)
+
+
+def _cam_model(input_px: int):
+    """A GlandCamModel around an untrained net whose CCA blocks are switched on (gamma 0.5), no checkpoint."""
+    from pbip_engine.methods.gland.cams import GlandCamModel
+    from pbip_engine.methods.gland.model import GlandNet, GlandNetConfig
+
+    torch.manual_seed(0)
+    cfg = GlandNetConfig(
+        n_classes=2, pretrained=False, input_px=input_px, mpfp_sizes=[2, 4], cca_levels=[3, 4]
+    )
+    net = GlandNet(cfg).eval()
+    for block in net.cca.values():
+        for part in (block.cc1, block.pam, block.cc2):
+            part.gamma.data.fill_(0.5)
+    model = GlandCamModel.__new__(GlandCamModel)
+    model.model, model.cfg, model.device = net, cfg, "cpu"
+    return model
+
+
+def test_gland_reads_a_tile_alone_and_as_a_picture_alike_and_gives_its_features(one_thread):
+    """``pseudo.cam_context: regions`` and ``pseudo.image_prototypes`` for gland: a picture that is one tile
+    enters the network as the tile does (so its CAMs are the tile's), and the features are the head's input."""
+    from pbip_engine.methods.gland.cams import PROTOTYPE_SCALE
+
+    model = _cam_model(input_px=64)
+    batch = _batch(3, seed=3)  # 32-px tiles, entering the network at 64 px
+    opts = PseudoOptions(background="none", flip=True)
+    cams = model.predict_cams(batch, opts)
+    with_feats, feats, weights = model.predict_cams_and_features(batch, opts)
+    np.testing.assert_allclose(with_feats, cams, atol=1e-6)
+    assert weights == [PROTOTYPE_SCALE] and len(feats) == 1
+    assert feats[0].shape == (3, model.model.head.in_channels, 8, 8)  # 64 px at output stride 8
+    np.testing.assert_allclose(np.linalg.norm(feats[0].astype(np.float32), axis=1), 1.0, atol=2e-3)
+    for i in range(3):
+        region, rfeats, rweights = model.predict_region(batch["image"][i], 32, opts, True)
+        np.testing.assert_allclose(region, cams[i], atol=1e-5)
+        np.testing.assert_allclose(rfeats[0].astype(np.float32), feats[0][i].astype(np.float32), atol=2e-3)
+        assert rweights == [PROTOTYPE_SCALE]
+
+
+def test_gland_reads_a_large_picture_in_windows_its_attention_can_hold(one_thread, monkeypatch):
+    """CCA's position attention holds cells² energies: no read of a stitched picture may exceed the cap."""
+    import pbip_engine.methods.gland.cams as gc
+
+    monkeypatch.setattr(gc, "MAX_REGION_NET_PX", 128)
+    model = _cam_model(input_px=64)
+    seen: list[tuple[int, int]] = []
+    model.model.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape[-2:])))
+    rng = np.random.default_rng(0)
+    picture = rng.integers(0, 255, (150, 200, 3), dtype=np.uint8)
+    cams, feats, _ = model.predict_region(picture, 32, PseudoOptions(background="none"), True)
+    assert cams.shape == (2, 150, 200) and cams.min() >= 0 and cams.max() <= 1
+    assert (cams.sum(0) > 0).all()  # every window was read
+    assert len(seen) > 4 and max(max(s) for s in seen) <= 128
+    cells = np.array(feats[0].shape[1:]) / np.array([150 * 2 / 8, 200 * 2 / 8])
+    assert np.abs(cells - 1).max() < 0.1  # the canvas at about the network's cells (a window's own rounding)
+    whole, _, _ = model.predict_region(picture[:64, :64], 32, PseudoOptions(background="none"), False)
+    assert whole.shape == (2, 64, 64) and seen[-1] == (128, 128)  # a picture inside the cap: one read

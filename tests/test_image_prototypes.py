@@ -115,11 +115,12 @@ def test_pbip_features_come_with_the_same_cams_and_level_weights():
     assert len(feats) == 1 and feats[0].shape[-1] == 4 and weights == pytest.approx([4.0])
 
 
-def test_the_stage_re_reads_a_slide_and_the_spec_checks_the_key(tmp_path):
+def test_the_stage_re_reads_a_slide_and_the_spec_checks_the_key(tmp_path, monkeypatch):
     from PIL import Image
 
     from pbip_engine.engine.ingest.tile_slide import encode_jpeg
     from pbip_engine.jobs.pseudo import stitch_slide
+    from pbip_engine.methods import get_method
     from pbip_engine.schemas.spec import SpecError, check_inputs, parse_spec
 
     raw = {
@@ -143,6 +144,8 @@ def test_the_stage_re_reads_a_slide_and_the_spec_checks_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"image_prototypes.*stitch"):
         parse_spec({**raw, "pseudo": {"image_prototypes": 0.5, "stitch": False}}, tmp_path)
     gland = parse_spec({**raw, "method": {"name": "gland"}, "pseudo": {"image_prototypes": 0.5}}, tmp_path)
+    check_inputs(gland)  # gland's CAM model offers its head's features too
+    monkeypatch.setattr(type(get_method("gland")), "prototype_features", False)  # a method without them
     with pytest.raises(SpecError, match=r"image_prototypes.*'gland'"):
         check_inputs(gland)
 

@@ -163,7 +163,8 @@ def test_the_stage_reads_a_slide_as_one_picture(tmp_path, monkeypatch):
     assert len(region) == 1 and (region[0]["width"], region[0]["height"]) == (24, 16)
 
 
-def test_the_default_is_the_methods_and_the_spec_checks_the_key(tmp_path):
+def test_the_default_is_the_methods_and_the_spec_checks_the_key(tmp_path, monkeypatch):
+    from pbip_engine.methods import get_method
     from pbip_engine.schemas.spec import SpecError, check_inputs, parse_spec
 
     raw = SPEC
@@ -178,5 +179,7 @@ def test_the_default_is_the_methods_and_the_spec_checks_the_key(tmp_path):
     lpd = parse_spec({**raw, "method": {"name": "lpd"}, "pseudo": {"cam_context": "tiles"}}, tmp_path)
     assert lpd.pseudo.cam_context == "tiles"
     gland = parse_spec({**raw, "method": {"name": "gland"}, "pseudo": {"cam_context": "regions"}}, tmp_path)
+    check_inputs(gland)  # gland's CAM model reads whole pictures too
+    monkeypatch.setattr(type(get_method("gland")), "region_cams", False)  # a method that reads tiles only
     with pytest.raises(SpecError, match=r"cam_context.*'gland'"):
         check_inputs(gland)

@@ -247,7 +247,7 @@ class PseudoSection(_Section):
         description="with stitch: re-read each slide's CAMs against class prototypes taken from that slide's own "
         "features (SIPE): the seeds are the pixels its labels settle plus this fraction of the CAM-decided "
         "pixels with the largest margins; 0 = off; null = the method's default (pbip 0.5, others 0). Needs a "
-        "method with prototype CAMs (pbip, lpd)",
+        "method whose CAM model gives its features (pbip, lpd, gland)",
     )
     image_prototype_weight: float = Field(
         0.75,
@@ -260,7 +260,8 @@ class PseudoSection(_Section):
         description="with stitch: tiles = each tile's CAMs read on the tile alone, then averaged where tiles "
         "overlap; regions = read on the picture a slide's labelled tiles make together (in windows of "
         "region_px with a tile of context), so every tile's CAM sees its neighbours; null = the method's "
-        "default (pbip, lpd: regions; others tiles). regions needs a method that reads whole images (pbip, lpd)",
+        "default (pbip, lpd: regions; others tiles). regions needs a method that reads whole images (pbip, "
+        "lpd, gland; gland's attention makes it ~10x slower than tiles)",
     )
     region_px: int = Field(
         512,
@@ -865,12 +866,12 @@ def check_inputs(spec: JobSpec) -> list[Path]:
 
     if spec.pseudo.image_prototypes and not get_method(spec.method.name).prototype_features:
         raise SpecError(
-            f"pseudo.image_prototypes needs a method whose CAMs compare features with prototypes (pbip, lpd); "
+            f"pseudo.image_prototypes needs a method whose CAMs compare features with prototypes (pbip, lpd, gland); "
             f"method {spec.method.name!r} has none"
         )
     if spec.pseudo.cam_context == "regions" and not get_method(spec.method.name).region_cams:
         raise SpecError(
-            f"pseudo.cam_context: regions needs a method whose CAM model reads whole images (pbip, lpd); "
+            f"pseudo.cam_context: regions needs a method whose CAM model reads whole images (pbip, lpd, gland); "
             f"method {spec.method.name!r} reads tiles only (set pseudo.cam_context: tiles)"
         )
     try:

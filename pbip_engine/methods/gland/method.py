@@ -29,6 +29,8 @@ class GlandMethod(Method):
     name = "gland"
     config_model = GlandConfig
     stages = frozenset({"classnet", "pseudo"})
+    prototype_features = True
+    region_cams = True
     summary = (
         "gland (AAAI 2025): CAMs with Consistency Correlation Attention + MPFP pooling; PLF stage-2 loss"
     )

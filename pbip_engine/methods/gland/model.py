@@ -62,7 +62,7 @@ def _module(backbone: nn.Module, name: str) -> nn.Module:
 
 
 class GlandNet(nn.Module):
-    """``forward(x) -> {"cam": B,N,h,w, "logits": B,N}``; logits by MPFP (Eq. 9) or GAP (Eq. 3)."""
+    """``forward(x) -> {"cam": B,N,h,w, "logits": B,N, "features": B,C,h,w}``; logits by MPFP (Eq. 9) or GAP (Eq. 3)."""
 
     def __init__(self, cfg: GlandNetConfig) -> None:
         super().__init__()
@@ -93,10 +93,11 @@ class GlandNet(nn.Module):
         return [p for m in mods for p in m.parameters()]
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        cam = self.head(self.backbone(x)[-1])
+        feats = self.backbone(x)[-1]
+        cam = self.head(feats)
         if self.cfg.cam_relu:
             cam = F.relu(cam)
-        out = {"cam": cam}
+        out = {"cam": cam, "features": feats}  # features: what image-specific prototypes are taken from
         if self.mpfp is None:
             out["logits"] = cam.mean((2, 3))  # Eq. 3 (before the sigmoid)
         else:
