@@ -297,21 +297,31 @@ def test_gland_reads_a_tile_alone_and_as_a_picture_alike_and_gives_its_features(
         assert rweights == [PROTOTYPE_SCALE]
 
 
-def test_gland_reads_a_large_picture_in_windows_its_attention_can_hold(one_thread, monkeypatch):
-    """CCA's position attention holds cells² energies: no read of a stitched picture may exceed the cap."""
+def test_gland_states_the_largest_picture_its_attention_can_hold(one_thread, monkeypatch):
+    """CCA's position attention holds cells² energies: gland caps the picture one region read takes (in
+    canvas px, at the tiles' scale), and the pseudo stage's windows fit the cap (``region_tile_cams``)."""
     import pbip_engine.methods.gland.cams as gc
+    from pbip_engine.engine.pseudo.region_cams import region_tile_cams
+    from pbip_engine.engine.pseudo.stitch import tile_layout
 
     monkeypatch.setattr(gc, "MAX_REGION_NET_PX", 128)
-    model = _cam_model(input_px=64)
+    model = _cam_model(input_px=64)  # 32-px tiles enter the network at 64 px: 128 network px = 64 canvas px
+    assert model.max_region_px(32) == 64 and model.max_region_px(64) == 128
     seen: list[tuple[int, int]] = []
     model.model.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape[-2:])))
     rng = np.random.default_rng(0)
-    picture = rng.integers(0, 255, (150, 200, 3), dtype=np.uint8)
-    cams, feats, _ = model.predict_region(picture, 32, PseudoOptions(background="none"), True)
-    assert cams.shape == (2, 150, 200) and cams.min() >= 0 and cams.max() <= 1
-    assert (cams.sum(0) > 0).all()  # every window was read
-    assert len(seen) > 4 and max(max(s) for s in seen) <= 128
-    cells = np.array(feats[0].shape[1:]) / np.array([150 * 2 / 8, 200 * 2 / 8])
-    assert np.abs(cells - 1).max() < 0.1  # the canvas at about the network's cells (a window's own rounding)
-    whole, _, _ = model.predict_region(picture[:64, :64], 32, PseudoOptions(background="none"), False)
-    assert whole.shape == (2, 64, 64) and seen[-1] == (128, 128)  # a picture inside the cap: one read
+    xs, ys = np.meshgrid(np.arange(0, 160, 16), np.arange(0, 112, 16))
+    n = xs.size
+    layout = tile_layout(list(xs.ravel()), list(ys.ravel()), [32] * n, [32] * n)  # a 176 x 128 canvas
+    images = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(n)]
+    opts = PseudoOptions(background="none")
+
+    def read(image):
+        cams, feats, _ = model.predict_region(image, 32, opts, True)
+        return cams, [f.astype(np.float32) for f in feats]
+
+    cams, feats = region_tile_cams(layout, images, read, 512, 32, model.max_region_px(32))
+    assert len(seen) > 4 and max(max(s) for s in seen) <= 128  # every read within the cap
+    assert all(c.shape == (2, 32, 32) and c.min() >= 0 and c.max() <= 1 for c in cams)
+    assert all((c.sum(0) > 0).all() for c in cams)  # every tile was read
+    assert all(f[0].shape == (model.model.head.in_channels, 8, 8) for f in feats)  # 32 canvas px = 8 cells

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from pbip_engine.engine.pseudo.region_cams import read_canvas, region_tile_cams, tile_maps
 from pbip_engine.engine.pseudo.stitch import tile_layout
+from pbip_engine.methods.base import MasksFromCams
 
 SPEC = {  # a two-class pbip spec: pseudo.cam_context resolves to pbip's default
     "run": {"name": "t", "output": "out"},
@@ -51,6 +52,27 @@ def test_windows_no_tile_covers_are_not_read():
     cams, _ = read_canvas(np.zeros((48, 64, 3), np.uint8), reader, 32, 4, covered)
     assert len(calls) == 1 and calls[0] == (28, 36, 3)  # the top-left window and its 4-px context
     assert not cams[:, 24:, :].any() and not cams[:, :, 32:].any()
+
+
+def test_a_models_cap_shrinks_the_windows_and_their_margin_to_fit():
+    """``max_read_px``: no read exceeds it (its margin included), and with the margin still wider than the
+    reader's reach the tiles' CAMs are the uncapped ones."""
+    layout = tile_layout([0, 16, 32, 48], [0, 0, 0, 0], [32] * 4, [32] * 4)  # 80 x 32 canvas
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(4)]
+    sizes: list[tuple[int, int]] = []
+
+    def reader(image):
+        sizes.append(image.shape[:2])
+        return _box_reader(image)
+
+    free, _ = region_tile_cams(layout, images, reader, 512, 32)
+    assert sizes == [(32, 80)]
+    sizes.clear()
+    capped, _ = region_tile_cams(layout, images, reader, 512, 32, max_read_px=40)
+    assert len(sizes) > 1 and max(max(s) for s in sizes) <= 40  # margin 10, windows of 20
+    for a, b in zip(free, capped, strict=True):
+        np.testing.assert_allclose(b, a, atol=1e-6)
 
 
 def test_each_tile_takes_its_own_area_of_the_canvas():
@@ -138,7 +160,7 @@ def test_the_stage_reads_a_slide_as_one_picture(tmp_path, monkeypatch):
 
     reads = []
 
-    class Model:
+    class Model(MasksFromCams):
         def predict_region(self, image, tile_px, options, features):
             reads.append((image.shape, tile_px, features))
             cams = np.zeros((2, *image.shape[:2]), np.float32)

@@ -214,7 +214,8 @@ class RegionPseudo:
             cams, feats, weights = self.model.predict_region(image, tile_px, self.options, features)
             return cams, feats
 
-        cams, feats = region_tile_cams(layout, rgbs, read, self.spec.pseudo.region_px, tile_px)
+        cap = self.model.max_region_px(tile_px)
+        cams, feats = region_tile_cams(layout, rgbs, read, self.spec.pseudo.region_px, tile_px, cap)
         return (rgbs, *_stitched_masks(batch, rgbs, cams, feats if features else None, weights, self.spec))
 
 

@@ -88,7 +88,9 @@ class CamModel(Protocol):
     ``predict_cams`` is what lets the pseudo stage stitch overlapping tiles into one CAM per slide before the
     argmax (``pseudo.stitch``); a model without it gets per-tile masks from ``predict_masks``. A model whose
     method sets ``region_cams`` also has ``predict_region(image, tile_px, options, features)``: the CAMs (and
-    the features ``pseudo.image_prototypes`` reads) of one whole stitched image (``pseudo.cam_context``).
+    the features ``pseudo.image_prototypes`` reads) of one whole stitched image (``pseudo.cam_context``), and
+    ``max_region_px(tile_px)``: the largest edge of such an image it reads in one call (None: any), which
+    the pseudo stage's windows then fit.
     """
 
     def predict_masks(self, batch: dict[str, Any], options: PseudoOptions) -> np.ndarray:
@@ -100,7 +102,13 @@ class CamModel(Protocol):
 
 class MasksFromCams:
     """Mixin for a CAM model with ``predict_cams`` and ``cfg.mean/std``: masks = its CAMs through
-    ``cams_to_mask`` with the spec's background rule (the same path the pseudo stage's stitching takes)."""
+    ``cams_to_mask`` with the spec's background rule (the same path the pseudo stage's stitching takes),
+    and no cap on the pictures ``predict_region`` reads."""
+
+    def max_region_px(self, tile_px: int) -> int | None:
+        """The largest picture edge one ``predict_region`` call may take (None: any; the pseudo stage's
+        ``region_px`` windows bound it)."""
+        return None
 
     def predict_masks(self, batch: dict[str, Any], options: PseudoOptions) -> np.ndarray:
         from pbip_engine.engine.pseudo.cams import cams_to_mask

@@ -9,9 +9,12 @@ paper do at test time on whole images. Measured on GlaS (BENCHMARKS.md, session 
 ``pseudo.image_prototypes``, whose features then see the whole image: without it the masks are 0.687 (tiles) and 0.689 (whole image).
 
 The network must see the tissue at the scale it learnt: a tile of ``tile_px`` entered it at ``input_px``,
-so the canvas enters it scaled by ``input_px / tile_px`` (the CAM model's ``predict_region``). A large
-canvas is read in windows of ``window_px`` canvas pixels, each with ``margin_px`` of context on every side
-that is read but not kept, so memory stays bounded and no window edge cuts a tile's context short.
+so the canvas enters it scaled by ``input_px / tile_px`` (:func:`region_input`, which every CAM model's
+``predict_region`` starts from). A large canvas is read in windows of ``window_px`` canvas pixels, each with
+``margin_px`` of context on every side that is read but not kept, so memory stays bounded and no window edge
+cuts a tile's context short. A model whose memory grows faster than its input (gland's position attention:
+with the square of its cells) states the largest picture it reads (``max_region_px``), and the windows shrink
+to fit it: one level of windows, here, rather than windows the model cuts again inside each of ours.
 
 The canvas CAMs (and features, for ``pseudo.image_prototypes``) are then cut back into each tile's area, so
 every rule that follows (the tiles' labels, the background rule, the hole fill, the margins) is the
@@ -33,9 +36,29 @@ import torch.nn.functional as F
 
 from pbip_engine.engine.pseudo.regions import cuts
 from pbip_engine.engine.pseudo.stitch import Layout, paste_canvas, resize_maps
+from pbip_engine.engine.training.inputs import to_model_input
 
 # One window's read: uint8 ``h,w,3`` -> (``N,h,w`` CAMs, per level ``C,h_l,w_l`` features; empty without them)
 RegionReader = Callable[[np.ndarray], tuple[np.ndarray, list[np.ndarray]]]
+
+
+def region_input(
+    image: np.ndarray,
+    tile_px: int,
+    input_px: int | None,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device | str,
+) -> torch.Tensor:
+    """A uint8 ``H,W,3`` picture as the normalised ``1,3,h,w`` network input, scaled as its tiles of
+    ``tile_px`` entered the network (to ``input_px``; None: as they are)."""
+    x = to_model_input({"image": np.asarray(image, np.uint8)[None]}, mean, std, device)["image"]
+    s = (input_px or tile_px) / tile_px
+    h, w = x.shape[-2:]
+    net = (max(1, round(h * s)), max(1, round(w * s)))
+    if net != (h, w):
+        x = F.interpolate(x, size=net, mode="bilinear", align_corners=False, antialias=s < 1)
+    return x
 
 
 def _resize_features(f: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -122,9 +145,16 @@ def region_tile_cams(
     read: RegionReader,
     window_px: int,
     margin_px: int,
+    max_read_px: int | None = None,
 ) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
     """Per tile, its ``N,side,side`` CAMs and per-level features, read on the canvas the tiles make
-    together (uint8 ``side,side,3`` ``images`` pasted by ``layout``) rather than on each tile alone."""
+    together (uint8 ``side,side,3`` ``images`` pasted by ``layout``) rather than on each tile alone.
+
+    ``max_read_px``: the largest edge ``read`` takes (its margins included); the windows and their margin
+    shrink to fit it (a margin of at most a quarter of it)."""
+    if max_read_px is not None:
+        margin_px = min(margin_px, max_read_px // 4)
+        window_px = max(16, min(window_px, max_read_px - 2 * margin_px))
     canvas = paste_canvas(layout, [np.asarray(i, np.uint8) for i in images], 255, nearest=False)
     pos, h, w = layout
     covered = np.zeros((h, w), bool)

@@ -6,9 +6,10 @@ Besides the tile-by-tile CAMs, the model offers what the pseudo stage's two cont
   CCA), so each slide's CAMs can be re-read against prototypes of its own pixels. The head is a plain 1×1
   convolution with no cosine scale, so the prototype cosines get a fixed temperature (``PROTOTYPE_SCALE``).
 * ``predict_region`` (``pseudo.cam_context: regions``): the CAMs of a whole stitched picture at the tiles'
-  scale. CCA's position attention compares every feature cell with every other (O(cells²) memory), so a
-  picture larger than ``MAX_REGION_NET_PX`` network pixels is read in windows of that size, each with a
-  tile of context (``engine/pseudo/region_cams.read_canvas``): attention then spans a few tiles, not one.
+  scale. CCA's position attention compares every feature cell with every other (O(cells²) memory), so the
+  model states the largest picture it reads (``max_region_px``: ``MAX_REGION_NET_PX`` network pixels) and the
+  pseudo stage cuts the stitched canvas in windows that fit it (``engine/pseudo/region_cams``): attention
+  then spans a few tiles, not one.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import torch.nn.functional as F
 
 from pbip_engine.engine.pseudo.cams import fuse_cams
 from pbip_engine.engine.training.checkpoint import load_weights, read_checkpoint
-from pbip_engine.engine.training.inputs import to_model_input
 from pbip_engine.methods.base import MasksFromCams, PseudoOptions
 from pbip_engine.methods.gland.model import GlandNet, GlandNetConfig
 from pbip_engine.methods.gland.task import KIND, model_input
@@ -100,33 +100,21 @@ class GlandCamModel(MasksFromCams):
         cams, feats = cams_and_features(self.model, inp["image"], inp["size"], options.flip, True)
         return cams.float().cpu().numpy(), [f.half().cpu().numpy() for f in feats], [PROTOTYPE_SCALE]
 
+    def max_region_px(self, tile_px: int) -> int:
+        """The largest picture edge (canvas px, tiles of ``tile_px``) one ``predict_region`` call may take:
+        ``MAX_REGION_NET_PX`` once scaled to the network."""
+        return max(16, int(MAX_REGION_NET_PX * tile_px / (self.cfg.input_px or tile_px)))
+
     @torch.inference_mode()
     def predict_region(
         self, image: np.ndarray, tile_px: int, options: PseudoOptions, features: bool
     ) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
-        """CAMs ``N,H,W`` of one uint8 ``H,W,3`` picture at the tiles' scale (``pseudo.cam_context:
-        regions``): it enters the network scaled as its tiles of ``tile_px`` did (to ``input_px``), in
-        windows of at most ``MAX_REGION_NET_PX`` network pixels with a tile of context around each. With
-        ``features``: the unit features ``C,h,w`` (float16) and their weight."""
-        from pbip_engine.engine.pseudo.region_cams import read_canvas
+        """CAMs ``N,H,W`` of one uint8 ``H,W,3`` picture (at most ``max_region_px`` a side) at the tiles'
+        scale (``pseudo.cam_context: regions``): it enters the network scaled as its tiles of ``tile_px`` did
+        (to ``input_px``). With ``features``: the unit features ``C,h,w`` (float16) and their weight."""
+        from pbip_engine.engine.pseudo.region_cams import region_input
 
-        scale = (self.cfg.input_px or tile_px) / tile_px
-        image = np.asarray(image, np.uint8)
-
-        def read(part: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-            x = to_model_input({"image": part[None]}, self.cfg.mean, self.cfg.std, self.device)["image"]
-            h, w = part.shape[:2]
-            net = (max(1, round(h * scale)), max(1, round(w * scale)))
-            if net != (h, w):
-                x = F.interpolate(x, size=net, mode="bilinear", align_corners=False, antialias=scale < 1)
-            cams, feats = cams_and_features(self.model, x, (h, w), options.flip, features)
-            return cams[0].float().cpu().numpy(), [f[0].float().cpu().numpy() for f in feats]
-
-        cap = max(16, int(MAX_REGION_NET_PX / scale))  # canvas pixels one read may span
-        if max(image.shape[:2]) <= cap:
-            cams, feats = read(image)
-        else:
-            margin = min(tile_px, cap // 4)
-            cams, feats = read_canvas(image, read, cap - 2 * margin, margin)
+        x = region_input(image, tile_px, self.cfg.input_px, self.cfg.mean, self.cfg.std, self.device)
+        cams, feats = cams_and_features(self.model, x, tuple(image.shape[:2]), options.flip, features)
         weights = [PROTOTYPE_SCALE] if features else []
-        return cams, [f.astype(np.float16) for f in feats], weights
+        return cams[0].float().cpu().numpy(), [f[0].half().cpu().numpy() for f in feats], weights

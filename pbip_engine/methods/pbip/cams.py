@@ -114,11 +114,12 @@ def _cams_and_features(
     device: torch.device | str,
     flip: bool,
     features: bool,
+    size: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[float]]:
     """:func:`predict_cams_and_features` on a normalised ``B,3,H,W`` image that enters the network at
-    ``net_size`` (None: as it is); the CAMs come back at ``H,W``."""
+    ``net_size`` (None: as it is); the CAMs come back at ``size`` (None: ``H,W``)."""
     with _eval_mode(model):
-        size = tuple(image.shape[-2:])
+        size = size or tuple(image.shape[-2:])
         cams, feats, weights = None, None, []
         for mirrored in (False, True) if flip else (False,):
             x = image.flip(-1) if mirrored else image
@@ -258,13 +259,11 @@ class PbipCamModel(MasksFromCams):
         its context (``pseudo.cam_context: regions``): the image enters the network scaled as its tiles of
         ``tile_px`` were (to ``input_px``), so a feature cell covers the same tissue as in training. With
         ``features``: per used level the unit features ``C,h,w`` (float16) and the level weights."""
-        x = to_model_input(
-            {"image": np.asarray(image, np.uint8)[None]}, self.cfg.mean, self.cfg.std, self.device
-        )
-        s = (getattr(self.cfg, "input_px", None) or tile_px) / tile_px
-        h, w = image.shape[:2]
-        net = (max(1, round(h * s)), max(1, round(w * s)))
+        from pbip_engine.engine.pseudo.region_cams import region_input
+
+        input_px = getattr(self.cfg, "input_px", None)
+        x = region_input(image, tile_px, input_px, self.cfg.mean, self.cfg.std, self.device)
         cams, feats, weights = _cams_and_features(
-            self.model, x["image"], net, self.cfg, self.device, options.flip, features
+            self.model, x, None, self.cfg, self.device, options.flip, features, size=tuple(image.shape[:2])
         )
         return cams[0].float().cpu().numpy(), [f[0].half().cpu().numpy() for f in feats], weights
