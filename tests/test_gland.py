@@ -158,8 +158,8 @@ def test_glas_gland_example_is_the_glas_protocol_with_only_the_budget_keys_chang
         k: v for k, v in pbip["stage1"].items() if k != "epochs"
     }
     # the flip is a budget key; ignore_uncertain was measured on PBIP only (session 21), gland's figures without
-    # it; image_prototypes and cam_context: regions stay off for gland by default (sessions 30-31: regions add
-    # nothing at ~11x the cost; image prototypes not yet measured through stage 2 on GlaS)
+    # it; cam_context: regions stays off for gland (sessions 30-31: it adds nothing at ~11x the cost), and
+    # image_prototypes takes each method's default (0.5 for both since session 32)
     own = ("flip", "ignore_uncertain", "image_prototypes", "image_prototype_weight", "cam_context")
     assert {k: v for k, v in gland["pseudo"].items() if k not in own} == {
         k: v for k, v in pbip["pseudo"].items() if k not in own

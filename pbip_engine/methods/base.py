@@ -199,7 +199,7 @@ class Method:
     # ``pseudo.image_prototypes`` needs.
     prototype_features: ClassVar[bool] = False
     # ``pseudo.image_prototypes`` where the spec leaves it unset (with stitching): on only where it was measured
-    # to help (pbip: GlaS and the demo cohort, BENCHMARKS.md session 22).
+    # to help (pbip and gland: GlaS and the demo cohort, BENCHMARKS.md sessions 22 and 30-32).
     image_prototypes_default: ClassVar[float] = 0.0
     # True when the CAM model offers ``predict_region`` (CAMs of a whole stitched image at the tiles' scale),
     # which ``pseudo.cam_context: regions`` needs; ``cam_context_default`` is that key where the spec leaves it

@@ -246,7 +246,7 @@ class PseudoSection(_Section):
         le=1,
         description="with stitch: re-read each slide's CAMs against class prototypes taken from that slide's own "
         "features (SIPE): the seeds are the pixels its labels settle plus this fraction of the CAM-decided "
-        "pixels with the largest margins; 0 = off; null = the method's default (pbip 0.5, others 0). Needs a "
+        "pixels with the largest margins; 0 = off; null = the method's default (pbip, gland 0.5; others 0). Needs a "
         "method whose CAM model gives its features (pbip, lpd, gland)",
     )
     image_prototype_weight: float = Field(
