@@ -56,6 +56,9 @@ class _BoxModel:
     def __init__(self, n: int) -> None:
         self.n = n
 
+    def max_region_px(self, tile_px: int) -> None:
+        return None  # no cap: the pseudo stage's region_px windows
+
     def predict_region(self, image, tile_px, options, features):
         import torch
         import torch.nn.functional as F
