@@ -102,30 +102,29 @@ def predict_cams_and_features(
     (``engine/pseudo/image_prototypes.py``): :func:`cam_level_features`, flip-averaged with ``flip``.
     ``features=False``: the CAMs alone (empty lists), for models whose output has no features."""
     image = to_model_input(batch, cfg.mean, cfg.std, device)["image"]
+    size = tuple(image.shape[-2:])
     side = getattr(cfg, "input_px", None)
-    return _cams_and_features(model, image, (side, side) if side else None, cfg, device, flip, features)
+    if side and size != (side, side):  # the tiles enter the network at input_px, as in training
+        image = F.interpolate(image, size=(side, side), mode="bilinear", align_corners=False,
+                              antialias=side < size[0])  # fmt: skip
+    return _cams_and_features(model, image, size, cfg, device, flip, features)
 
 
 def _cams_and_features(
     model: nn.Module,
     image: torch.Tensor,
-    net_size: tuple[int, int] | None,
+    size: tuple[int, int],
     cfg: ClassNetConfig,
     device: torch.device | str,
     flip: bool,
     features: bool,
-    size: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[float]]:
-    """:func:`predict_cams_and_features` on a normalised ``B,3,H,W`` image that enters the network at
-    ``net_size`` (None: as it is); the CAMs come back at ``size`` (None: ``H,W``)."""
+    """:func:`predict_cams_and_features` on a normalised ``B,3,h,w`` image already at the network's scale;
+    the CAMs come back at ``size`` (the pixels the caller scaled from)."""
     with _eval_mode(model):
-        size = size or tuple(image.shape[-2:])
         cams, feats, weights = None, None, []
         for mirrored in (False, True) if flip else (False,):
             x = image.flip(-1) if mirrored else image
-            if net_size and tuple(x.shape[-2:]) != tuple(net_size):
-                x = F.interpolate(x, size=net_size, mode="bilinear", align_corners=False,
-                                  antialias=net_size[0] < x.shape[-2])  # fmt: skip
             with autocast(device, cfg.amp):
                 out = model(x)
             w = cfg.eval_fuse_weights
@@ -264,6 +263,6 @@ class PbipCamModel(MasksFromCams):
         input_px = getattr(self.cfg, "input_px", None)
         x = region_input(image, tile_px, input_px, self.cfg.mean, self.cfg.std, self.device)
         cams, feats, weights = _cams_and_features(
-            self.model, x, None, self.cfg, self.device, options.flip, features, size=tuple(image.shape[:2])
+            self.model, x, tuple(image.shape[:2]), self.cfg, self.device, options.flip, features
         )
         return cams[0].float().cpu().numpy(), [f[0].half().cpu().numpy() for f in feats], weights
