@@ -94,7 +94,9 @@ def test_the_segmenter_stage_picks_the_spec_loss_or_the_methods_default(tmp_path
     base = {"run": {"output": "o"}, "data": {"synthetic": {}}, "classes": [{"name": "a", "color": [1, 2, 3]}]}
     assert segmenter_loss(parse_spec(base, tmp_path)) == {"name": "ce", "options": {}}
     gland = parse_spec({**base, "method": {"name": "gland"}}, tmp_path)
-    assert segmenter_loss(gland) == {
+    assert segmenter_loss(gland) == {"name": "ce", "options": {}}  # PLF lost to CE on the demo (session 33)
+    gland_plf = parse_spec({**base, "method": {"name": "gland"}, "segmenter": {"loss": "plf"}}, tmp_path)
+    assert segmenter_loss(gland_plf) == {
         "name": "plf",
         "options": {"normalize": "mean", "confidence": "max_minus_min"},
     }
