@@ -259,9 +259,10 @@ class PseudoSection(_Section):
         None,
         description="with stitch: tiles = each tile's CAMs read on the tile alone, then averaged where tiles "
         "overlap; regions = read on the picture a slide's labelled tiles make together (in windows of "
-        "region_px with a tile of context), so every tile's CAM sees its neighbours; null = the method's "
-        "default (pbip, lpd: regions; others tiles). regions needs a method that reads whole images (pbip, "
-        "lpd, gland; gland's attention makes it ~10x slower than tiles)",
+        "region_px with a tile of context, smaller where the CAM model caps one read: gland), so every tile's "
+        "CAM sees its neighbours; null = the method's default (pbip, lpd: regions; others tiles). regions "
+        "needs a method that reads whole images (pbip, lpd, gland; gland's attention made it ~11x slower than "
+        "tiles on the demo)",
     )
     region_px: int = Field(
         512,
@@ -435,7 +436,7 @@ class AutoscaleSection(_Section):
 
 
 class ResourcesSection(_Section):
-    workers: int = Field(1, ge=1, description="Ray Train workers / tiling parallelism")
+    workers: int = Field(1, ge=1, description="Ray Train workers (stage 1 and stage 2)")
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     autoscale: AutoscaleSection = Field(default_factory=AutoscaleSection)
