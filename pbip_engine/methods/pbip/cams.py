@@ -102,11 +102,8 @@ def predict_cams_and_features(
     (``engine/pseudo/image_prototypes.py``): :func:`cam_level_features`, flip-averaged with ``flip``.
     ``features=False``: the CAMs alone (empty lists), for models whose output has no features."""
     image = to_model_input(batch, cfg.mean, cfg.std, device)["image"]
-    size = tuple(image.shape[-2:])
-    side = getattr(cfg, "input_px", None)
-    if side and size != (side, side):  # the tiles enter the network at input_px, as in training
-        image = F.interpolate(image, size=(side, side), mode="bilinear", align_corners=False,
-                              antialias=side < size[0])  # fmt: skip
+    size = tuple(image.shape[-2:])  # the tiles enter the network at input_px, as in training
+    image = resize_input(image, getattr(cfg, "input_px", None))
     return _cams_and_features(model, image, size, cfg, device, flip, features)
 
 
