@@ -400,7 +400,7 @@ def own_prototype_cams(model, cfg, img, cams, pred, margin, present, base, args,
     feats_np = [t.cpu().numpy() for t in feats]
     seeds = seed_masks([pred.cpu().numpy()], [margin.float().cpu().numpy()], args.image_prototypes)
     listed = [k + 1 for k in range(N_CLASSES) if bool(present[k].any())]
-    protos = slide_prototypes([feats_np], seeds, listed, N_CLASSES)
+    protos = slide_prototypes([feats_np], seeds, listed, N_CLASSES, args.image_prototype_k)
     if protos is None:
         return cams
     own = torch.from_numpy(prototype_cam(feats_np, protos, weights, (h, w))).to(dev)
@@ -641,6 +641,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "this fraction of the surest CAM decisions (the GlaS spec's pseudo.image_prototypes; 0 = off)")  # fmt: skip
     g.add_argument(
         "--image-prototype-weight", type=float, default=0.75, help="their weight against the cohort CAMs"
+    )
+    g.add_argument(
+        "--image-prototype-k",
+        type=int,
+        default=1,
+        help="prototypes per class and image (pseudo.image_prototype_k; cosine K-means of the seeds)",
     )
     g.add_argument("--crf", action="store_true",
                    help="a dense CRF over each whole image decides among its allowed classes (the engine's "

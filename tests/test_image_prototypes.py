@@ -51,7 +51,7 @@ def test_prototypes_of_the_slide_overrule_a_narrow_cam_decision_its_features_con
     before, margins = stitched_masks_and_margins(*tile, [cam], labels)
     assert (before[0][:, 6:] == 1).all()  # the narrow, wrong call
     protos = slide_prototypes([[feat]], seed_masks(before, margins, 0.7), [1, 2], 2)
-    np.testing.assert_allclose(protos[0], [[1, 0, 0], [0, 1, 0]], atol=1e-6)
+    np.testing.assert_allclose(protos[0][:, 0], [[1, 0, 0], [0, 1, 0]], atol=1e-6)
     cams, changed = image_prototype_cams([cam], [[feat]], [10.0], before, margins, labels, 0.7, 1.0)
     after = stitched_masks(*tile, cams, labels)
     assert changed
@@ -59,6 +59,44 @@ def test_prototypes_of_the_slide_overrule_a_narrow_cam_decision_its_features_con
     # a weight below 1 mixes: the cohort CAM still counts, and the sure calls stay
     mixed, _ = image_prototype_cams([cam], [[feat]], [10.0], before, margins, labels, 0.7, 0.5)
     np.testing.assert_allclose(mixed[0], 0.5 * cam + 0.5 * cams[0], atol=1e-6)
+
+
+def _two_mode_tile() -> tuple[np.ndarray, np.ndarray]:
+    """An 8-px tile whose class 2 has two looks. Its CAMs call columns 0-1 class 1 surely, columns 2-5 class 2
+    less surely, and columns 6-7 class 1 narrowly (the surest 70 %: the first six columns). Feature columns
+    (2 px each): e0; e1 = (0.8, 0.6, 0); e2 = (-0.8, 0.6, 0); e1 again. Class 2's one mean is (0, 1, 0), at
+    cosine 0.6 to e1, while class 1's prototype e0 is at 0.8: only a prototype per look puts the last
+    columns, e1 like columns 2-3, in class 2."""
+    feat = np.zeros((3, 4, 4), np.float32)
+    feat[0, :, 0] = 1.0
+    feat[:2, :, 1], feat[:2, :, 2], feat[:2, :, 3] = [[0.8], [0.6]], [[-0.8], [0.6]], [[0.8], [0.6]]
+    cam = np.zeros((2, 8, 8), np.float32)
+    cam[0, :, :2], cam[1, :, :2] = 0.95, 0.05
+    cam[0, :, 2:6], cam[1, :, 2:6] = 0.2, 0.8
+    cam[0, :, 6:], cam[1, :, 6:] = 0.55, 0.45
+    return cam, feat
+
+
+def test_a_class_with_two_looks_gets_a_prototype_for_each():
+    cam, feat = _two_mode_tile()
+    tile, labels = ([0], [0], [8]), np.array([[1, 1]], np.float32)
+    before, margins = stitched_masks_and_margins(*tile, [cam], labels)
+    seeds = seed_masks(before, margins, 0.7)
+    assert (seeds[0][:, :2] == 1).all() and (seeds[0][:, 2:6] == 2).all() and (seeds[0][:, 6:] == 0).all()
+    one = slide_prototypes([[feat]], seeds, [1, 2], 2)
+    np.testing.assert_allclose(one[0][1, 0], [0, 1, 0], atol=1e-6)  # the mean of the two looks
+    two = slide_prototypes([[feat]], seeds, [1, 2], 2, k=2)
+    assert two[0].shape == (2, 2, 3)
+    looks = sorted(two[0][1].round(4).tolist())
+    np.testing.assert_allclose(looks, [[-0.8, 0.6, 0], [0.8, 0.6, 0]], atol=1e-4)
+    np.testing.assert_allclose(two[0][0], [[1, 0, 0], [1, 0, 0]], atol=1e-6)  # one look: its centre twice
+    for k, right in ((1, 1), (2, 2)):
+        cams, changed = image_prototype_cams([cam], [[feat]], [10.0], before, margins, labels, 0.7, 1.0, k)
+        after = stitched_masks(*tile, cams, labels)
+        assert changed and (after[0][:, :2] == 1).all() and (after[0][:, 7] == right).all(), k
+    # more looks asked for than the seeds carry (8 cells of class 2 < 3 * MIN_SEED_CELLS): fewer centres
+    three = slide_prototypes([[feat]], seeds, [1, 2], 2, k=3)
+    assert three[0].shape == (2, 3, 3) and len({tuple(v) for v in three[0][1].round(4).tolist()}) == 2
 
 
 def test_a_listed_class_without_enough_seeds_keeps_the_cohort_cams():
@@ -141,6 +179,20 @@ def test_the_stage_re_reads_a_slide_and_the_spec_checks_the_key(tmp_path, monkey
         spec = parse_spec({**raw, "pseudo": pseudo}, tmp_path)
         rows = stitch_slide(batch, spec, str(tmp_path))
         assert (np.asarray(Image.open(tmp_path / rows["mask_path"][0]))[:, 6:] == right).all()
+    cam, feat = _two_mode_tile()  # pseudo.image_prototype_k reaches the stage
+    batch["cam"] = np.array([encode_cam(cam)], dtype=object)
+    batch["features"] = np.array(
+        [encode_arrays([feat.astype(np.float16), np.array([10.0], np.float32)])], dtype=object
+    )
+    for k, right in ((1, 1), (2, 2)):
+        pseudo = {
+            "background": "none",
+            "image_prototypes": 0.7,
+            "image_prototype_weight": 1.0,
+            "image_prototype_k": k,
+        }
+        rows = stitch_slide(batch, parse_spec({**raw, "pseudo": pseudo}, tmp_path), str(tmp_path))
+        assert (np.asarray(Image.open(tmp_path / rows["mask_path"][0]))[:, 7] == right).all(), k
     with pytest.raises(ValueError, match=r"image_prototypes.*stitch"):
         parse_spec({**raw, "pseudo": {"image_prototypes": 0.5, "stitch": False}}, tmp_path)
     gland = parse_spec({**raw, "method": {"name": "gland"}, "pseudo": {"image_prototypes": 0.5}}, tmp_path)

@@ -365,7 +365,7 @@ def _stitched_masks(
 
         first, lead = stitched_masks_and_margins(*tiles, cams, labels, o.background, rgbs, **rules)  # no CRF
         cams, _ = image_prototype_cams(cams, feats, weights, first, lead, labels, p.image_prototypes,
-                                       p.image_prototype_weight)  # fmt: skip
+                                       p.image_prototype_weight, p.image_prototype_k)  # fmt: skip
     masks, margins = stitched_masks_and_margins(
         *tiles, cams, labels, o.background, rgbs, **rules, crf=o.crf, crf_kernels=o.crf_kernels,
         crf_window=p.region_px,
@@ -423,7 +423,8 @@ class PseudoStage(Stage):
     # v12: CAMs read on each slide's stitched tiles as one picture (pseudo.cam_context: regions);
     # v13: with stitch the dense CRF runs on each slide's canvas (pseudo.crf, crf_options in µm)
     # v14: with the CRF, ignore_uncertain still ranks the CAMs' margins, not the CRF marginals' leads
-    version = 14
+    # v15: a slide's classes can have several prototypes each (pseudo.image_prototype_k)
+    version = 15
     deps = ("tile", "bank", "classnet")
     sections = ("classes", "method", "pseudo")
 

@@ -255,6 +255,13 @@ class PseudoSection(_Section):
         le=1,
         description="image_prototypes: weight of the slide-specific CAMs against the cohort's (1 = theirs alone)",
     )
+    image_prototype_k: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="image_prototypes: prototypes per class and slide (cosine K-means of the class's seeds; a "
+        "pixel is scored by the nearest). 1 = their mean, SIPE's; GlaS masks gain ~0.01 with 2",
+    )
     cam_context: Literal["tiles", "regions"] | None = Field(
         None,
         description="with stitch: tiles = each tile's CAMs read on the tile alone, then averaged where tiles "

@@ -16,8 +16,9 @@ level's fuse weight times its logit scale (the same units as the ``raw`` read-ou
 cohort CAM by ``weight``. A slide where a listed class has too few seeds keeps its cohort CAMs.
 
 Measured on GlaS train (85 images, whole-image offline check, BENCHMARKS.md session 22): pseudo masks
-0.654 -> 0.720, and the same within 0.002 for seed fractions 0.3 to 1.0. The pixels a fill or a background
-rule labels are never seeds: a lumen is textureless, and glass is not tissue.
+0.654 -> 0.720, and the same within 0.002 for seed fractions 0.3 to 1.0. Two prototypes per class (``k``,
+session 35): 0.733 -> 0.743 and 0.732 -> 0.743 on two ClassNets of ``examples/glas.yaml``'s recipe. The pixels
+a fill or a background rule labels are never seeds: a lumen is textureless, and glass is not tissue.
 """
 
 from __future__ import annotations
@@ -54,35 +55,65 @@ def seed_masks(
 
 
 def slide_prototypes(
-    features: Sequence[Sequence[np.ndarray]], seeds: Sequence[np.ndarray], classes: Sequence[int], n: int
+    features: Sequence[Sequence[np.ndarray]],
+    seeds: Sequence[np.ndarray],
+    classes: Sequence[int],
+    n: int,
+    k: int = 1,
+    seed: int = 0,
 ) -> list[np.ndarray] | None:
-    """Per level, float32 ``n,C`` unit prototypes (row k-1 for class k; zero rows for classes not in
+    """Per level, float32 ``n,k,C`` unit prototypes (rows k-1 for class k; zero rows for classes not in
     ``classes``) from the tiles' ``features`` (per tile, per level ``C,h,w``, unit vectors along C) over the
     ``seeds`` (per tile uint8 ``H,W``, resized to each level by nearest neighbour). None when a class in
-    ``classes`` has fewer than ``MIN_SEED_CELLS`` seed cells at some level."""
+    ``classes`` has fewer than ``MIN_SEED_CELLS`` seed cells at some level.
+
+    ``k`` > 1: each class is the cosine K-means centres of its seed cells, not their one mean. A class within a
+    slide is rarely one look (non-gland is stroma, lymphocytes and muscle; gland is epithelium and lumen), and
+    a single mean sits between its modes, nearer the other class than any of them. A class with fewer than
+    ``k * MIN_SEED_CELLS`` cells gets fewer centres (repeated to fill ``k``); the clustering sees at most
+    ``KMEANS_CELLS`` seeded cells per class and level."""
     if not features:
         return None
-    n_levels = len(features[0])
     out = []
-    for lvl in range(n_levels):
-        c = features[0][lvl].shape[0]
-        total = np.zeros((n + 1, c), np.float64)
-        count = np.zeros(n + 1, np.int64)
-        for feats, seed in zip(features, seeds, strict=True):
-            f = feats[lvl]
-            s = cv2.resize(seed, (f.shape[2], f.shape[1]), interpolation=cv2.INTER_NEAREST).ravel()
-            flat = f.reshape(c, -1).astype(np.float64)
-            onehot = np.eye(n + 1)[s]  # cells x (n + 1); seeds hold 0..n
-            total += onehot.T @ flat.T
-            count += onehot.sum(0).astype(np.int64)
-        if any(count[k] < MIN_SEED_CELLS for k in classes):
+    for lvl in range(len(features[0])):
+        cells = [_level_cells(feats[lvl], s) for feats, s in zip(features, seeds, strict=True)]
+        count = np.bincount(np.concatenate([s for _, s in cells]), minlength=n + 1)
+        if any(count[c] < MIN_SEED_CELLS for c in classes):
             return None
-        protos = np.zeros((n, c), np.float32)
-        for k in classes:
-            v = total[k] / count[k]
-            protos[k - 1] = v / max(np.linalg.norm(v), 1e-12)
+        c_dim = features[0][lvl].shape[0]
+        protos = np.zeros((n, k, c_dim), np.float32)
+        for c in classes:
+            if k == 1:  # the mean, streamed over the tiles
+                v = sum(flat[s == c].astype(np.float64).sum(0) for flat, s in cells) / count[c]
+                protos[c - 1] = v / max(np.linalg.norm(v), 1e-12)
+            else:
+                protos[c - 1] = _centres(cells, c, int(count[c]), k, seed)
         out.append(protos)
     return out
+
+
+KMEANS_CELLS = 20_000  # most seed cells of one class and level that the clustering of a slide sees
+
+
+def _level_cells(f: np.ndarray, seed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A tile's features at one level as ``cells,C`` and its seeds resized to that level (flattened)."""
+    s = cv2.resize(seed, (f.shape[2], f.shape[1]), interpolation=cv2.INTER_NEAREST).ravel()
+    return f.reshape(f.shape[0], -1).T, s
+
+
+def _centres(cells: list[tuple[np.ndarray, np.ndarray]], c: int, count: int, k: int, seed: int) -> np.ndarray:
+    """``k,C`` unit cosine K-means centres of class ``c``'s seed cells (a seeded sample above KMEANS_CELLS)."""
+    from pbip_engine.engine.prototypes.bank import cosine_kmeans
+
+    rng = np.random.default_rng(seed)
+    keep = min(1.0, KMEANS_CELLS / count)
+    x = np.concatenate([flat[s == c] for flat, s in cells]).astype(np.float32)
+    if keep < 1.0:
+        x = x[np.sort(rng.choice(len(x), KMEANS_CELLS, replace=False))]
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    m = max(1, min(k, len(x) // MIN_SEED_CELLS))
+    centres, _ = cosine_kmeans(x, m, seed=seed, n_init=1)
+    return centres[np.arange(k) % m]
 
 
 def prototype_cam(
@@ -92,12 +123,20 @@ def prototype_cam(
     size: tuple[int, int],
 ) -> np.ndarray:
     """float32 ``N,h,w`` (``size``): the softmax over classes of ``sum_l weights[l] * cos(features[l],
-    prototypes[l])``, each level's cosine map resized to ``size`` bilinearly."""
+    prototypes[l])``, each level's cosine map resized to ``size`` bilinearly. A class with several prototypes
+    (``n,k,C``) scores a cell by the nearest of them."""
     logits = sum(
-        resize_maps(np.einsum("chw,nc->nhw", f.astype(np.float32), p), tuple(size)) * np.float32(w)
+        resize_maps(_nearest(f.astype(np.float32), np.asarray(p, np.float32)), tuple(size)) * np.float32(w)
         for f, p, w in zip(features, prototypes, weights, strict=True)
     )
     return softmax(logits, axis=0).astype(np.float32)
+
+
+def _nearest(f: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """``N,h,w`` cosines of ``C,h,w`` features with prototypes ``N,C`` or, taking each class's best, ``N,k,C``."""
+    if p.ndim == 2:
+        return np.einsum("chw,nc->nhw", f, p)
+    return np.einsum("chw,nkc->nkhw", f, p).max(1)
 
 
 def image_prototype_cams(
@@ -109,16 +148,17 @@ def image_prototype_cams(
     labels: np.ndarray,
     fraction: float,
     weight: float,
+    k: int = 1,
 ) -> tuple[list[np.ndarray], bool]:
     """A slide's tile CAMs re-read against its own prototypes: ``(1 - weight) * cam + weight * image CAM``.
 
     ``cams``: per tile ``N,h,w`` (the read-out the masks come from); ``features``: per tile, per level unit
     ``C,h_l,w_l``; ``weights``: per level; ``masks``/``margins``: the slide's stitched masks before any fill and
-    their margins; ``labels``: multi-hot ``T,N``. Returns the new CAMs and whether they changed (False: a
+    their margins; ``labels``: multi-hot ``T,N``; ``k``: prototypes per class (:func:`slide_prototypes`). Returns the new CAMs and whether they changed (False: a
     listed class had too few seeds, and the cohort CAMs stand)."""
     seeds = seed_masks(masks, margins, fraction)
     listed = [k + 1 for k in np.flatnonzero(np.asarray(labels).max(0) > 0.5)]
-    protos = slide_prototypes(features, seeds, listed, np.asarray(labels).shape[1])
+    protos = slide_prototypes(features, seeds, listed, np.asarray(labels).shape[1], k)
     if protos is None:
         return list(cams), False
     out = []
