@@ -60,7 +60,6 @@ def slide_prototypes(
     classes: Sequence[int],
     n: int,
     k: int = 1,
-    seed: int = 0,
 ) -> list[np.ndarray] | None:
     """Per level, float32 ``n,k,C`` unit prototypes (rows k-1 for class k; zero rows for classes not in
     ``classes``) from the tiles' ``features`` (per tile, per level ``C,h,w``, unit vectors along C) over the
@@ -71,7 +70,7 @@ def slide_prototypes(
     slide is rarely one look (non-gland is stroma, lymphocytes and muscle; gland is epithelium and lumen), and
     a single mean sits between its modes, nearer the other class than any of them. A class with fewer than
     ``k * MIN_SEED_CELLS`` cells gets fewer centres (repeated to fill ``k``); the clustering sees at most
-    ``KMEANS_CELLS`` seeded cells per class and level."""
+    ``KMEANS_CELLS`` cells per class and level, a seeded sample."""
     if not features:
         return None
     out = []
@@ -87,7 +86,7 @@ def slide_prototypes(
                 v = sum(flat[s == c].astype(np.float64).sum(0) for flat, s in cells) / count[c]
                 protos[c - 1] = v / max(np.linalg.norm(v), 1e-12)
             else:
-                protos[c - 1] = _centres(cells, c, int(count[c]), k, seed)
+                protos[c - 1] = _centres(cells, c, int(count[c]), k)
         out.append(protos)
     return out
 
@@ -101,18 +100,17 @@ def _level_cells(f: np.ndarray, seed: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return f.reshape(f.shape[0], -1).T, s
 
 
-def _centres(cells: list[tuple[np.ndarray, np.ndarray]], c: int, count: int, k: int, seed: int) -> np.ndarray:
-    """``k,C`` unit cosine K-means centres of class ``c``'s seed cells (a seeded sample above KMEANS_CELLS)."""
+def _centres(cells: list[tuple[np.ndarray, np.ndarray]], c: int, count: int, k: int) -> np.ndarray:
+    """``k,C`` unit cosine K-means centres of class ``c``'s seed cells. Above ``KMEANS_CELLS`` each tile gives
+    a seeded random share of its cells, so a large slide's seeds are never copied whole."""
     from pbip_engine.engine.prototypes.bank import cosine_kmeans
 
-    rng = np.random.default_rng(seed)
-    keep = min(1.0, KMEANS_CELLS / count)
-    x = np.concatenate([flat[s == c] for flat, s in cells]).astype(np.float32)
-    if keep < 1.0:
-        x = x[np.sort(rng.choice(len(x), KMEANS_CELLS, replace=False))]
+    rng = np.random.default_rng(0)  # fixed: the same slide and seeds always give the same prototypes
+    keep = KMEANS_CELLS / count
+    x = np.concatenate([flat[(s == c) & (rng.random(len(s)) < keep)] for flat, s in cells]).astype(np.float32)
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     m = max(1, min(k, len(x) // MIN_SEED_CELLS))
-    centres, _ = cosine_kmeans(x, m, seed=seed, n_init=1)
+    centres, _ = cosine_kmeans(x, m, seed=0, n_init=1)
     return centres[np.arange(k) % m]
 
 
@@ -126,16 +124,14 @@ def prototype_cam(
     prototypes[l])``, each level's cosine map resized to ``size`` bilinearly. A class with several prototypes
     (``n,k,C``) scores a cell by the nearest of them."""
     logits = sum(
-        resize_maps(_nearest(f.astype(np.float32), np.asarray(p, np.float32)), tuple(size)) * np.float32(w)
+        resize_maps(_nearest(f.astype(np.float32), p), tuple(size)) * np.float32(w)
         for f, p, w in zip(features, prototypes, weights, strict=True)
     )
     return softmax(logits, axis=0).astype(np.float32)
 
 
 def _nearest(f: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """``N,h,w`` cosines of ``C,h,w`` features with prototypes ``N,C`` or, taking each class's best, ``N,k,C``."""
-    if p.ndim == 2:
-        return np.einsum("chw,nc->nhw", f, p)
+    """``N,h,w``: each class's best cosine between ``C,h,w`` features and its prototypes (``N,k,C``)."""
     return np.einsum("chw,nkc->nkhw", f, p).max(1)
 
 
@@ -154,8 +150,8 @@ def image_prototype_cams(
 
     ``cams``: per tile ``N,h,w`` (the read-out the masks come from); ``features``: per tile, per level unit
     ``C,h_l,w_l``; ``weights``: per level; ``masks``/``margins``: the slide's stitched masks before any fill and
-    their margins; ``labels``: multi-hot ``T,N``; ``k``: prototypes per class (:func:`slide_prototypes`). Returns the new CAMs and whether they changed (False: a
-    listed class had too few seeds, and the cohort CAMs stand)."""
+    their margins; ``labels``: multi-hot ``T,N``; ``k``: prototypes per class (:func:`slide_prototypes`). Returns
+    the new CAMs and whether they changed (False: a listed class had too few seeds, and the cohort CAMs stand)."""
     seeds = seed_masks(masks, margins, fraction)
     listed = [k + 1 for k in np.flatnonzero(np.asarray(labels).max(0) > 0.5)]
     protos = slide_prototypes(features, seeds, listed, np.asarray(labels).shape[1], k)
