@@ -61,7 +61,8 @@ Protocol (QUALITY_AUDIT.md "A GPU run worth preparing", METHODS.md §4.3/§8):
   intersect``, the engine's default; ``image``: the image's labels, i.e. the union of its patch labels),
   argmax; with ``--image-prototypes`` (the GlaS spec's ``pseudo.image_prototypes``) the CAMs are mixed with
   the image's own-prototype CAMs (``engine.pseudo.image_prototypes``: prototypes from the label-settled pixels
-  and the surest CAM decisions) and the argmax taken again; then gland takes the holes it encloses (lumens;
+  and the surest CAM decisions; ``--image-prototype-k`` 2 per class, as the GlaS specs) and the argmax taken
+  again; then gland takes the holes it encloses (lumens;
   ``--fill-holes``, the GlaS specs' ``pseudo.fill_holes``; before it, with ``--crf``, a dense CRF over the
   whole image decides among the allowed classes, ``engine.pseudo.crf.canvas_crf``, as ``pseudo.crf``); scored against the train masks (gland = 1, non-gland = 2, one confusion matrix, 2-class mIoU);
   stage 2 then does not learn from the least sure ``--ignore-uncertain`` of each image's CAM-decided pixels
@@ -645,7 +646,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--image-prototype-k",
         type=int,
-        default=1,
+        default=2,
         help="prototypes per class and image (pseudo.image_prototype_k; cosine K-means of the seeds)",
     )
     g.add_argument("--crf", action="store_true",
