@@ -37,11 +37,7 @@ def _two_feature_tile() -> tuple[np.ndarray, np.ndarray]:
     surest 70 % of these CAM-decided pixels are the first six columns."""
     feat = np.zeros((3, 4, 4), np.float32)
     feat[0, :, :2], feat[1, :, 2:] = 1.0, 1.0
-    cam = np.zeros((2, 8, 8), np.float32)
-    cam[0, :, :4], cam[1, :, :4] = 0.95, 0.05
-    cam[0, :, 4:6], cam[1, :, 4:6] = 0.2, 0.8
-    cam[0, :, 6:], cam[1, :, 6:] = 0.55, 0.45
-    return cam, feat
+    return _column_cam({4: 0.95, 6: 0.2, 8: 0.55}), feat
 
 
 def test_prototypes_of_the_slide_overrule_a_narrow_cam_decision_its_features_contradict():
@@ -61,6 +57,16 @@ def test_prototypes_of_the_slide_overrule_a_narrow_cam_decision_its_features_con
     np.testing.assert_allclose(mixed[0], 0.5 * cam + 0.5 * cams[0], atol=1e-6)
 
 
+def _column_cam(spans: dict[int, float]) -> np.ndarray:
+    """An 8-px tile's two-class CAM in vertical bands: ``{end column: class-1 score}``, class 2 the rest."""
+    cam = np.zeros((2, 8, 8), np.float32)
+    start = 0
+    for end, p in spans.items():
+        cam[0, :, start:end], cam[1, :, start:end] = p, 1.0 - p
+        start = end
+    return cam
+
+
 def _two_mode_tile() -> tuple[np.ndarray, np.ndarray]:
     """An 8-px tile whose class 2 has two looks. Its CAMs call columns 0-1 class 1 surely, columns 2-5 class 2
     less surely, and columns 6-7 class 1 narrowly (the surest 70 %: the first six columns). Feature columns
@@ -70,11 +76,7 @@ def _two_mode_tile() -> tuple[np.ndarray, np.ndarray]:
     feat = np.zeros((3, 4, 4), np.float32)
     feat[0, :, 0] = 1.0
     feat[:2, :, 1], feat[:2, :, 2], feat[:2, :, 3] = [[0.8], [0.6]], [[-0.8], [0.6]], [[0.8], [0.6]]
-    cam = np.zeros((2, 8, 8), np.float32)
-    cam[0, :, :2], cam[1, :, :2] = 0.95, 0.05
-    cam[0, :, 2:6], cam[1, :, 2:6] = 0.2, 0.8
-    cam[0, :, 6:], cam[1, :, 6:] = 0.55, 0.45
-    return cam, feat
+    return _column_cam({2: 0.95, 6: 0.2, 8: 0.55}), feat
 
 
 def test_a_class_with_two_looks_gets_a_prototype_for_each():
