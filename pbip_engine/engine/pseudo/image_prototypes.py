@@ -107,7 +107,8 @@ def _centres(cells: list[tuple[np.ndarray, np.ndarray]], c: int, count: int, k: 
 
     rng = np.random.default_rng(0)  # fixed: the same slide and seeds always give the same prototypes
     keep = KMEANS_CELLS / count
-    x = np.concatenate([flat[(s == c) & (rng.random(len(s)) < keep)] for flat, s in cells]).astype(np.float32)
+    picks = [(s == c) if keep >= 1 else (s == c) & (rng.random(len(s)) < keep) for _, s in cells]
+    x = np.concatenate([flat[p] for (flat, _), p in zip(cells, picks, strict=True)]).astype(np.float32)
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     m = max(1, min(k, len(x) // MIN_SEED_CELLS))
     centres, _ = cosine_kmeans(x, m, seed=0, n_init=1)
@@ -153,7 +154,7 @@ def image_prototype_cams(
     their margins; ``labels``: multi-hot ``T,N``; ``k``: prototypes per class (:func:`slide_prototypes`). Returns
     the new CAMs and whether they changed (False: a listed class had too few seeds, and the cohort CAMs stand)."""
     seeds = seed_masks(masks, margins, fraction)
-    listed = [k + 1 for k in np.flatnonzero(np.asarray(labels).max(0) > 0.5)]
+    listed = [c + 1 for c in np.flatnonzero(np.asarray(labels).max(0) > 0.5)]  # not k: that is the count
     protos = slide_prototypes(features, seeds, listed, np.asarray(labels).shape[1], k)
     if protos is None:
         return list(cams), False
