@@ -37,6 +37,15 @@ def test_plf_reference_options_range_and_max_confidence():
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_confidence_none_is_oeems_loss_weight_alone():
+    # OEEM: the spatial softmax of -CE over its mean, no confidence factor; pixel 2 (50 / 50) still teaches
+    expected = (CE1 * (W1 / 0.5) + CE2 * (W2 / 0.5)) / 2
+    got = plf_loss(LOGITS, MASK, confidence="none")
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    assert got.item() > plf_loss(LOGITS, MASK).item()
+    assert stage2_loss("plf", {"confidence": "none"})(LOGITS, MASK).item() == pytest.approx(got.item())
+
+
 def test_a_one_class_image_keeps_the_plain_cross_entropy():
     mask = torch.tensor([[[1, 1]]])
     plain = F.cross_entropy(LOGITS, mask)

@@ -304,9 +304,10 @@ class PlfOptions(_Section):
         "mean",
         description="divide the spatial softmax of -CE by its mean (paper) or max-min (wsss_gland code)",
     )
-    confidence: Literal["max_minus_min", "max"] = Field(
+    confidence: Literal["max_minus_min", "max", "none"] = Field(
         "max_minus_min",
-        description="pixel confidence: max-min of the class softmax (paper) or its max (code)",
+        description="pixel confidence: max-min of the class softmax (paper) or its max (code); none = the "
+        "loss weight alone (OEEM's loss, which PLF extends)",
     )
 
 

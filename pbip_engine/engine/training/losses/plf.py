@@ -6,7 +6,8 @@ Per image with more than one class in its label map, every labelled pixel's cros
   (the paper, following OEEM) or by its max - min (``normalize="range"``, the wsss_gland code), so easy
   pixels (low loss, likely clean) count more than hard ones (likely noise);
 * a confidence: max - min of the class softmax at that pixel (the paper; ``confidence="max"``: the top
-  probability only, as in the code), so pixels the network is sure about count more.
+  probability only, as in the code), so pixels the network is sure about count more; ``confidence="none"``
+  keeps the loss weight alone, which is OEEM's loss (Li et al., MICCAI 2022), the one PLF was derived from.
 
 Both weights are detached: they choose which pixels teach, they are not optimised. Images with a single
 class keep weight 1 (filtering inside a one-class image would only add noise). Ignored pixels
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from pbip_engine.engine.metrics import IGNORE_INDEX
 
 Normalize = Literal["mean", "range"]
-Confidence = Literal["max_minus_min", "max"]
+Confidence = Literal["max_minus_min", "max", "none"]
 
 
 def plf_weights(
@@ -48,9 +49,9 @@ def plf_weights(
             hi = w.masked_fill(~valid, float("-inf")).amax(1, keepdim=True)
             lo = w.masked_fill(~valid, float("inf")).amin(1, keepdim=True)
             w = w / (hi - lo).clamp_min(1e-12)
-        prob = torch.softmax(logits.detach().float(), 1).flatten(2)  # B,N,P
-        conf = prob.amax(1) - prob.amin(1) if confidence == "max_minus_min" else prob.amax(1)
-        w = w * conf
+        if confidence != "none":
+            prob = torch.softmax(logits.detach().float(), 1).flatten(2)  # B,N,P
+            w = w * (prob.amax(1) - prob.amin(1) if confidence == "max_minus_min" else prob.amax(1))
         multi = torch.tensor([int(torch.unique(m[m != ignore_index]).numel()) > 1 for m in mask],
                              device=w.device)  # fmt: skip
         w = torch.where(multi[:, None], w, torch.ones_like(w))
