@@ -242,7 +242,9 @@ def test_deeplab_fit_local_checkpoints_resume_and_reload(tmp_path):
     torch.manual_seed(0)
     imgs, masks = _toy_batches(n=4, size=16)
     model = build_segmenter("deeplabv2", 3, pretrained=False, output_stride=16)
-    cfg = LoopConfig(epochs=2, lr=2.5e-4, optimizer="sgd", weight_decay=5e-4, schedule="poly", amp=False)
+    cfg = LoopConfig(
+        epochs=2, lr=2.5e-4, optimizer="sgd", weight_decay=5e-4, schedule="poly", amp=False, grad_clip=1.0
+    )
     train = lambda e: iter_minibatches(imgs, masks, 2, seed=e)  # noqa: E731
     val = lambda e: iter_minibatches(imgs, masks, 4, shuffle=False)  # noqa: E731
     res = fit_local(SegmentationTask(model), train, cfg, tmp_path, val_data=val, log_fn=None)
