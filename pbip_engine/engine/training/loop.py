@@ -263,6 +263,7 @@ class Trainer:
             if self.ema is not None:
                 self.ema.steps_per_epoch = steps_per_epoch
             stats = self.train_epoch(_epoch_batches(train_data, epoch), epoch, step, total)
+            self._check_finite(epoch)
             step += int(stats["steps"])
             steps_per_epoch = steps_per_epoch or int(stats["steps"]) or None
             record: dict[str, Any] = {"epoch": epoch, "step": step, "start_epoch": start,
@@ -287,6 +288,23 @@ class Trainer:
                     msg += f", val score {record['val_score']:.4f} (best {best:.4f})"
                 self.log_fn(msg)
         return history
+
+    def _check_finite(self, epoch: int) -> None:
+        """Refuse to checkpoint weights an epoch's last step made NaN/inf.
+
+        The loss check sees a step's input weights, not its output, so a final step that diverges would
+        otherwise be saved as ``last.pt``/``best.pt`` and only fail when a resumed run or a reader uses it.
+        """
+        nets = [("weights", unwrap(self.task.model))]
+        if self.ema is not None:
+            nets.append(("averaged weights", self.ema.module))
+        for what, net in nets:
+            for name, t in [*net.named_parameters(), *net.named_buffers()]:
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise TrainingError(
+                        f"non-finite {what} after epoch {epoch} (first: {name}); not checkpointed. "
+                        "Lower the learning rate or set grad_clip"
+                    )
 
     def _evaluate(self, batches: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         """The task's validation, of the weight average when there is one (the model the checkpoint ships)."""
