@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+from typing import get_args
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pbip_engine.engine.metrics import IGNORE_INDEX
-from pbip_engine.engine.training.losses import stage2_loss
-from pbip_engine.engine.training.losses.plf import plf_loss
-from pbip_engine.schemas.spec import SpecError, parse_spec
+from pbip_engine.engine.training.losses import STAGE2_LOSSES, stage2_loss
+from pbip_engine.engine.training.losses.plf import Confidence, Normalize, plf_loss
+from pbip_engine.schemas.spec import PlfOptions, SegmenterSection, SpecError, parse_spec
 
 # One image, two pixels side by side: pixel 1 is class 0 with logits (2, 0), pixel 2 class 1 with (0, 0).
 LOGITS = torch.tensor([[[[2.0, 0.0]], [[0.0, 0.0]]]])  # B=1, N=2, H=1, W=2
@@ -119,3 +121,14 @@ def test_the_segmenter_stage_picks_the_spec_loss_or_the_methods_default(tmp_path
     out = task(x)
     expected = plf_loss(model(x["image"]), x["mask"])
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_the_spec_offers_exactly_the_losses_and_plf_options_the_engine_takes():
+    # The spec repeats the Literals rather than importing them: plf.py imports torch, the spec must not.
+    losses = SegmenterSection.model_fields["loss"].annotation  # Literal[...] | None
+    assert {a for t in get_args(losses) for a in get_args(t)} == set(STAGE2_LOSSES)
+    fields = PlfOptions.model_fields
+    assert set(get_args(fields["confidence"].annotation)) == set(get_args(Confidence))
+    assert set(get_args(fields["normalize"].annotation)) == set(get_args(Normalize))
+    for name in ("confidence", "normalize"):  # the spec's default is the loss's default
+        assert fields[name].default == inspect.signature(plf_loss).parameters[name].default
