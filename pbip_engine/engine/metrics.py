@@ -1,4 +1,4 @@
-"""Segmentation metrics from ONE confusion matrix per split (as every reference repo does, METHODS.md §8).
+"""Segmentation metrics from ONE confusion matrix per split (as PBIP, TPRO and WSSS-Tissue's code do).
 
 Labels follow the project convention: 0 = background / not tissue, k = tissue class k (1..N). Truth
 values above N (e.g. 255) are "ignore" pixels and never counted. A predicted ``IGNORE_INDEX`` (a pseudo

@@ -72,7 +72,7 @@ BCSS_PALETTE: list[tuple[int, int, int]] = [
     (153, 0, 255),
     (255, 255, 255),
 ]
-"""BCSS-WSSS mask palette: indices 0 TUM, 1 STR, 2 LYM, 3 NEC, 4 BACK (METHODS.md section 1.3)."""
+"""BCSS-WSSS mask palette: indices 0 TUM, 1 STR, 2 LYM, 3 NEC, 4 BACK (as the MLPS and PBIP code store them)."""
 
 _MASK64 = (1 << 64) - 1
 _C1 = np.uint64(0x9E3779B97F4A7C15)

@@ -1,6 +1,6 @@
 """``segment`` stage and ``pbip-engine segment``: whole-slide inference on an autoscaling actor pool.
 
-Per slide: tissue tiles at the model's µm/px with overlap -> ``TileReader`` tasks -> ``SegmentPredictor``
+Per slide: tissue tiles at the model's µm/px with overlap -> ``TileReader`` actors -> ``SegmentPredictor``
 actors (``concurrency=(min, max)``, GPUs per actor when asked) -> logits streamed back and blended into
 a chunked on-disk canvas -> OME-TIFF label pyramid, QuPath GeoJSON and overlay, each written to a temp
 name and renamed. Memory is bounded by the tiles in flight, never by the slide.

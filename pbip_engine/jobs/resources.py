@@ -77,7 +77,10 @@ def actor_pool_options(res: ResourcesSection) -> dict[str, Any]:
 
 
 def scaling_config(res: ResourcesSection):
-    """Ray Train ``ScalingConfig``: fixed ``workers``, or elastic (min, max) when autoscale asks for it."""
+    """Ray Train ``ScalingConfig``: ``workers`` fixed workers, each reserving its CPUs (and GPUs).
+
+    ``autoscale`` sizes only the inference actor pools; a training run keeps its workers.
+    """
     from ray.train import ScalingConfig
 
     per_worker: dict[str, float] = {"CPU": fit_cpus(res.cpus_per_worker)}

@@ -1,4 +1,5 @@
-"""``segmenter`` stage: stage 2 of every method, a segmenter trained on the pseudo masks with Ray Train DDP."""
+"""``segmenter`` stage: stage 2 of every method, a segmenter trained on the pseudo masks (or
+the method's own labels, e.g. mpamatch's) with Ray Train DDP."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Stage-2 segmenters: DeepLab-v2 (the paper's "unmodified Deeplab-v2") and DeepLab-v3+ on timm backbones.
 
 PBIP trains a fully supervised segmenter on the stage-1 pseudo masks (paper §4, "an unmodified
-Deeplab-v2 model"); the public code has no stage 2 (METHODS.md §2.5). Both heads here follow the
+Deeplab-v2 model"); the public code (QingchenTang/PBIP @ 6d40540) has no stage 2. Both heads here follow the
 original papers:
 
 * DeepLab-v2 (Chen et al., TPAMI 2017): ASPP-L = four parallel 3x3 convolutions with dilation 6/12/18/24
@@ -9,7 +9,7 @@ original papers:
   setting; 16 is allowed for speed).
 * DeepLab-v3+ (Chen et al., ECCV 2018): ASPP (1x1, three atrous 3x3 at 6/12/18 for OS 16, doubled for
   OS 8, image pooling) -> 1x1 projection, then a decoder fusing the stride-4 features (48-channel 1x1)
-  with two 3x3 convolutions. This is the MLPS/WSSS-Tissue stage 2 (METHODS.md §6.3). The paper makes the
+  with two 3x3 convolutions. This is the MLPS stage 2 (ChuHan89/WSSS-Tissue @ f006972). The paper makes the
   atrous and decoder 3x3 convolutions depthwise separable (its §3.2; mmsegmentation's
   ``DepthwiseSeparableASPPHead``, smp's ``DeepLabV3Plus``): ``separable=True``, the default. The dense
   variant (``separable=False``, checkpoints from before the option) spends ~70 % of a 192-px training

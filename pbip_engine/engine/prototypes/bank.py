@@ -5,7 +5,7 @@ Paper recipe, implemented as the default:
   2. cosine K-means within the class (K sub-classes);
   3. per sub-class, the N_K tiles nearest the centre; prototype = their mean feature (renormalised).
 The public code instead used the renormalised centroid of *all* members (``prototype="centroid"``) and
-never built the bank selection (METHODS.md §2.1). A stratified, seeded hold-out of single-label tiles is
+never built the bank selection (QingchenTang/PBIP @ 6d40540). A stratified, seeded hold-out of single-label tiles is
 kept out of the bank and used for a nearest-prototype zero-shot check of the bank's quality.
 
 Layout: ``prototypes`` is ``[sum(k), dim]`` float32, L2-normalised rows, class-major (class 0's K_0 rows,

@@ -3,7 +3,7 @@
 Fusion follows the reference inference path: upsample each level bilinearly, ReLU, min-max each class map
 of each image to [0, 1], weighted sum with weights normalised to sum 1 (so the fused map stays in [0, 1],
 which the ``power`` background rule assumes). Restricting to the image-level classes and choosing the
-background happen in ``cams_to_mask``. Background rules (METHODS.md §1.5):
+background happen in ``cams_to_mask``. Background rules (each reference codebase has its own):
 
 * ``none``   PBIP: argmax over the present classes only; background is never predicted (except on images
              with no positive label, which become all background).

@@ -1,6 +1,6 @@
 """The gland method's ``method:`` keys (spec), with the paper's defaults; the reference code's deviations as options.
 
-Where the public wsss_gland code (METHODS.md §4) differs from the paper:
+Where the public wsss_gland code (director87/wsss_gland @ deea66c) differs from the paper:
 
 * ``cca_mask_self: false``: its criss-cross attention does not mask the pixel's own position (CCNet does).
 * ``cam_relu: true``: its CAMs are ReLU'd before MPFP, so Eq. 9's negative term is always 0.

@@ -5,7 +5,7 @@
 * ``infonce_losses``:  l_fg + l_bg of the mask refiner (InfoNCE, one shared temperature)
 
 The public code's diversity loss has two bugs that these functions are written (and tested) against
-(``METHODS.md`` §3.3): it applied a second softmax to distributions that already summed to one, which
+(tom1209-netizen/LPD @ b241f83): it applied a second softmax to distributions that already summed to one, which
 makes exp(-J) a constant ~1 with no gradient, and it compared class c's prototypes with the pixels of
 class c - 1 (its pseudo mask had background at index 0). Here there is one softmax, and ``regions`` is
 indexed by the same class index as the prototypes (``proto_class``), with no background channel.

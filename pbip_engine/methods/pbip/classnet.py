@@ -45,7 +45,7 @@ POOLINGS = ("gap", "competitive")  # image logits from the CAMs: Eq. 4 or classe
 VARIANTS: dict[str, dict[str, Any]] = {
     # The paper (CVPR 2025, §3.3-3.5, §4.1). These are the ClassNetConfig defaults.
     "paper": {},
-    # The public code (QingchenTang/PBIP @ 6d40540, METHODS.md §2.2-2.4) where it differs from the paper:
+    # The public code (QingchenTang/PBIP @ 6d40540) where it differs from the paper:
     #   merge_eval      softmax-weighted 'max' over the K sub-classes at val/test (mean in training)
     #   normalize_prototypes   only pixel features are L2-normalised, projected prototypes are not
     #   levels/level_weights   4 levels with BCE weights 0 / 0.1 / 1 / 1
@@ -474,7 +474,7 @@ def classnet_step(
     """One forward of Eq. 6: ``alpha * L_CLS + beta * (theta1 * L_FGS + theta2 * L_BGS)``.
 
     ``batch``: ``image`` float [B,3,H,W] normalised with ``cfg.mean/std``, ``labels`` [B,N] multi-hot, both on
-    the model's device. The caller runs backward (and AMP autocast, see ``train_classnet``). ``model`` may be
+    the model's device. The caller runs backward (and AMP autocast: ``engine.training.loop.Trainer``). ``model`` may be
     DDP-wrapped: it is called through the wrapper, and only buffers are read from the inner module.
     """
     net = unwrap(model)
@@ -524,7 +524,7 @@ def classnet_step(
 
 
 def load_prototypes_from_bank(bank_dir: str | Path) -> tuple[torch.Tensor, list[int], list[str]]:
-    """(prototypes [sum K, d], k_list, class_names) of a saved ``engine.bank.Bank``."""
+    """(prototypes [sum K, d], k_list, class_names) of a saved ``engine.prototypes.bank.Bank``."""
     from pbip_engine.engine.prototypes.bank import Bank  # another engineer's module; imported lazily
 
     bank = Bank.load(bank_dir)

@@ -1,4 +1,8 @@
-"""PBIP's ``method:`` keys (spec), with the paper's defaults; ``VARIANTS`` in ``classnet`` lists the reference code's."""
+"""PBIP's ``method:`` keys (spec), with the paper's defaults; ``VARIANTS`` in ``classnet`` lists the reference code's.
+
+Some of those variants' settings (``sim_loss``, ``normalize_prototypes``, ``level_weights``, ``fuse_weights``,
+``cam_penalty``) are not spec keys: they are reached through ``ClassNetConfig.from_variant`` only.
+"""
 
 from __future__ import annotations
 

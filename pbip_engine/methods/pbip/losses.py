@@ -7,7 +7,7 @@
 * ``similarity_losses``:   L_FGS (Eq. 9-10), L_BGS (Eq. 11-12); L_SIM = theta1*L_FGS + theta2*L_BGS (Eq. 13)
 
 The reference code's variants (per-image threshold, batch-summed InfoNCE with tau = 0.07) are options
-here; ``models.classnet.VARIANTS`` is the one place that lists which option is whose.
+here; ``methods.pbip.classnet.VARIANTS`` is the one place that lists which option is whose.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ next stage (HF/original merge at the end of stage i, timm at the start of stage 
 concatenation order is the same in both).
 
 Code-faithful option: the public PBIP code never loaded MedCLIP weights (ImageNet Swin + random projection,
-METHODS.md §2.1). ``random_projection_seed=s`` reproduces that *kind* of model from an explicit Swin checkpoint;
+QingchenTang/PBIP @ 6d40540). ``random_projection_seed=s`` reproduces that *kind* of model from an explicit Swin checkpoint;
 the exact projection of the shipped bank cannot be reproduced (it depends on the global RNG stream).
 """
 
@@ -35,7 +35,7 @@ PROJ_KEY = "projection_head.weight"
 # MedCLIP's constants.IMG_MEAN / IMG_STD (grey chest X-ray statistics, repeated over RGB)
 MEDCLIP_MEAN = (0.5862785803043838,) * 3
 MEDCLIP_STD = (0.27950088968644304,) * 3
-# BCSS-WSSS statistics as the PBIP code applies them: to cv2 BGR images (METHODS.md §1.4)
+# BCSS-WSSS statistics as the PBIP code applies them: to cv2 BGR images (QingchenTang/PBIP @ 6d40540)
 BCSS_MEAN_BGR = (0.66791496, 0.47791372, 0.70623304)
 BCSS_STD_BGR = (0.1736589, 0.22564577, 0.19820057)
 

@@ -78,7 +78,7 @@ _BRACKET = re.compile(r"\[([0-9 ]+)\]")
 def parse_filename_labels(name: str, n_classes: int) -> np.ndarray:
     """Multi-hot labels from a file *name* (never a path): ``...[1100].png`` or ``...-[1 0 0 1].png``.
 
-    BCSS-WSSS writes the digits without separators, LUAD-HistoSeg with spaces (METHODS.md §1.2); the last
+    BCSS-WSSS writes the digits without separators, LUAD-HistoSeg with spaces (as the MLPS, TPRO and PBIP loaders parse them); the last
     bracket group of the name is used, so brackets elsewhere in a name are harmless.
     """
     base = Path(name).name

@@ -1,9 +1,9 @@
 """BCSS-WSSS and LUAD-HistoSeg (Han et al., MLPS) folder datasets, remapped to the project's mask convention.
 
-Layouts accepted (METHODS.md §1.1): ``train/*.png`` (PBIP) or ``train/img/*.png`` (TPRO), and
+Layouts accepted (those of the PBIP and TPRO loaders): ``train/*.png`` (PBIP) or ``train/img/*.png`` (TPRO), and
 ``{valid|val|test}/{img,mask}/*.png`` with image and mask sharing a basename. ``root`` may be the dataset
-folder itself or its parent. Training labels come from the file name (both §1.2 formats); val/test labels
-are derived from the mask (the "oracle" image labels PBIP/TPRO evaluate with). Raw masks are palettised
+folder itself or its parent. Training labels come from the file name (both formats,
+``parse_filename_labels``); val/test labels are derived from the mask (the "oracle" image labels PBIP/TPRO evaluate with). Raw masks are palettised
 with index 4 = background; we map raw k -> k+1 and 4 -> 0, so 0 = background and class k = ``CLASSES[k-1]``.
 """
 
@@ -34,7 +34,7 @@ def _bgr_to_rgb(stats: tuple[float, float, float]) -> tuple[float, float, float]
 class _WSSSFolderDataset:
     CLASSES: tuple[str, ...] = ()
     DIR_NAME = ""
-    # TPRO/PBIP statistics were computed on cv2 BGR images (METHODS.md §1.4); exposed here in RGB order.
+    # TPRO/PBIP statistics were computed on cv2 BGR images (zhangst431/TPRO, QingchenTang/PBIP); exposed here in RGB order.
     MEAN_RGB: tuple[float, float, float] = IMAGENET_MEAN
     STD_RGB: tuple[float, float, float] = IMAGENET_STD
 
