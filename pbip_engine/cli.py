@@ -181,7 +181,7 @@ def _with_run_options(f):
 @_with_run_options
 def run(spec: str, stages: str | None, address: str | None, force: str | None, verbose: bool) -> None:
     """Run the pipeline (or some stages) of SPEC; finished stages are skipped."""
-    sys.exit(_run(_load(spec), split_names(stages), split_names(force) or [], address, verbose))
+    sys.exit(_run(_load(spec), split_names(stages), split_names(force, "--force") or [], address, verbose))
 
 
 def _stage_command(stage: str, help_text: str, name: str | None = None):
@@ -189,7 +189,7 @@ def _stage_command(stage: str, help_text: str, name: str | None = None):
     @click.argument("spec", type=click.Path())
     @_with_run_options
     def _cmd(spec: str, address: str | None, force: str | None, verbose: bool) -> None:
-        sys.exit(_run(_load(spec), [stage], split_names(force) or [], address, verbose))
+        sys.exit(_run(_load(spec), [stage], split_names(force, "--force") or [], address, verbose))
 
     return _cmd
 

@@ -33,9 +33,17 @@ def _token_option(f):
     )(f)
 
 
-def split_names(value: str | None) -> list[str] | None:
-    """``--stages tile,embed`` -> ``["tile", "embed"]``; nothing given -> None, which means every stage."""
-    return [s.strip() for s in value.split(",") if s.strip()] if value else None
+def split_names(value: str | None, option: str = "--stages") -> list[str] | None:
+    """``--stages tile,embed`` -> ``["tile", "embed"]``; nothing given -> None, which means every stage.
+
+    A value with no name in it (``--stages ,``) is refused: read as "nothing given" it ran every stage.
+    """
+    if value is None:
+        return None
+    names = [s.strip() for s in value.split(",") if s.strip()]
+    if not names:
+        raise click.UsageError(f"{option}: no stage name in {value!r}; give names like tile,embed")
+    return names
 
 
 def _guard(fn, *args, **kwargs):
@@ -114,7 +122,7 @@ def submit(
         runtime_env_file=runtime_env,
         working_dir=working_dir,
         stages=split_names(stages),
-        force=split_names(force),
+        force=split_names(force, "--force"),
         allow_local_output=allow_local_output,
         remote=True if remote else None,
         token_file=token_file,

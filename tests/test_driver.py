@@ -116,6 +116,21 @@ def test_cli_run_exit_codes(spec_path: Path) -> None:
     assert bad.exit_code != 0 and "unknown stage" in bad.output
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--stages", ","], "--stages: no stage name in ','"),  # read as "nothing given", it ran every stage
+        (["--stages", "synth", "--force", "synthh"], "--force: unknown stage(s) ['synthh']"),  # was ignored
+        (["--stages", "synth", "--force", " , "], "--force: no stage name"),
+    ],
+)
+def test_cli_run_refuses_empty_or_unknown_stage_names(spec_path: Path, args: list[str], message: str) -> None:
+    r = CliRunner().invoke(main, ["run", str(spec_path), *args])
+    assert r.exit_code != 0 and message in r.output, r.output
+    assert "Traceback" not in r.output
+    assert not (Path(load_spec(spec_path).run.output) / "synth").exists()  # nothing ran
+
+
 def test_temp_files_of_interrupted_writes_are_dropped(tmp_path: Path) -> None:
     """Only the atomic writers' ``.pbip-tmp/`` folders are swept: a user's file named like a temp file
     (issue 20 item 2: a slide ``.tmp-scan.svs`` had its outputs deleted) stays."""

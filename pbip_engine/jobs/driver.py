@@ -73,9 +73,11 @@ def check_upstream(spec: JobSpec, stages: Sequence[Stage], out: Path) -> None:
 
 def select_stages(spec: JobSpec, only: Sequence[str] | None) -> list[Stage]:
     stages = [s for s in all_stages() if s.enabled(spec)]
-    if not only:
+    if only is None:
         return stages
     known = {s.name for s in all_stages()}
+    if not only:
+        raise SpecError(f"--stages: no stage named; stages are {sorted(known)}")
     unknown = [n for n in only if n not in known]
     if unknown:
         raise SpecError(f"--stages: unknown stage(s) {unknown}; stages are {sorted(known)}")
@@ -126,6 +128,11 @@ def run_pipeline(
     stages = select_stages(spec, only)
     check_upstream(spec, stages, Path(spec.run.output))
     force_set = set(force)
+    known = {s.name for s in all_stages()}
+    if force_set - known - {"all"}:
+        raise SpecError(
+            f"--force: unknown stage(s) {sorted(force_set - known - {'all'})}; stages are {sorted(known)} or 'all'"
+        )
     if "all" in force_set:
         force_set = {s.name for s in stages}
     out = Path(spec.run.output)
