@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -237,12 +238,14 @@ def segment(model_dir: str, slides: str | None, images: str | None, mpp: float |
         raise click.ClickException("give exactly one of --slides or --images")
     if images and mpp is None:
         raise click.ClickException("--images needs --mpp (plain images carry no physical pixel size)")
+    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+        raise click.ClickException(f"--mpp: µm/px must be a number > 0, got {mpp}")
     try:
         scales = tuple(float(v) for v in tta_scales.split(",") if v.strip())
     except ValueError:
         raise click.ClickException(f"--tta-scales: comma-separated numbers, got {tta_scales!r}") from None
-    if not scales or min(scales) <= 0:
-        raise click.ClickException(f"--tta-scales: scales must be > 0, got {tta_scales!r}")
+    if not scales or not all(math.isfinite(v) and v > 0 for v in scales):
+        raise click.ClickException(f"--tta-scales: scales must be finite numbers > 0, got {tta_scales!r}")
     tta_arg = (scales if scales != (1.0,) else True) if tta else False
     try:
         key = "--slides" if slides else "--images"

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from wsi_synth import write_pyramid
 
 from pbip_engine.cli import main
@@ -443,3 +443,72 @@ def test_evaluate_matches_segment_outputs_to_truths_by_slide_id(tmp_path: Path) 
     r = CliRunner().invoke(main, ["evaluate", "--pred", str(tmp_path / "p"), "--truth", str(tmp_path / "t"),
                                   "--classes", "1", "--ignore-background"])  # fmt: skip
     assert r.exit_code == 0 and "mIoU 1.0000" in r.output, r.output
+
+
+def test_evaluate_scores_a_segment_output_folder_as_it_is(tmp_path: Path) -> None:
+    """``segment --out`` also holds each slide's RGB overlays; evaluate took them for a second mask of the
+    slide ("two masks share the stem") and the README's segment-then-evaluate workflow failed."""
+    import cv2
+    import tifffile
+
+    from pbip_engine.engine.inference.write import OUTPUT_SUFFIXES
+    from pbip_engine.engine.metrics import index_mask_dir
+
+    (tmp_path / "p").mkdir()
+    (tmp_path / "t").mkdir()
+    m = np.zeros((8, 8), np.uint8)
+    m[:4] = 1
+    rgb = np.full((8, 8, 3), 200, np.uint8)
+    tifffile.imwrite(tmp_path / "p" / f"x{OUTPUT_SUFFIXES['mask']}", m)
+    tifffile.imwrite(tmp_path / "p" / f"x{OUTPUT_SUFFIXES['overlay_tiff']}", rgb)
+    cv2.imwrite(str(tmp_path / "p" / f"x{OUTPUT_SUFFIXES['overlay']}"), rgb)
+    (tmp_path / "p" / f"x{OUTPUT_SUFFIXES['geojson']}").write_text("{}")
+    cv2.imwrite(str(tmp_path / "t" / "x.png"), m)
+    assert index_mask_dir(tmp_path / "p") == {"x": tmp_path / "p" / f"x{OUTPUT_SUFFIXES['mask']}"}
+    r = CliRunner().invoke(main, ["evaluate", "--pred", str(tmp_path / "p"), "--truth", str(tmp_path / "t"),
+                                  "--classes", "1", "--ignore-background"])  # fmt: skip
+    assert r.exit_code == 0 and "mIoU 1.0000" in r.output, r.output
+
+
+def test_evaluate_scales_a_full_resolution_truth_and_refuses_another_frame(tmp_path: Path) -> None:
+    """``segment`` writes masks at the model's µm/px (GlaS: half the JPEG's), so the README's GlaS workflow
+    gave "shape != truth"; a truth of the same frame at another scale is now resized like the run's scorer does,
+    and one of another aspect is still an error naming both files."""
+    import cv2
+
+    for d in ("p", "t", "t2"):
+        (tmp_path / d).mkdir()
+    pred = np.ones((26, 39), np.uint8)  # 775 x 522 at half resolution, rounded
+    pred[:13] = 2
+    cv2.imwrite(str(tmp_path / "p" / "x.png"), pred)
+    cv2.imwrite(str(tmp_path / "t" / "x.png"), cv2.resize(pred, (77, 52), interpolation=cv2.INTER_NEAREST))
+    cv2.imwrite(str(tmp_path / "t2" / "x.png"), np.ones((52, 52), np.uint8))
+
+    def evaluate(truth: str) -> Result:
+        return CliRunner().invoke(main, ["evaluate", "--pred", str(tmp_path / "p"), "--truth",
+                                         str(tmp_path / truth), "--classes", "2"])  # fmt: skip
+
+    ok = evaluate("t")
+    assert ok.exit_code == 0 and "mIoU 1.0000" in ok.output, ok.output
+    bad = evaluate("t2")
+    assert bad.exit_code == 1 and "x.png" in bad.output and "not the frame of truth" in bad.output, bad.output
+    assert "Traceback" not in bad.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--mpp", "0"], "--mpp: µm/px must be a number > 0"),
+        (["--mpp", "nan"], "--mpp: µm/px must be a number > 0"),
+        (["--mpp", "0.5", "--tta-scales", "1,nan"], "--tta-scales: scales must be finite numbers > 0"),
+        (["--mpp", "0.5", "--tta-scales", "inf"], "--tta-scales: scales must be finite numbers > 0"),
+    ],
+)
+def test_segment_refuses_a_bad_mpp_or_tta_scale_before_reading_anything(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    # Before: "--mpp 0" failed every image with a message about a spec key, and a NaN scale with an int64 overflow.
+    r = CliRunner().invoke(main, ["segment", "--model", str(tmp_path), "--images", str(tmp_path / "*.png"),
+                                  "--out", str(tmp_path / "o"), *args])  # fmt: skip
+    assert r.exit_code == 1 and message in r.output, r.output
+    assert not (tmp_path / "o").exists()

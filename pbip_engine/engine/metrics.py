@@ -39,6 +39,8 @@ MASK_SUFFIXES = (
     ".tiff",
     ".tif",
 )
+# What ``segment`` writes beside each mask that is not a mask: its RGB overlays (an RGB picture of the classes).
+NOT_MASK_SUFFIXES = (".overlay.png", ".overlay.ome.tif", ".overlay.ome.tiff")
 IGNORE_INDEX = 255  # in truth: not scored; in a prediction: no decision (an abstention, scored as a miss)
 
 
@@ -283,13 +285,36 @@ def read_mask(path: str | Path) -> np.ndarray:
     return arr
 
 
+def fit_truth(truth: np.ndarray, shape: tuple[int, ...], truth_path: Path, pred_path: Path) -> np.ndarray:
+    """The truth mask at the prediction's size (nearest), when it is the same frame at another µm/px.
+
+    ``segment`` writes masks at the model's µm/px, so a truth drawn on the full-resolution image is a whole
+    factor larger; a frame of another shape is another image and is refused. One prediction pixel of
+    rounding per side is allowed.
+    """
+    if truth.shape == tuple(shape):
+        return truth
+    (ph, pw), (th, tw) = shape[:2], truth.shape[:2]
+    sy, sx = th / max(ph, 1), tw / max(pw, 1)
+    if abs(pw * sy - tw) > sy + 1 or abs(ph * sx - th) > sx + 1:
+        raise MetricsError(
+            f"{pred_path}: shape {tuple(shape)} is not the frame of truth {truth_path} {truth.shape} at another "
+            f"scale (aspect {pw / max(ph, 1):.3f} vs {tw / max(th, 1):.3f}): not the same image?"
+        )
+    return cv2.resize(truth, (pw, ph), interpolation=cv2.INTER_NEAREST)
+
+
 def index_mask_dir(d: Path) -> dict[str, Path]:
-    """Mask files of a folder by stem (see :func:`mask_stem`); two files with one stem are an error."""
+    """Mask files of a folder by stem (see :func:`mask_stem`); two files with one stem are an error.
+
+    ``segment``'s overlays are skipped, so its output folder can be scored as it is.
+    """
     if not d.is_dir():
         raise MetricsError(f"mask directory not found: {d}")
     out: dict[str, Path] = {}
     for f in sorted(d.iterdir()):
-        if f.is_file() and f.name.lower().endswith(MASK_SUFFIXES):
+        name = f.name.lower()
+        if f.is_file() and name.endswith(MASK_SUFFIXES) and not name.endswith(NOT_MASK_SUFFIXES):
             stem = mask_stem(f.name)
             if stem in out:
                 raise MetricsError(f"{d}: two masks share the stem {stem!r}: {out[stem].name}, {f.name}")
@@ -345,8 +370,7 @@ def evaluate_dirs(
                 p = lut[p]
             else:
                 t = lut[t]
-        if p.shape != t.shape:
-            raise MetricsError(f"{preds[stem]}: shape {p.shape} != truth {truths[stem]} shape {t.shape}")
+        t = fit_truth(t, p.shape, truths[stem], preds[stem])
         meter.update(p, t, name=str(preds[stem]))
     out = meter.compute()
     out["n_pairs"] = len(stems)
