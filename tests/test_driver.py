@@ -95,6 +95,26 @@ def test_stage_that_raises_leaves_no_output_and_a_failed_manifest(
     assert json.loads((out / "run.json").read_text())["stages"]["synth"]["status"] == "failed"
 
 
+def test_a_failed_unit_is_reported_with_its_message_not_only_its_reason_code(
+    spec_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A slide with a bad annotation showed as {'synth_000': 'labels'}; the file and the cause were only in state/.
+    from pbip_engine.jobs.stage import StageResult
+
+    why = "/x/synth_000.geojson: unknown annotation class name(s) ['lymphocytes']"
+    units = {"synth_000": {"status": "failed", "reason": "labels", "message": why},
+             "synth_001": {"status": "failed", "reason": "unreadable"},
+             "synth_002": {"status": "done"}}  # fmt: skip
+    monkeypatch.setattr(SynthStage, "run", lambda self, ctx: StageResult(units=units))
+    lines: list[str] = []
+    spec = load_spec(spec_path)
+    summary = run_pipeline(spec, only=["synth"], log=lines.append, progress=False)
+    assert summary.stages["synth"]["failed_units"] == {"synth_000": why, "synth_001": "unreadable"}
+    run = json.loads((Path(spec.run.output) / "run.json").read_text())
+    assert run["stages"]["synth"]["failed_units"]["synth_000"] == why
+    assert any(why in line for line in lines), lines
+
+
 def test_exit_code_counts_only_this_runs_stages(spec_path: Path) -> None:
     spec = load_spec(spec_path)
     out = Path(spec.run.output)

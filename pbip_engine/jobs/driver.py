@@ -227,7 +227,11 @@ def run_pipeline(
             "status": result.status,
             "seconds": m["seconds"],
             "counts": result.counts,
-            "failed_units": {u: result.units[u].get("reason") for u in result.failed_units},
+            # the unit's text (file and cause) where it has one, not only its reason code ("labels")
+            "failed_units": {
+                u: result.units[u].get("message") or result.units[u].get("reason")
+                for u in result.failed_units
+            },
             "input_hash": h,
         }
         _write_run_json(out, spec, summary)

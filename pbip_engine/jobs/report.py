@@ -218,7 +218,7 @@ def _slides(
     for stage, m in manifests.items():
         for unit, u in (m.get("units") or {}).items():
             if isinstance(u, dict) and u.get("status") == "failed":
-                why = f"{stage}: {u.get('reason') or u.get('message') or 'failed'}"
+                why = f"{stage}: {u.get('message') or u.get('reason') or 'failed'}"  # as run.json has it
                 if why not in failed.get(unit, []):
                     failed.setdefault(unit, []).append(why)
     seg_units = (manifests.get("segment") or {}).get("units") or {}

@@ -171,7 +171,7 @@ class TileStage(Stage):
                         bar.set_postfix(tiles_per_s=f"{n_tiles / max(time.perf_counter() - t0, 1e-9):.0f}")
                         bar.update(1)
                         if rec["status"] == "failed":
-                            ctx.log(f"[tile] {sid} FAILED: {rec.get('reason')}")
+                            ctx.log(f"[tile] {sid} FAILED: {rec.get('message') or rec.get('reason')}")
 
         done = [u for u in units.values() if u["status"] == "done"]
         counts = {
