@@ -99,6 +99,17 @@ def test_not_a_mapping_and_bad_yaml(tmp_path: Path) -> None:
         load_spec(p)
 
 
+def test_bad_yaml_is_one_line_with_the_line_and_column(tmp_path: Path) -> None:
+    # str(e) of a YAML error spans four lines; shortened, it lost the line number and showed literal "\n"s.
+    p = tmp_path / "bad.yaml"
+    p.write_text("run: {name: a, output: b}\nclasses: [\n  : : :\n")
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    msg = str(e.value)
+    assert "\n" not in msg and "\\n" not in msg, msg
+    assert msg.startswith(f"{p}: not valid YAML: line 3, column 3: expected the node content"), msg
+
+
 def test_json_schema_covers_every_section() -> None:
     schema = json_schema()
     for section in (

@@ -33,7 +33,14 @@ from urllib.parse import urlparse
 
 import yaml
 
-from pbip_engine.schemas.spec import JobSpec, SpecError, check_inputs, check_output, load_spec
+from pbip_engine.schemas.spec import (
+    JobSpec,
+    SpecError,
+    check_inputs,
+    check_output,
+    load_spec,
+    yaml_error_line,
+)
 
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 CONNECT_TIMEOUT_S = 5.0
@@ -303,7 +310,7 @@ def _load_runtime_env_file(path: str | os.PathLike[str] | None) -> dict[str, Any
     except OSError as e:
         raise SubmitError(f"--runtime-env {str(p)!r}: cannot read: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise SubmitError(f"--runtime-env {str(p)!r}: not valid YAML/JSON: {e}") from None
+        raise SubmitError(f"--runtime-env {str(p)!r}: not valid YAML/JSON: {yaml_error_line(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

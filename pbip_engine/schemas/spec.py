@@ -808,10 +808,21 @@ def load_spec(path: str | Path) -> JobSpec:
     try:
         raw = safe_load_bounded(text, str(path))
     except yaml.YAMLError as e:
-        raise SpecError(f"{path}: not valid YAML: {short_repr(str(e), 400)}") from None
+        raise SpecError(f"{path}: not valid YAML: {yaml_error_line(e)}") from None
     except RecursionError:
         raise SpecError(f"{path}: the YAML is nested too deeply to be a job spec") from None
     return parse_spec(raw, path.parent, source=str(path))
+
+
+def yaml_error_line(e: yaml.YAMLError) -> str:
+    """``e`` on one line with the 1-based line and column of the problem (str(e) spans several lines)."""
+    problem = getattr(e, "problem", None)
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    if problem is None:
+        return " ".join(str(e).split())[:ECHO_MAX_CHARS]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    context = getattr(e, "context", None)
+    return where + problem + (f" ({context})" if context else "")
 
 
 def expand_slides(patterns: list[str], key: str = "data.slides") -> list[Path]:
