@@ -119,6 +119,28 @@ def test_alias_bomb_is_refused_quickly_with_a_short_message(tmp_path: Path) -> N
     assert r.exit_code == 1 and "expands to more than" in r.output and len(r.output) < 500, r.output[:500]
 
 
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("nonexistent_net", "unknown encoder 'nonexistent_net'; known: efficientnet_lite0"),
+        ("timm:resnet5000", "unknown timm model 'resnet5000'"),
+        ("open_clip:ViT-Q-99", "unknown OpenCLIP architecture 'ViT-Q-99'"),
+        ("nofamily:x", "unknown encoder 'nofamily:x'"),
+    ],
+)
+def test_validate_names_an_unknown_encoder(tmp_path: Path, name: str, says: str) -> None:
+    # It passed validation and the embed stage then died inside Ray with ActorDiedError fragments.
+    r = CliRunner().invoke(main, ["validate", str(_spec(tmp_path, {**GOOD, "encoder": {"name": name}}))])
+    assert r.exit_code == 1 and r.output.startswith("Error: encoder.name: ") and says in r.output, r.output
+    assert r.output.count("\n") == 1
+
+
+def test_validate_accepts_registered_and_family_encoder_names(tmp_path: Path) -> None:
+    for good in ("efficientnet_lite0", "timm:resnet18", "open_clip:ViT-B-16"):
+        r = CliRunner().invoke(main, ["validate", str(_spec(tmp_path, {**GOOD, "encoder": {"name": good}}))])
+        assert r.exit_code == 0, (good, r.output)
+
+
 def test_errors_echo_a_bounded_part_of_the_bad_value(tmp_path: Path) -> None:
     nested = [[["x" * 1000] * 50] * 50] * 5  # 12 MB when printed whole
     raw = {**GOOD, "tiling": {"mpp": nested, "tile_pxx": "y" * 100_000}, "z" * 5000: 1}

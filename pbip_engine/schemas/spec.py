@@ -879,6 +879,12 @@ def check_inputs(spec: JobSpec) -> list[Path]:
             raise SpecError(
                 "pseudo.crf: true needs the optional package pydensecrf2 (pip install pydensecrf2)"
             )
+    from pbip_engine.engine.embed.encoders import EncoderError, check_encoder_name
+
+    try:
+        check_encoder_name(spec.encoder.name)
+    except EncoderError as e:
+        raise SpecError(f"encoder.name: {e}") from None
     slides = expand_slides(spec.data.slides) if spec.data.slides else []
     check_slide_ids(slides, "data.slides")
     if spec.segment.slides:

@@ -33,6 +33,7 @@ __all__ = [
     "Encoder",
     "EncoderError",
     "EncoderInfo",
+    "check_encoder_name",
     "create_encoder",
     "efficientnet_lite0_imagenet_state_dict",
     "encoder_id",
@@ -79,6 +80,30 @@ def _unknown(name: str) -> EncoderError:
         f"unknown encoder {name!r}; known: {', '.join(list_encoders())}, or the families "
         "'open_clip:<arch>' (e.g. open_clip:ViT-B-16) and 'timm:<name>' (e.g. timm:vit_large_patch16_224)"
     )
+
+
+def check_encoder_name(name: str) -> None:
+    """EncoderError unless ``name`` is registered or names a model of its family (nothing is built).
+
+    Run when a spec is validated: a misspelt name otherwise surfaced as a Ray actor's death in the embed stage.
+    """
+    if ":" not in name:
+        if name not in _REGISTRY:
+            raise _unknown(name)
+        return
+    family, _, arch = name.partition(":")
+    if family not in _FAMILIES or not arch:
+        raise _unknown(name)
+    if family == "timm":
+        import timm
+
+        if not timm.is_model(arch):
+            raise EncoderError(f"unknown timm model {arch!r} (see timm.list_models('*pattern*'))")
+    elif family == "open_clip" and not arch.startswith(("hf-hub:", "local-dir:")):
+        import open_clip
+
+        if arch not in open_clip.list_models():
+            raise EncoderError(f"unknown OpenCLIP architecture {arch!r} (see open_clip.list_models())")
 
 
 def create_encoder(name: str, checkpoint: str | Path | None = None, **kw: object) -> Encoder:
