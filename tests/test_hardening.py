@@ -141,6 +141,34 @@ def test_validate_accepts_registered_and_family_encoder_names(tmp_path: Path) ->
         assert r.exit_code == 0, (good, r.output)
 
 
+@pytest.mark.parametrize(
+    ("method", "says"),
+    [
+        (
+            {"name": "pbip", "levels": [2, 3, 9]},
+            "method.levels [2, 3, 9]: not feature levels of backbone 'efficientnet_lite0'",
+        ),
+        ({"name": "lpd", "levels": [3, 3]}, "method.levels [3, 3]: distinct feature levels"),
+        ({"name": "pbip", "backbone": "mit_b1", "levels": [0, 1]}, "mit_b1 has feature levels 1..4"),
+        ({"name": "lpd", "backbone": "resnet5000"}, "method.backbone: unknown backbone 'resnet5000'"),
+    ],
+)
+def test_validate_names_levels_the_backbone_does_not_have(tmp_path: Path, method: dict, says: str) -> None:
+    # They passed validation; stage 1 then failed inside each of Ray Train's attempts with an IndexError traceback.
+    r = CliRunner().invoke(main, ["validate", str(_spec(tmp_path, {**GOOD, "method": method}))])
+    assert r.exit_code == 1 and says in r.output and "Traceback" not in r.output, r.output
+
+
+@pytest.mark.parametrize(
+    "method",
+    [{"name": "pbip"}, {"name": "lpd", "levels": [1, 4]}, {"name": "pbip", "backbone": "mit_b1", "levels": [1, 2, 3, 4]},
+     {"name": "gland"}],
+)  # fmt: skip
+def test_validate_accepts_levels_the_backbone_has(tmp_path: Path, method: dict) -> None:
+    r = CliRunner().invoke(main, ["validate", str(_spec(tmp_path, {**GOOD, "method": method}))])
+    assert r.exit_code == 0, r.output
+
+
 def test_errors_echo_a_bounded_part_of_the_bad_value(tmp_path: Path) -> None:
     nested = [[["x" * 1000] * 50] * 50] * 5  # 12 MB when printed whole
     raw = {**GOOD, "tiling": {"mpp": nested, "tile_pxx": "y" * 100_000}, "z" * 5000: 1}

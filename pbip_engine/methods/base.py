@@ -11,6 +11,7 @@ models, and torch-heavy code is imported inside the methods' functions.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -256,4 +257,41 @@ class Method:
         return None
 
     def check_inputs(self, cfg: MethodConfig, spec: Any) -> None:
-        """Checks of the method's inputs that ``pbip-engine validate`` runs before anything (raise ValueError)."""
+        """Checks of the method's inputs that ``pbip-engine validate`` runs before anything (raise ValueError).
+
+        The default checks that ``method.levels`` are feature levels of ``method.backbone`` (for the methods
+        that have both): a level the backbone lacks failed inside every Ray Train attempt of stage 1.
+        """
+        backbone, levels = getattr(cfg, "backbone", None), getattr(cfg, "levels", None)
+        if isinstance(backbone, str) and levels:
+            check_backbone_levels(backbone, levels)
+
+
+def check_backbone_levels(backbone: str, levels: Sequence[int]) -> None:
+    """ValueError naming ``method.levels`` (or ``method.backbone``) unless ``backbone`` returns a feature map at
+    each of ``levels``.
+
+    The backbone is built on the meta device (no weights, no memory; tens of milliseconds). A backbone that
+    cannot be built there is not judged here: stage 1 builds it for real.
+    """
+    import torch
+
+    from pbip_engine.engine.nn.backbones import BackboneError, create_backbone
+
+    if len(set(levels)) != len(levels) or min(levels) < 0:
+        raise ValueError(f"method.levels {list(levels)}: distinct feature levels >= 0, e.g. [2, 3, 4]")
+    try:
+        with torch.device("meta"):
+            create_backbone(backbone, pretrained=False, out_indices=tuple(levels))
+    except (IndexError, AssertionError, BackboneError) as e:
+        why = str(e) or type(e).__name__
+        if "unknown backbone" in why:
+            raise ValueError(f"method.backbone: {why}") from None
+        raise ValueError(
+            f"method.levels {list(levels)}: not feature levels of backbone {backbone!r} ({why})"
+        ) from None
+    except RuntimeError as e:
+        if "Unknown model" in str(e):  # timm's words for a name it does not know
+            raise ValueError(
+                f"method.backbone: unknown backbone {backbone!r} (see timm.list_models())"
+            ) from None
