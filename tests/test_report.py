@@ -135,3 +135,9 @@ def test_report_command(tmp_path):
     assert res.exit_code == 1 and "no run.json" in res.output and "Traceback" not in res.output
     with pytest.raises(ReportError, match="empty"):
         build_report(tmp_path / "empty")
+    # A truncated run.json was reported as missing, and a list in it ended in an internal error.
+    for text in ('{"stages": {"tile": ', "[1, 2]", '{"stages": [1]}'):
+        (tmp_path / "empty" / "run.json").write_text(text)
+        res = CliRunner().invoke(main, ["report", str(tmp_path / "empty")])
+        assert res.exit_code == 1 and "run.json: unreadable or not a run summary" in res.output, res.output
+        assert "internal error" not in res.output and "Traceback" not in res.output

@@ -277,9 +277,14 @@ def build_report(run_dir: str | Path) -> Path:
     from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
     run_dir = Path(run_dir)
-    run = read_json(run_dir / "run.json")
-    if run is None:
+    if not (run_dir / "run.json").is_file():
         raise ReportError(f"{run_dir}: not a run directory (no run.json); run `pbip-engine run SPEC` first")
+    run = read_json(run_dir / "run.json")
+    if not isinstance(run, dict) or not isinstance(run.get("stages", {}), dict):
+        raise ReportError(
+            f"{run_dir / 'run.json'}: unreadable or not a run summary (a mapping with 'stages'); "
+            "re-run `pbip-engine run SPEC` to rewrite it"
+        )
     run_stages: dict[str, Any] = run.get("stages") or {}
     order = _stage_names(run_stages)
     manifests = {s: _manifest(run_dir, s) for s in order}

@@ -189,7 +189,7 @@ def preflight(address: str, token: str | None, timeout: float = CONNECT_TIMEOUT_
 
 def _short_reason(e: Exception) -> str:
     text = str(e)
-    for pat in (r"\[Errno -?\d+\] [^')\]]+", r"Connection refused", r"Name or service not known"):
+    for pat in (r"\[Errno -?\d+\] [^'\")\]]+", r"Connection refused", r"Name or service not known"):
         m = re.search(pat, text)
         if m:
             return m.group(0)
