@@ -685,8 +685,9 @@ def _format_errors(err: ValidationError, source: str, raw: dict[str, Any]) -> st
         if e["type"] == "extra_forbidden":
             msg = f"unknown key {short_repr(loc)} (not part of the spec; check the spelling)"
         else:
-            msg = f"{loc}: {e['msg']}"
-            if "input" in e and e["type"] != "missing":
+            msg = f"{loc}: {e['msg'].removeprefix('Value error, ')}"
+            # A section's own check names what is wrong; echoing the whole section (a dict) is only noise.
+            if "input" in e and e["type"] != "missing" and not isinstance(e["input"], dict):
                 msg += f" (got {short_repr(e['input'])})"
         lines.append(f"  - {msg if len(msg) <= 400 else msg[:397] + '...'}")
     if err.error_count() > MAX_ERRORS_SHOWN:
