@@ -302,6 +302,8 @@ def evaluate(
         f"mbIoU {res.get('mbiou', float('nan')):.4f}  (ignore_background={res['ignore_background']}, "
         f"{res.get('n_images')} images)"
     )
+    if res.get("unmatched_truth"):
+        click.echo(f"({len(res['unmatched_truth'])} truth masks have no prediction and were not scored)")
     if out:
         click.echo(f"wrote {out}")
 

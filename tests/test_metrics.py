@@ -153,6 +153,11 @@ def test_evaluate_dirs(tmp_path):
         evaluate_dirs(pred, truth, 2, ignore_background=False)
     r2 = evaluate_dirs(pred, truth, 2, ignore_background=True, allow_unmatched=True, truth_lut=[0, 2, 1])
     assert r2["unmatched_pred"] == ["c"] and r2["miou"] < r["miou"]
+    # A truth without a prediction (a folder of train and test masks) is listed, not an error.
+    (pred / "c.png").unlink()
+    _save_p(truth / "d.png", TRUTH)
+    r3 = evaluate_dirs(pred, truth, 2, ignore_background=False)
+    assert r3["n_pairs"] == 2 and r3["unmatched_truth"] == ["d"] and r3["miou"] == r["miou"]
 
 
 def test_undecided_predictions_are_misses_not_errors():

@@ -338,15 +338,15 @@ def evaluate_dirs(
 
     ``n_classes`` = tissue classes N (masks hold 0..N). ``truth_lut``/``pred_lut`` remap raw values first
     (e.g. GlaS truth {0: non-gland, 1: gland} -> ``[2, 1]``). Unpaired names are an error listing them,
-    unless ``allow_unmatched`` (then they are listed in the result).
+    unless ``allow_unmatched`` (then they are listed in the result). Truths without a prediction are only
+    listed (``unmatched_truth``): a truth folder usually holds more than one split (GlaS: train and testA).
     """
     preds, truths = index_mask_dir(Path(pred_dir)), index_mask_dir(Path(truth_dir))
     only_pred = sorted(set(preds) - set(truths))
     only_truth = sorted(set(truths) - set(preds))
-    if (only_pred or only_truth) and not allow_unmatched:
+    if only_pred and not allow_unmatched:
         raise MetricsError(
-            f"unpaired masks: {len(only_pred)} predictions without truth {only_pred[:10]}, "
-            f"{len(only_truth)} truths without prediction {only_truth[:10]} "
+            f"unpaired masks: {len(only_pred)} predictions without truth {only_pred[:10]} "
             f"(pred_dir={pred_dir}, truth_dir={truth_dir})"
         )
     meter = SegmentationMeter(
