@@ -21,6 +21,7 @@ from pbip_engine.engine.ingest.datasets import (
     parse_filename_labels,
     random_flip_rot,
 )
+from pbip_engine.engine.ingest.datasets.common import decode_rgb
 from pbip_engine.schemas.datasets import TILES
 
 
@@ -106,6 +107,30 @@ def test_folder_csv(tmp_path):
     (tmp_path / "bad.csv").write_text("image,labels\na.png,fat\n")
     with pytest.raises(DataError, match=r"bad.csv:2: unknown class \['fat'\]"):
         FolderCSVDataset(tmp_path, "bad.csv", ["stroma", "tumor"])
+
+
+def _broken_jpegs(folder):
+    """A JPEG cut at 60 % (libjpeg: "Premature end") and one with junk in its entropy-coded data."""
+    rng = np.random.default_rng(0)
+    img = cv2.GaussianBlur((rng.random((64, 64, 3)) * 255).astype(np.uint8), (5, 5), 0)
+    data = cv2.imencode(".jpg", img)[1].tobytes()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cut.jpg").write_bytes(data[: len(data) * 3 // 5])
+    junk = bytearray(data)
+    junk[len(data) // 2 : len(data) // 2 + 40] = b"\xff\x00" * 20
+    return bytes(junk)
+
+
+def test_truncated_or_corrupt_jpeg_is_an_error_naming_the_file_not_a_grey_image(tmp_path):
+    junk = _broken_jpegs(tmp_path)
+    _png(tmp_path / "good.png")
+    (tmp_path / "l.csv").write_text("image,labels\ngood.png,tumor\ncut.jpg,tumor\n")
+    ds = FolderCSVDataset(tmp_path, "l.csv", ["stroma", "tumor"])
+    assert ds[0]["image"].shape == (8, 8, 3)  # the good image still reads
+    with pytest.raises(DataError, match=r"cut\.jpg: truncated or corrupt .*Premature end of JPEG"):
+        ds[1]
+    with pytest.raises(DataError, match=r"s:7:0: truncated or corrupt .*Corrupt JPEG"):
+        decode_rgb(junk, "s:7:0")
 
 
 def _tiles_table(labels, labelled):

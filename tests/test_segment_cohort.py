@@ -112,6 +112,27 @@ def test_whole_image_segments_every_pixel_without_tissue_detection(tmp_path, _se
     assert got.min() >= 1
 
 
+def test_a_truncated_jpeg_fails_alone_instead_of_being_segmented_grey(tmp_path, _setup):
+    """OpenCV decodes a cut JPEG "successfully" (grey from the cut on); only libjpeg's warning tells."""
+    import cv2
+
+    from pbip_engine.engine.wsi.slides import SlideError
+
+    img, _ = _toy(256, 256)
+    data = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))[1].tobytes()
+    (tmp_path / "good.jpg").write_bytes(data)
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    slides = [tmp_path / "cut.jpg", tmp_path / "good.jpg"]
+    out = tmp_path / "out"
+    results = {p.name: r for p, r in segment_slides(slides, Path("m.pt"), CARD, out, mpp_override=0.5,
+                                                     whole_image=True, **_kw())}  # fmt: skip
+    bad = results["cut.jpg"]
+    assert isinstance(bad, SlideError) and bad.reason == "unreadable", bad
+    assert str(bad).startswith(str(tmp_path / "cut.jpg")) and "Premature end of JPEG" in str(bad)
+    assert isinstance(results["good.jpg"], dict) and (out / "good.mask.ome.tif").is_file()
+    assert not list(out.glob("cut.*"))
+
+
 def test_inference_context_equals_the_training_context(cohort, tmp_path, monkeypatch, _setup):
     """Slides are read at the crop stage 2 trained on (the card's tile_px), not at a fixed 512 px."""
     from pbip_engine.engine.inference.cohort import LEGACY_TILE_PX, inference_tile_px

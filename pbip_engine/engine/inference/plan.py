@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from pbip_engine.engine.inference import SEGMENT_OVERLAP
+from pbip_engine.engine.io.decode import ImageDecodeError, decode_checked
 from pbip_engine.engine.wsi.grid import grid_positions
 from pbip_engine.engine.wsi.slide_ids import slide_id
 from pbip_engine.engine.wsi.slides import (
@@ -96,9 +97,10 @@ def open_image_slide(path: str | Path, mpp: float, max_pixels_per_byte: float = 
             f"{w}x{h} plain image: images are decoded whole (at most {MAX_IMAGE_PIXELS} pixels); "
             "convert a larger one to a tiled pyramidal TIFF",
         )
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise SlideError(path, "unreadable", "OpenCV could not decode the image")
+    try:  # a truncated JPEG decodes "successfully", grey from the cut on: only its warning tells
+        bgr = decode_checked(lambda: cv2.imread(str(path), cv2.IMREAD_COLOR))
+    except ImageDecodeError as e:
+        raise SlideError(path, "unreadable", str(e)) from None
     rgb = np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
     backend = _ArrayBackend(rgb)
     return Slide(

@@ -1,1 +1,1 @@
-"""File-system primitives every stage shares: atomic writes and JSON-safe values."""
+"""File-system primitives every stage shares: atomic writes, JSON-safe values, checked image decoding."""

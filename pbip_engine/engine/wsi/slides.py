@@ -14,22 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import functools
 import json
 import logging
 import math
 import os
-import re
-import sys
-import tempfile
-import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import cv2
 import numpy as np
+
+from pbip_engine.engine.io.decode import captured_native_output, decoder_complaint
 
 log = logging.getLogger(__name__)
 
@@ -87,74 +84,8 @@ class _Backend:
         raise NotImplementedError
 
 
-# What libjpeg(-turbo) inside cuCIM prints when it cannot decode a tile. cuCIM then returns pixels anyway
-# (garbage, or whatever the buffer held), so its console output is the only error channel there is.
-_DECODE_ERROR = re.compile(
-    r"ERROR in line|Not a JPEG file|Corrupt JPEG|Premature end of JPEG|Invalid JPEG|Bogus |"
-    r"Unsupported marker|Huffman|Wrong JPEG|JPEG datastream|Improper call to JPEG",
-)
-_capture_lock = threading.Lock()
-
-
 class DecodeError(RuntimeError):
     """The backend's decoder reported a broken tile while returning pixels for it."""
-
-
-_sink_fd: dict[int, int] = {}  # pid -> the capture file's descriptor (one per process, forks included)
-
-
-def _capture_fd() -> int:
-    pid = os.getpid()
-    if pid not in _sink_fd:
-        with tempfile.TemporaryFile() as f:
-            _sink_fd[pid] = os.dup(f.fileno())
-    return _sink_fd[pid]
-
-
-@contextlib.contextmanager
-def _captured_native_output() -> Iterator[list[str]]:
-    """Route this process' stdout/stderr (the file descriptors, which native code writes to) into a temp
-    file for the block; yields a list that receives the text. Anything captured is written back to
-    stderr afterwards, so nothing is hidden from the user; only one block runs at a time."""
-    sink: list[str] = []
-    with _capture_lock:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        fd = _capture_fd()
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        saved = [os.dup(1), os.dup(2)]
-        try:
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            try:
-                yield sink
-            finally:
-                with contextlib.suppress(Exception):
-                    _libc_fflush()
-                os.dup2(saved[0], 1)
-                os.dup2(saved[1], 2)
-        finally:
-            for d in saved:
-                os.close(d)
-        n = os.lseek(fd, 0, os.SEEK_CUR)
-        text = os.pread(fd, n, 0).decode("utf-8", "replace") if n else ""
-    if text:
-        sink.append(text)
-        os.write(2, text.encode("utf-8", "replace"))
-
-
-@functools.cache
-def _libc() -> Any:
-    import ctypes
-
-    return ctypes.CDLL(None)
-
-
-def _libc_fflush() -> None:
-    """Flush C stdio buffers: native code printing to a non-terminal stdout is block-buffered."""
-    _libc().fflush(None)
 
 
 class _CucimBackend(_Backend):
@@ -175,10 +106,10 @@ class _CucimBackend(_Backend):
         self.metadata: dict[str, Any] = json.loads(md) if isinstance(md, str) else dict(md)
 
     def read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        with _captured_native_output() as out:
+        with captured_native_output() as out:  # cuCIM's libjpeg reports a broken tile only on the console
             arr = np.asarray(self._img.read_region(location=list(location), size=list(size), level=level))
-        if out and _DECODE_ERROR.search(out[0]):
-            detail = " ".join(out[0].split())[:200]
+        detail = decoder_complaint(out)
+        if detail is not None:
             raise DecodeError(f"cuCIM reported a tile it could not decode ({detail})")
         return arr
 

@@ -15,6 +15,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from pbip_engine.engine.io.decode import ImageDecodeError, decode_checked
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
@@ -23,19 +25,22 @@ class DataError(ValueError):
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
-    """uint8 RGB ``H,W,3`` of an image file (grey and RGBA are converted)."""
+    """uint8 RGB ``H,W,3`` of an image file (grey and RGBA are converted); a truncated or corrupt file is
+    a DataError naming it, not a partly grey image to train on."""
     p = str(path)
-    img = cv2.imread(p, cv2.IMREAD_COLOR)
-    if img is None:
-        raise DataError(f"could not read image {p}")
+    try:
+        img = decode_checked(lambda: cv2.imread(p, cv2.IMREAD_COLOR))
+    except ImageDecodeError as e:
+        raise DataError(f"{p}: {e}") from None
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 def decode_rgb(data: bytes, name: str = "") -> np.ndarray:
-    """uint8 RGB of encoded (JPEG/PNG) bytes."""
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        raise DataError(f"could not decode image bytes of {name or 'a tile'}")
+    """uint8 RGB of encoded (JPEG/PNG) bytes; broken bytes are a DataError naming the tile."""
+    try:
+        img = decode_checked(lambda: cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR))
+    except ImageDecodeError as e:
+        raise DataError(f"{name or 'a tile'}: {e}") from None
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
