@@ -145,13 +145,10 @@ class SegmentStage(Stage):
             else:
                 todo.append(slide)
 
-        def score(sid: str, rec: dict[str, Any]) -> None:
-            metrics = scorer.score(sid, out / f"{sid}.mask.ome.tif") if rec["status"] == "done" else None
-            if metrics is not None:
-                rec["metrics"] = metrics
-
-        for sid, rec in units.items():
-            score(sid, rec)
+        for sid, rec in units.items():  # resumed slides: a bad truth fails the slide, not the stage
+            units[sid] = scorer.score_record(sid, out / f"{sid}.mask.ome.tif", rec)
+            if units[sid]["status"] == "failed":
+                ctx.log(f"[segment] {sid} FAILED: {units[sid]['reason']}")
         with tqdm(total=len(slides), initial=len(units), desc="segment slides", unit="slide",
                   disable=not ctx.progress) as bar:  # fmt: skip
             results = segment_slides(todo, seg_dir / "best.pt", card, out, overlap=spec.segment.overlap,
@@ -165,13 +162,11 @@ class SegmentStage(Stage):
                 sid = slide_id_of(slide)
                 if isinstance(result, Exception):  # one slide fails alone
                     rec = {"status": "failed", "reason": f"{type(result).__name__}: {result}"}
-                    ctx.log(f"[segment] {sid} FAILED: {rec['reason']}")
                 else:
                     rec = {"status": "done", **jsonable(result)}
-                    try:
-                        score(sid, rec)
-                    except Exception as e:
-                        rec = {"status": "failed", "reason": f"scoring: {type(e).__name__}: {e}"}
+                    rec = scorer.score_record(sid, out / f"{sid}.mask.ome.tif", rec)
+                if rec["status"] == "failed":
+                    ctx.log(f"[segment] {sid} FAILED: {rec['reason']}")
                 write_json_atomic(ctx.work_dir / "state" / f"{sid}.json", rec)
                 units[sid] = rec
                 bar.update(1)

@@ -178,10 +178,26 @@ def segment_cohort(
                                       max_pixels_per_byte=max_pixels_per_byte)  # fmt: skip
 
 
+def same_frame(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """Whether two ``(h, w)`` masks can be one slide frame at two scales.
+
+    A mask written at the model's µm/px rounds each side of the slide to whole pixels, so the smaller
+    mask's aspect ratio may be off by one pixel on either side; a truth outside that is not a rescaled
+    copy (another slide's, or cropped), and resizing it onto the mask would score misaligned pixels.
+    """
+    (hs, ws), (hl, wl) = sorted((a[:2], b[:2]), key=lambda s: s[0] * s[1])
+    eps = 1e-9
+    return (hs - 1) / (ws + 1) - eps <= hl / wl <= (hs + 1) / max(ws - 1, eps) + eps
+
+
 def score_slide_mask(
     mask_path: Path, truth_path: Path, n_classes: int, truth_lut: list[int] | None = None
 ) -> SegmentationMeter:
-    """A whole-slide mask against a truth mask (PNG or pyramid) of the same level-0 frame (nearest resampling)."""
+    """A whole-slide mask against a truth mask (PNG or pyramid) of the same level-0 frame (nearest resampling).
+
+    The truth may be at another scale (the slide's full resolution: masks are written at the model's
+    µm/px) but not of another aspect ratio: that is a MetricsError naming both files, not a score.
+    """
     import cv2
     import numpy as np
 
@@ -194,6 +210,12 @@ def score_slide_mask(
             )
         truth = np.asarray(truth_lut, dtype=np.uint8)[truth]
     if truth.shape != pred.shape:
+        if not same_frame(truth.shape, pred.shape):
+            raise MetricsError(
+                f"{truth_path}: truth shape {truth.shape} does not frame the same slide as the mask "
+                f"{mask_path} shape {pred.shape} (another aspect ratio, not just another scale); "
+                "is it another slide's truth, or cropped or padded?"
+            )
         truth = cv2.resize(truth, (pred.shape[1], pred.shape[0]), interpolation=cv2.INTER_NEAREST)
     meter = SegmentationMeter(n_classes, ignore_background=True)
     meter.update(pred, truth, name=mask_path.name)
@@ -216,6 +238,18 @@ class CohortScorer:
         m = score_slide_mask(mask_path, self.truths[slide_id], self.n_classes, self.truth_lut)
         self.total.merge(m)
         return {k: m.compute().get(k) for k in SLIDE_METRICS}
+
+    def score_record(self, slide_id: str, mask_path: Path, rec: dict[str, Any]) -> dict[str, Any]:
+        """``rec`` (a slide's state) with its figures added, or turned into a failure with the scoring
+        error: a bad truth fails its slide alone, never the stage, also when a re-run scores a slide
+        it resumed as done."""
+        if rec.get("status") != "done":
+            return rec
+        try:
+            metrics = self.score(slide_id, mask_path)
+        except Exception as e:
+            return {"status": "failed", "reason": f"scoring: {type(e).__name__}: {e}"}
+        return rec if metrics is None else {**rec, "metrics": metrics}
 
     def summary(self) -> dict[str, Any] | None:
         """The cohort's figures over every scored slide, or None where none was scored."""
