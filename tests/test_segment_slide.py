@@ -279,6 +279,43 @@ def test_plain_png_smaller_than_a_tile(tmp_path):
         plan(png, model_mpp=0.5, tile_px=128)
 
 
+_KILLED_CANVAS = """
+import os, signal, sys
+import numpy as np
+from pbip_engine.engine.inference.stitch import Canvas
+cv = Canvas(sys.argv[1], (64, 64), 3, chunk=32)
+cv.add(0, 0, np.ones((3, 64, 64), np.float32))
+for mm in cv._open.values():
+    mm.flush()
+print(cv.dir, flush=True)
+os.kill(os.getpid(), signal.SIGTERM)  # what the audit's killed segment got: no close, no clean-up
+"""
+
+
+def test_a_killed_runs_canvas_is_dropped_by_the_next_write_and_a_normal_run_leaves_none(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    img, truth = _toy(1024, 1536)
+    png = tmp_path / "patch.png"
+    cv2.imwrite(str(png), cv2.cvtColor(img[100:190, 150:250], cv2.COLOR_RGB2BGR))
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # this checkout's code
+    r = subprocess.run([sys.executable, "-c", _KILLED_CANVAS, str(out / ".pbip-tmp")], capture_output=True,
+                       text=True, timeout=120, env=env)  # fmt: skip
+    left = Path(r.stdout.strip())
+    assert r.returncode != 0 and left.is_dir() and list(left.iterdir()), r.stdout + r.stderr
+    (out / "canvas.notes").mkdir()  # a user's folder that merely looks like one stays
+    segment_local(
+        png, SegmentPredictor(ColorNet(), device="cpu"), out, CLASSES, COLORS,
+        model_mpp=0.5, tile_px=128, mpp_override=0.5, use_tissue=False,
+    )  # fmt: skip
+    np.testing.assert_array_equal(tifffile.imread(out / "patch.mask.ome.tif"), truth[100:190, 150:250])
+    assert not left.exists() and not (out / ".pbip-tmp").exists()
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["canvas.notes"]
+
+
 @pytest.mark.slow
 def test_tiny_model_overfit_then_segment(tmp_path):
     """Train a tiny CNN with the stage-2 training code on a toy image, then segment a new toy slide."""

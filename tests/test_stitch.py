@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
-from pbip_engine.engine.inference.stitch import Canvas, StitchError, blend_window
+from pbip_engine.engine.inference.stitch import Canvas, StitchError, blend_window, drop_stale_canvases
 
 
 def _label_image(h: int, w: int, n_classes: int, seed: int = 0) -> np.ndarray:
@@ -110,3 +112,23 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
             cv.argmax_tile(5, 5, 10, 10)
     with pytest.raises(StitchError, match="blend"):
         Canvas(tmp_path, (10, 10), 3, blend="max")
+
+
+def test_only_canvases_of_ended_processes_on_this_host_are_dropped(tmp_path):
+    import socket
+    import subprocess
+
+    done = subprocess.Popen(["true"])
+    done.wait()  # its pid now names no process
+    host = socket.gethostname()
+    dead = tmp_path / f"canvas.{done.pid}@{host}.k1ll3d"
+    elsewhere = tmp_path / f"canvas.{done.pid}@not-{host}.x1y2z3"
+    plain = tmp_path / "canvas.notes"  # not named by Canvas: a user's folder
+    for d in (dead, elsewhere, plain):
+        d.mkdir()
+        (d / "c0_0.bin").write_bytes(b"\0" * 64)
+    with Canvas(tmp_path, (32, 32), 2, chunk=16) as live:
+        live.add(0, 0, np.ones((2, 32, 32), np.float32))
+        assert drop_stale_canvases(tmp_path) == [dead]
+        assert live.dir.is_dir() and elsewhere.is_dir() and plain.is_dir() and not dead.exists()
+        assert live.dir.name.startswith(f"canvas.{os.getpid()}@{host}.")

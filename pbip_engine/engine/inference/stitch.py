@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import re
 import shutil
+import socket
 import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -28,6 +31,9 @@ from typing import Literal
 import numpy as np
 
 BLENDS = ("gaussian", "average")
+# A canvas folder is named after the process that owns it, so a later run can tell a killed run's
+# leftover (owner gone) from a canvas another process is filling right now.
+_CANVAS_NAME = re.compile(r"canvas\.(\d+)@(.+)\.[^.]+")
 
 
 class StitchError(ValueError):
@@ -55,11 +61,41 @@ def blend_window(
     return np.maximum(win / win.max(), floor).astype(np.float32)
 
 
+def _owner() -> str:
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def drop_stale_canvases(folder: str | Path) -> list[Path]:
+    """Delete the canvases in ``folder`` whose process has ended: a killed ``segment`` (SIGTERM, OOM)
+    never reaches :meth:`Canvas.close`, and its chunk files (up to slide size) would stay forever.
+
+    Only folders named by :class:`Canvas` for this host are candidates, and one whose owner still runs
+    is kept, so a concurrent run's canvas is never taken; other hosts' leftovers wait for their host.
+    """
+    host, dropped = socket.gethostname(), []
+    for d in Path(folder).glob("canvas.*"):
+        m = _CANVAS_NAME.fullmatch(d.name)
+        if m and d.is_dir() and m.group(2) == host and not _running(int(m.group(1))):
+            shutil.rmtree(d, ignore_errors=True)
+            dropped.append(d)
+    return dropped
+
+
 class Canvas:
     """Blends ``[C, h, w]`` tiles into an ``(H, W)`` canvas of ``n_classes`` channels kept on disk.
 
-    ``path_dir`` is a scratch directory (created; a private sub-directory is used and removed by
-    :meth:`close`). ``dtype`` float32 (default) or float16 accumulators; float16 halves the disk and
+    ``path_dir`` is a scratch directory (created; a private sub-directory ``canvas.<pid>@<host>.*`` is
+    used and removed by :meth:`close`, or by :func:`drop_stale_canvases` once its process is gone). ``dtype`` float32 (default) or float16 accumulators; float16 halves the disk and
     page-cache footprint at ~3 significant digits, enough for an argmax of blended logits.
     """
 
@@ -97,7 +133,7 @@ class Canvas:
         self.dtype = np.dtype(dtype)
         self.sigma_scale = float(sigma_scale)
         Path(path_dir).mkdir(parents=True, exist_ok=True)
-        self.dir = Path(tempfile.mkdtemp(prefix="canvas.", dir=path_dir))
+        self.dir = Path(tempfile.mkdtemp(prefix=f"canvas.{_owner()}.", dir=path_dir))
         self.n_chunks = (math.ceil(H / self.chunk), math.ceil(W / self.chunk))
         self._exists = np.zeros(self.n_chunks, dtype=bool)
         self._open: OrderedDict[tuple[int, int], np.memmap] = OrderedDict()

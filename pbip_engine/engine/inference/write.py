@@ -16,6 +16,7 @@ full-resolution array exists at any point.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,7 +29,8 @@ import numpy as np
 from pbip_engine.engine.annotations.geojson import Annotation, mask_to_geometries, write_annotations
 from pbip_engine.engine.inference.fill import fill_canvas
 from pbip_engine.engine.inference.plan import SegmentError, open_any, slide_stem
-from pbip_engine.engine.inference.stitch import Canvas
+from pbip_engine.engine.inference.stitch import Canvas, drop_stale_canvases
+from pbip_engine.engine.io.atomic import TEMP_DIR
 from pbip_engine.engine.outputs.overlay import default_colors, write_overlay, write_overlay_pyramid
 from pbip_engine.engine.outputs.tiff_writer import write_pyramid
 from pbip_engine.engine.wsi.tissue import TissueParams, TissueResult, detect_tissue
@@ -256,7 +258,8 @@ def stitch_and_write(
     order; they are consumed once. ``output_mpp`` defaults to the slide's own (level 0). With
     ``restrict_to_tissue`` (default) pixels more than one tissue-mask pixel (8 µm by default) outside the
     tissue mask are background: the plan's ``tissue`` is reused when given, else detected again.
-    ``all_tissue`` (whole patch images) takes the argmax over the tissue classes only. Returns
+    ``all_tissue`` (whole patch images) takes the argmax over the tissue classes only. The canvas lives
+    in ``scratch_dir``, by default ``out_dir``'s temp folder (removed again when empty). Returns
     statistics for the cohort table: per-class areas (µm²), tissue megapixels, tile count and timings
     split into wait (upstream inference, when the iterable is lazy), stitch and write.
     """
@@ -283,8 +286,13 @@ def stitch_and_write(
         "slide_mpp": slide_mpp,
     }
 
+    # The canvas' chunk files go in the atomic writers' temp folder, not among the outputs: a killed
+    # run's leftover is hidden from readers, swept with the temp files after a pipeline stage, and
+    # dropped here by the next write into this folder.
+    scratch = Path(scratch_dir) if scratch_dir else out_dir / TEMP_DIR
+    drop_stale_canvases(scratch)
     canvas = Canvas(
-        scratch_dir or out_dir,
+        scratch,
         (H, W),
         len(class_names) + 1,
         chunk=chunk,
@@ -306,6 +314,9 @@ def stitch_and_write(
     finally:
         chunks = canvas.chunks_on_disk
         canvas.close()
+        if not scratch_dir:
+            with contextlib.suppress(OSError):  # still holds another write's temp file, or gone
+                scratch.rmdir()
 
     t3 = time.perf_counter()
     counts = bands.counts[: len(class_names) + 1]
