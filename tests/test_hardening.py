@@ -541,7 +541,9 @@ def test_evaluate_scales_a_full_resolution_truth_and_refuses_another_frame(tmp_p
     ok = evaluate("t")
     assert ok.exit_code == 0 and "mIoU 1.0000" in ok.output, ok.output
     bad = evaluate("t2")
-    assert bad.exit_code == 1 and "x.png" in bad.output and "not the frame of truth" in bad.output, bad.output
+    assert bad.exit_code == 1 and "x.png" in bad.output and "does not frame the same image" in bad.output, (
+        bad.output
+    )
     assert "Traceback" not in bad.output
 
 

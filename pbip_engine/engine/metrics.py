@@ -285,23 +285,34 @@ def read_mask(path: str | Path) -> np.ndarray:
     return arr
 
 
+def same_frame(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """Whether two ``(h, w)`` masks can be one image's frame at two scales.
+
+    A mask written at the model's µm/px rounds each side of the image to whole pixels, so the smaller
+    mask's aspect ratio may be off by one pixel on either side; a truth outside that is not a rescaled
+    copy (another image's, or cropped), and resizing it onto the mask would score misaligned pixels.
+    """
+    (hs, ws), (hl, wl) = sorted((a[:2], b[:2]), key=lambda s: s[0] * s[1])
+    eps = 1e-9
+    return (hs - 1) / (ws + 1) - eps <= hl / wl <= (hs + 1) / max(ws - 1, eps) + eps
+
+
 def fit_truth(truth: np.ndarray, shape: tuple[int, ...], truth_path: Path, pred_path: Path) -> np.ndarray:
     """The truth mask at the prediction's size (nearest), when it is the same frame at another µm/px.
 
-    ``segment`` writes masks at the model's µm/px, so a truth drawn on the full-resolution image is a whole
-    factor larger; a frame of another shape is another image and is refused. One prediction pixel of
-    rounding per side is allowed.
+    ``segment`` writes masks at the model's µm/px, so a truth drawn on the full-resolution image is
+    larger by that factor; a truth of another aspect ratio is another image (or cropped, or padded) and
+    is a MetricsError naming both files. ``evaluate`` and the segment stage's scorer share this rule.
     """
     if truth.shape == tuple(shape):
         return truth
-    (ph, pw), (th, tw) = shape[:2], truth.shape[:2]
-    sy, sx = th / max(ph, 1), tw / max(pw, 1)
-    if abs(pw * sy - tw) > sy + 1 or abs(ph * sx - th) > sx + 1:
+    if not same_frame(truth.shape, tuple(shape)):
         raise MetricsError(
-            f"{pred_path}: shape {tuple(shape)} is not the frame of truth {truth_path} {truth.shape} at another "
-            f"scale (aspect {pw / max(ph, 1):.3f} vs {tw / max(th, 1):.3f}): not the same image?"
+            f"{truth_path}: truth shape {truth.shape} does not frame the same image as the mask {pred_path} "
+            f"shape {tuple(shape)} (another aspect ratio, not just another scale); is it another image's "
+            "truth, or cropped or padded?"
         )
-    return cv2.resize(truth, (pw, ph), interpolation=cv2.INTER_NEAREST)
+    return cv2.resize(truth, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
 
 
 def index_mask_dir(d: Path) -> dict[str, Path]:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pbip_engine.engine.metrics import MetricsError, SegmentationMeter, index_mask_dir, read_mask
+from pbip_engine.engine.metrics import MetricsError, SegmentationMeter, fit_truth, index_mask_dir, read_mask
 from pbip_engine.engine.wsi.slides import MAX_PIXELS_PER_BYTE
 
 LEGACY_TILE_PX = 512  # inference tile of models whose card predates ``tile_px`` (their old behaviour)
@@ -178,18 +178,6 @@ def segment_cohort(
                                       max_pixels_per_byte=max_pixels_per_byte)  # fmt: skip
 
 
-def same_frame(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
-    """Whether two ``(h, w)`` masks can be one slide frame at two scales.
-
-    A mask written at the model's µm/px rounds each side of the slide to whole pixels, so the smaller
-    mask's aspect ratio may be off by one pixel on either side; a truth outside that is not a rescaled
-    copy (another slide's, or cropped), and resizing it onto the mask would score misaligned pixels.
-    """
-    (hs, ws), (hl, wl) = sorted((a[:2], b[:2]), key=lambda s: s[0] * s[1])
-    eps = 1e-9
-    return (hs - 1) / (ws + 1) - eps <= hl / wl <= (hs + 1) / max(ws - 1, eps) + eps
-
-
 def score_slide_mask(
     mask_path: Path, truth_path: Path, n_classes: int, truth_lut: list[int] | None = None
 ) -> SegmentationMeter:
@@ -198,7 +186,6 @@ def score_slide_mask(
     The truth may be at another scale (the slide's full resolution: masks are written at the model's
     µm/px) but not of another aspect ratio: that is a MetricsError naming both files, not a score.
     """
-    import cv2
     import numpy as np
 
     pred = read_mask(mask_path)
@@ -209,14 +196,7 @@ def score_slide_mask(
                 f"{truth_path}: value {int(truth.max())} outside segment.truth_lut {truth_lut}"
             )
         truth = np.asarray(truth_lut, dtype=np.uint8)[truth]
-    if truth.shape != pred.shape:
-        if not same_frame(truth.shape, pred.shape):
-            raise MetricsError(
-                f"{truth_path}: truth shape {truth.shape} does not frame the same slide as the mask "
-                f"{mask_path} shape {pred.shape} (another aspect ratio, not just another scale); "
-                "is it another slide's truth, or cropped or padded?"
-            )
-        truth = cv2.resize(truth, (pred.shape[1], pred.shape[0]), interpolation=cv2.INTER_NEAREST)
+    truth = fit_truth(truth, pred.shape, truth_path, mask_path)
     meter = SegmentationMeter(n_classes, ignore_background=True)
     meter.update(pred, truth, name=mask_path.name)
     return meter
