@@ -256,7 +256,9 @@ def segment(model_dir: str, slides: str | None, images: str | None, mpp: float |
     except (SpecError, ModelError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     failed = {k: v["reason"] for k, v in res.items() if v["status"] != "done"}
-    click.echo(f"segmented {len(res) - len(failed)}/{len(res)} into {out}")
+    resumed = sum(1 for v in res.values() if v.get("resumed"))
+    kept = f" ({resumed} done by an earlier run with the same model and settings, kept)" if resumed else ""
+    click.echo(f"segmented {len(res) - len(failed)}/{len(res)} into {out}{kept}")
     for k, why in failed.items():
         click.echo(f"  FAILED {k}: {why}")
     sys.exit(2 if failed else 0)

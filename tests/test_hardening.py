@@ -390,6 +390,38 @@ def test_segment_images_one_bomb_fails_alone_and_the_good_image_is_written(
     assert (tmp_path / "o" / "good.mask.ome.tif").is_file() and not list((tmp_path / "o").glob("bomb.*"))
 
 
+def test_segment_rerun_keeps_what_is_done_with_the_same_settings(model_dir: Path, tmp_path: Path) -> None:
+    """``pbip-engine segment`` into the same folder again resumed nothing: every slide was segmented anew."""
+    import cv2
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    img = np.full((96, 96, 3), 230, np.uint8)
+    img[20:70, 20:70] = (150, 50, 120)
+    for name in ("a", "b"):
+        cv2.imwrite(str(d / f"{name}.png"), img)
+    out = tmp_path / "o"
+
+    def segment(*extra: str) -> str:
+        r = CliRunner().invoke(main, ["segment", "--model", str(model_dir), "--images", str(d / "*.png"),
+                                      "--mpp", "2.0", "--out", str(out), "--no-tta", *extra])  # fmt: skip
+        assert r.exit_code == 0, r.output
+        return r.output
+
+    first = segment()
+    assert "segmented 2/2" in first and "done by an earlier run" not in first, first
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.mask.ome.tif")}
+    assert "segmented 2/2" in (again := segment()) and "(2 done by an earlier run" in again, again
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.mask.ome.tif")} == stamps  # not rewritten
+    (out / "b.mask.ome.tif").unlink()  # an interrupted slide: its record may say done, its mask is gone
+    assert "(1 done by an earlier run" in segment()
+    assert (out / "b.mask.ome.tif").is_file() and (out / "a.mask.ome.tif").stat().st_mtime_ns == stamps[
+        "a.mask.ome.tif"
+    ]
+    assert "done by an earlier run" not in segment("--overlap", "0.25")  # other settings: all anew
+    assert json.loads((out / "segment.json").read_text())["a"]["status"] == "done"
+
+
 # -- 3: a tile cuCIM cannot decode is an error, not pixels ---------------------------------------------
 
 _CUCIM_PROBE = """

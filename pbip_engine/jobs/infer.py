@@ -9,6 +9,7 @@ name and renamed. Memory is bounded by the tiles in flight, never by the slide.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -243,10 +244,26 @@ def segment_cli(model_dir: Path, inputs: list[Path], out: Path, mpp: float | Non
         ensure_ray(address, res)
     out.mkdir(parents=True, exist_ok=True)
     from pbip_engine.engine.inference.segment_slide import IMAGE_EXTENSIONS
+    from pbip_engine.engine.inference.write import output_paths
 
-    results = {}
-    images = [p for p in inputs if p.suffix.lower() in IMAGE_EXTENSIONS]
-    wsis = [p for p in inputs if p not in images]
+    # A re-run into the same folder with the same model and settings resumes: slides done then (their
+    # record says so and their mask is there) are kept, the rest (new, failed, interrupted) are segmented.
+    st = seg.stat()
+    settings = {"model": str(seg.resolve()), "model_bytes": st.st_size, "model_mtime_ns": st.st_mtime_ns,
+                "mpp": mpp, "overlap": overlap, "tile_px": tile_px, "tta": tta}  # fmt: skip
+    key = hashlib.sha256(json.dumps(jsonable(settings), sort_keys=True).encode()).hexdigest()[:16]
+    before = read_json(out / "segment.json") or {}
+    results: dict[str, Any] = {}
+    todo = []
+    for p in inputs:
+        rec = before.get(slide_id_of(p))
+        done = isinstance(rec, dict) and rec.get("status") == "done" and rec.get("settings") == key
+        if done and output_paths(out, slide_id_of(p))["mask"].is_file():
+            results[slide_id_of(p)] = {**rec, "resumed": True}
+        else:
+            todo.append(p)
+    images = [p for p in todo if p.suffix.lower() in IMAGE_EXTENSIONS]
+    wsis = [p for p in todo if p not in images]
     for group, whole in ((wsis, False), (images, True)):  # plain images are all tissue (patches)
         if not group:
             continue
@@ -256,6 +273,7 @@ def segment_cli(model_dir: Path, inputs: list[Path], out: Path, mpp: float | Non
             if isinstance(r, Exception):
                 results[slide_id_of(p)] = {"status": "failed", "reason": f"{type(r).__name__}: {r}"}
             else:
-                results[slide_id_of(p)] = {"status": "done", **jsonable(r)}
-    write_json_atomic(out / "segment.json", results)
+                results[slide_id_of(p)] = {"status": "done", "settings": key, **jsonable(r)}
+            write_json_atomic(out / "segment.json", {**before, **results})  # progress survives a kill
+    write_json_atomic(out / "segment.json", {**before, **results})
     return results
