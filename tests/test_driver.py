@@ -115,6 +115,34 @@ def test_a_failed_unit_is_reported_with_its_message_not_only_its_reason_code(
     assert any(why in line for line in lines), lines
 
 
+def test_a_stage_error_raised_in_a_ray_worker_is_reported_by_its_own_words(
+    spec_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An embed actor's __init__ that raised showed as "ActorDiedError: The actor died because of an error
+    # raised in its creation task, \x1b[36mray::MapWorker(...)" with the real error hidden further down.
+    import traceback
+
+    import ray.exceptions
+
+    def boom(self, ctx):
+        try:
+            raise KeyError("unknown encoder 'nonexistent_net'")
+        except KeyError as e:
+            task = ray.exceptions.RayTaskError("MapWorker.__init__", traceback.format_exc(), e)
+        raise ray.exceptions.ActorDiedError(task)
+
+    monkeypatch.setattr(SynthStage, "run", boom)
+    lines: list[str] = []
+    spec = load_spec(spec_path)
+    summary = run_pipeline(spec, only=["synth"], log=lines.append, progress=False)
+    error = summary.stages["synth"]["error"]
+    assert (
+        error.splitlines()[0] == "KeyError: \"unknown encoder 'nonexistent_net'\" (raised in a Ray worker)"
+    ), error
+    assert "ActorDiedError" in error and "\x1b[" not in error  # the whole text stays, without colour codes
+    assert lines[-1].startswith("[synth] FAILED: KeyError: "), lines
+
+
 def test_exit_code_counts_only_this_runs_stages(spec_path: Path) -> None:
     spec = load_spec(spec_path)
     out = Path(spec.run.output)

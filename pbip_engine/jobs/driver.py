@@ -9,6 +9,7 @@ previous good one stays untouched), writes ``<output>/manifests/<stage>.json`` w
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 import traceback
@@ -89,6 +90,30 @@ def select_stages(spec: JobSpec, only: Sequence[str] | None) -> list[Stage]:
     if disabled:
         raise SpecError(f"--stages: {disabled} not enabled by this spec (e.g. synth needs data.synthetic)")
     return [s for s in stages if s.name in only]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(Error|Exception|Exit): \S")
+
+
+def stage_error(e: BaseException) -> str:
+    """``Type: message`` of a failed stage, led by the stage's own error where Ray wrapped it.
+
+    An actor's ``__init__`` or a Train worker that raised reaches the driver as Ray's ActorDiedError /
+    WorkerGroupError, whose first line names Ray's machinery; the real error is the last line of the
+    traceback in its text, and that is what the user can act on, so it comes first (the console shows
+    the first line). Ray's colour codes go.
+    """
+    text = _ANSI.sub("", str(e)).strip()
+    whole = f"{type(e).__name__}: {text}"
+    if type(e).__module__.split(".")[0] != "ray":
+        return whole
+    causes = [ln.strip() for ln in text.splitlines() if _ERROR_LINE.match(ln.strip())]
+    causes = [c for c in causes if not c.startswith("ray.")]
+    if not causes:
+        return whole
+    name, _, message = causes[-1].partition(": ")
+    return f"{name.rsplit('.', 1)[-1]}: {message} (raised in a Ray worker)\n{whole}"
 
 
 def _drop_temp_files(work: Path) -> list[Path]:
@@ -196,7 +221,7 @@ def run_pipeline(
         except BaseException as e:
             m.update(
                 status="failed",
-                error=f"{type(e).__name__}: {e}",
+                error=stage_error(e),
                 traceback=traceback.format_exc(),
                 seconds=round(time.perf_counter() - t0, 3),
             )
