@@ -21,10 +21,15 @@ from typing import Any
 import numpy as np
 
 # What libjpeg(-turbo) prints when it cannot decode (all of) a stream while still returning pixels.
+# "Corrupt JPEG data: N extraneous bytes before marker" is not one: libjpeg skips the stray bytes and
+# decodes the whole image.
 DECODE_ERROR = re.compile(
-    r"ERROR in line|Not a JPEG file|Corrupt JPEG|Premature end of JPEG|Invalid JPEG|Bogus |"
-    r"Unsupported marker|Huffman|Wrong JPEG|JPEG datastream|Improper call to JPEG",
+    r"ERROR in line|Not a JPEG file|Corrupt JPEG(?! data: \d+ extraneous bytes)|Premature end of JPEG|"
+    r"Invalid JPEG|Bogus |Unsupported marker|Huffman|Wrong JPEG|JPEG datastream|Improper call to JPEG",
 )
+# Lines another thread printed meanwhile (Ray's log monitor relays workers' output as "(Name pid=N) ...")
+# are not this decode's.
+_RELAYED = re.compile(r"^\s*(\x1b\[[0-9;]*m)?\([^)]*pid=\d+")
 _capture_lock = threading.Lock()
 _sink_fd: dict[int, int] = {}  # pid -> the capture file's descriptor (one per process, forks included)
 
@@ -69,17 +74,19 @@ def captured_native_output() -> Iterator[list[str]]:
         finally:
             for d in saved:
                 os.close(d)
-        n = os.lseek(fd, 0, os.SEEK_CUR)
-        text = os.pread(fd, n, 0).decode("utf-8", "replace") if n else ""
-    if text:
-        sink.append(text)
-        os.write(2, text.encode("utf-8", "replace"))
+            # read back also when the block raised, so what the decoder printed is never swallowed
+            n = os.lseek(fd, 0, os.SEEK_CUR)
+            text = os.pread(fd, n, 0).decode("utf-8", "replace") if n else ""
+            if text:
+                sink.append(text)
+                os.write(2, text.encode("utf-8", "replace"))
 
 
 def decoder_complaint(captured: list[str]) -> str | None:
     """The decoder's own words on one line (at most 200 characters) where it reported a broken stream."""
-    if captured and DECODE_ERROR.search(captured[0]):
-        return " ".join(captured[0].split())[:200]
+    own = "\n".join(ln for ln in (captured[0] if captured else "").splitlines() if not _RELAYED.match(ln))
+    if DECODE_ERROR.search(own):
+        return " ".join(own.split())[:200]
     return None
 
 
