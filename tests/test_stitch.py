@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,14 +116,13 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
 
 
 def test_only_canvases_of_ended_processes_on_this_host_are_dropped(tmp_path):
+    """Canvases without an owner lock (older versions) are judged by the pid in their name, on this host."""
     import socket
-    import subprocess
 
-    done = subprocess.Popen(["true"])
-    done.wait()  # its pid now names no process
+    dead_pid = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1  # names no process, now or later
     host = socket.gethostname()
-    dead = tmp_path / f"canvas.{done.pid}@{host}.k1ll3d"
-    elsewhere = tmp_path / f"canvas.{done.pid}@not-{host}.x1y2z3"
+    dead = tmp_path / f"canvas.{dead_pid}@{host}.k1ll3d"
+    elsewhere = tmp_path / f"canvas.{dead_pid}@not-{host}.x1y2z3"
     plain = tmp_path / "canvas.notes"  # not named by Canvas: a user's folder
     for d in (dead, elsewhere, plain):
         d.mkdir()
@@ -132,3 +132,26 @@ def test_only_canvases_of_ended_processes_on_this_host_are_dropped(tmp_path):
         assert drop_stale_canvases(tmp_path) == [dead]
         assert live.dir.is_dir() and elsewhere.is_dir() and plain.is_dir() and not dead.exists()
         assert live.dir.name.startswith(f"canvas.{os.getpid()}@{host}.")
+
+
+def test_a_canvas_is_live_while_its_owner_holds_its_lock_whatever_its_name_says(tmp_path):
+    """Containers sharing a host name see each other's pids as dead (separate pid namespaces): the owner
+    lock, not the name, decides. The lock goes with its process, however that process ends."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time; from pbip_engine.engine.inference.stitch import Canvas; "
+        f"c = Canvas({str(tmp_path)!r}, (32, 32), 2, chunk=16); print(c.dir, flush=True); time.sleep(60)"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        theirs = Path(owner.stdout.readline().strip())
+        pid = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
+        renamed = theirs.with_name(f"canvas.{pid}@{theirs.name.split('@', 1)[1]}")  # its pid looks dead here
+        theirs.rename(renamed)
+        assert drop_stale_canvases(tmp_path) == [] and renamed.is_dir()  # the owner still holds the lock
+    finally:
+        owner.kill()
+        owner.wait()
+    assert drop_stale_canvases(tmp_path) == [renamed] and not renamed.exists()

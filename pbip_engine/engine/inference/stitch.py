@@ -17,6 +17,7 @@ being class k (the model predicts 0..N with 0 = background).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import math
 import os
 import re
@@ -75,17 +76,46 @@ def _running(pid: int) -> bool:
     return True
 
 
+_OWNER_LOCK = ".owner.lock"  # held (flock) by the canvas's process for the canvas's whole life
+
+
+def _owner_gone(d: Path) -> bool:
+    """Whether no process holds canvas ``d``'s owner lock (the kernel drops it when the owner dies).
+
+    A lock that cannot be taken, or a file system that cannot lock, counts as a live owner: keeping a
+    dead canvas costs disk, taking a live one fails a running segmentation.
+    """
+    try:
+        fd = os.open(d / _OWNER_LOCK, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def drop_stale_canvases(folder: str | Path) -> list[Path]:
     """Delete the canvases in ``folder`` whose process has ended: a killed ``segment`` (SIGTERM, OOM)
     never reaches :meth:`Canvas.close`, and its chunk files (up to slide size) would stay forever.
 
-    Only folders named by :class:`Canvas` for this host are candidates, and one whose owner still runs
-    is kept, so a concurrent run's canvas is never taken; other hosts' leftovers wait for their host.
+    Only folders named by :class:`Canvas` are candidates. Liveness is the canvas's owner lock, not a pid,
+    so containers that share a hostname (or a run whose host name changed) neither take a live canvas nor
+    keep a dead one; a canvas without the lock (older versions) is judged by its pid on this host.
     """
     host, dropped = socket.gethostname(), []
     for d in Path(folder).glob("canvas.*"):
         m = _CANVAS_NAME.fullmatch(d.name)
-        if m and d.is_dir() and m.group(2) == host and not _running(int(m.group(1))):
+        if not m or not d.is_dir():
+            continue
+        if (d / _OWNER_LOCK).exists():
+            stale = _owner_gone(d)
+        else:
+            stale = m.group(2) == host and not _running(int(m.group(1)))
+        if stale:
             shutil.rmtree(d, ignore_errors=True)
             dropped.append(d)
     return dropped
@@ -134,6 +164,9 @@ class Canvas:
         self.sigma_scale = float(sigma_scale)
         Path(path_dir).mkdir(parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix=f"canvas.{_owner()}.", dir=path_dir))
+        self._lock_fd = os.open(self.dir / _OWNER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        with contextlib.suppress(OSError):  # a file system without locks: the pid rule of the name remains
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self.n_chunks = (math.ceil(H / self.chunk), math.ceil(W / self.chunk))
         self._exists = np.zeros(self.n_chunks, dtype=bool)
         self._open: OrderedDict[tuple[int, int], np.memmap] = OrderedDict()
@@ -287,6 +320,8 @@ class Canvas:
         if not self._closed:
             self._closed = True
             shutil.rmtree(self.dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)  # after the removal: no sweep can see an unlocked live canvas
 
     def __enter__(self) -> Canvas:
         return self
