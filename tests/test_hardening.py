@@ -161,7 +161,7 @@ def test_validate_names_levels_the_backbone_does_not_have(tmp_path: Path, method
 
 @pytest.mark.parametrize(
     "method",
-    [{"name": "pbip"}, {"name": "lpd", "levels": [1, 4]}, {"name": "pbip", "backbone": "mit_b1", "levels": [1, 2, 3, 4]},
+    [{"name": "pbip"}, {"name": "pbip", "levels": [-3, -2, -1]}, {"name": "lpd", "levels": [1, 4]}, {"name": "pbip", "backbone": "mit_b1", "levels": [1, 2, 3, 4]},
      {"name": "gland"}],
 )  # fmt: skip
 def test_validate_accepts_levels_the_backbone_has(tmp_path: Path, method: dict) -> None:
@@ -419,6 +419,8 @@ def test_segment_rerun_keeps_what_is_done_with_the_same_settings(model_dir: Path
         "a.mask.ome.tif"
     ]
     assert "done by an earlier run" not in segment("--overlap", "0.25")  # other settings: all anew
+    cv2.imwrite(str(d / "a.png"), 255 - img)  # another image under the same name (a re-export)
+    assert "(1 done by an earlier run" in segment("--overlap", "0.25")  # only b is kept
     assert json.loads((out / "segment.json").read_text())["a"]["status"] == "done"
 
 

@@ -246,18 +246,28 @@ def segment_cli(model_dir: Path, inputs: list[Path], out: Path, mpp: float | Non
     from pbip_engine.engine.inference.segment_slide import IMAGE_EXTENSIONS
     from pbip_engine.engine.inference.write import output_paths
 
-    # A re-run into the same folder with the same model and settings resumes: slides done then (their
-    # record says so and their mask is there) are kept, the rest (new, failed, interrupted) are segmented.
+    # A re-run into the same folder with the same model and settings resumes: slides done then from the
+    # same input file (path, size, mtime; their mask still there) are kept, the rest (new, changed,
+    # failed, interrupted) are segmented.
     st = seg.stat()
     settings = {"model": str(seg.resolve()), "model_bytes": st.st_size, "model_mtime_ns": st.st_mtime_ns,
                 "mpp": mpp, "overlap": overlap, "tile_px": tile_px, "tta": tta}  # fmt: skip
-    key = hashlib.sha256(json.dumps(jsonable(settings), sort_keys=True).encode()).hexdigest()[:16]
+    settings_key = hashlib.sha256(json.dumps(jsonable(settings), sort_keys=True).encode()).hexdigest()[:16]
+
+    def made_of(p: Path) -> str:  # the model, the settings and this input file as it is now
+        try:
+            s = p.stat()
+            ident = [str(p.resolve()), s.st_size, s.st_mtime_ns]
+        except OSError:
+            return ""
+        return hashlib.sha256(json.dumps([settings_key, ident]).encode()).hexdigest()[:16]
+
     before = read_json(out / "segment.json") or {}
     results: dict[str, Any] = {}
     todo = []
     for p in inputs:
         rec = before.get(slide_id_of(p))
-        done = isinstance(rec, dict) and rec.get("status") == "done" and rec.get("settings") == key
+        done = isinstance(rec, dict) and rec.get("status") == "done" and rec.get("made_of") == made_of(p)
         if done and output_paths(out, slide_id_of(p))["mask"].is_file():
             results[slide_id_of(p)] = {**rec, "resumed": True}
         else:
@@ -273,7 +283,7 @@ def segment_cli(model_dir: Path, inputs: list[Path], out: Path, mpp: float | Non
             if isinstance(r, Exception):
                 results[slide_id_of(p)] = {"status": "failed", "reason": f"{type(r).__name__}: {r}"}
             else:
-                results[slide_id_of(p)] = {"status": "done", "settings": key, **jsonable(r)}
+                results[slide_id_of(p)] = {"status": "done", "made_of": made_of(p), **jsonable(r)}
             write_json_atomic(out / "segment.json", {**before, **results})  # progress survives a kill
     write_json_atomic(out / "segment.json", {**before, **results})
     return results

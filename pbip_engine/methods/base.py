@@ -278,8 +278,8 @@ def check_backbone_levels(backbone: str, levels: Sequence[int]) -> None:
 
     from pbip_engine.engine.nn.backbones import BackboneError, create_backbone
 
-    if len(set(levels)) != len(levels) or min(levels) < 0:
-        raise ValueError(f"method.levels {list(levels)}: distinct feature levels >= 0, e.g. [2, 3, 4]")
+    if len(set(levels)) != len(levels):  # negative levels count from the deepest, as in timm
+        raise ValueError(f"method.levels {list(levels)}: distinct feature levels, e.g. [2, 3, 4]")
     try:
         with torch.device("meta"):
             create_backbone(backbone, pretrained=False, out_indices=tuple(levels))
