@@ -25,8 +25,8 @@ from pbip_engine.engine.embed.encoders.efficientnet import (
     efficientnet_lite0_imagenet_state_dict,
 )
 from pbip_engine.engine.embed.encoders.medclip import build_medclip_vit
-from pbip_engine.engine.embed.encoders.open_clip_enc import build_open_clip
-from pbip_engine.engine.embed.encoders.timm_enc import build_timm
+from pbip_engine.engine.embed.encoders.open_clip_enc import build_open_clip, check_open_clip_arch
+from pbip_engine.engine.embed.encoders.timm_enc import build_timm, check_timm_name
 
 __all__ = [
     "DEFAULT_ENCODER",
@@ -48,6 +48,10 @@ DEFAULT_ENCODER = "efficientnet_lite0"
 _REGISTRY: dict[str, Callable[..., Encoder]] = {}
 # prefix families: builder(arch, checkpoint, **kw)
 _FAMILIES: dict[str, Callable[..., Encoder]] = {"open_clip": build_open_clip, "timm": build_timm}
+_FAMILY_CHECKS: dict[str, Callable[[str], None]] = {
+    "open_clip": check_open_clip_arch,
+    "timm": check_timm_name,
+}
 # encoders whose weights ship with an installed package, so checkpoint=None is meaningful
 _BUILTIN_WEIGHTS = {"efficientnet_lite0": "imagenet"}
 
@@ -94,30 +98,16 @@ def check_encoder_name(name: str) -> None:
     family, _, arch = name.partition(":")
     if family not in _FAMILIES or not arch:
         raise _unknown(name)
-    if family == "timm":
-        import timm
-
-        if not timm.is_model(arch):
-            raise EncoderError(f"unknown timm model {arch!r} (see timm.list_models('*pattern*'))")
-    elif family == "open_clip" and not arch.startswith(("hf-hub:", "local-dir:")):
-        import open_clip
-
-        if arch not in open_clip.list_models():
-            raise EncoderError(f"unknown OpenCLIP architecture {arch!r} (see open_clip.list_models())")
+    _FAMILY_CHECKS[family](arch)
 
 
 def create_encoder(name: str, checkpoint: str | Path | None = None, **kw: object) -> Encoder:
     """Build encoder ``name`` in eval mode with weights from ``checkpoint`` (a local file) or its built-ins."""
+    check_encoder_name(name)
     if ":" in name:
         family, _, arch = name.partition(":")
-        if family not in _FAMILIES or not arch:
-            raise _unknown(name)
-        enc = _FAMILIES[family](arch, checkpoint, **kw)
-    elif name in _REGISTRY:
-        enc = _REGISTRY[name](checkpoint, **kw)
-    else:
-        raise _unknown(name)
-    return enc.eval()
+        return _FAMILIES[family](arch, checkpoint, **kw).eval()
+    return _REGISTRY[name](checkpoint, **kw).eval()
 
 
 def encoder_id(name: str, checkpoint: str | Path | None, **kw: object) -> str:

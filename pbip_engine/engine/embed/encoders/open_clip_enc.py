@@ -37,15 +37,10 @@ def _as_tuple3(v: object, default: tuple[float, float, float]) -> tuple[float, f
     return (t * 3)[:3] if len(t) == 1 else t  # type: ignore[return-value]
 
 
-def build_open_clip(arch: str, checkpoint: str | Path | None = None, **kw: object) -> ModuleEncoder:
-    """``open_clip.create_model(arch, pretrained=None, **kw).visual`` + the checkpoint's visual weights.
-
-    ``kw`` go to ``create_model`` (they override the arch config, e.g. ``vision_cfg=...`` for a custom
-    tower). ``random_init=True`` skips the checkpoint (benchmarks only).
-    """
+def check_open_clip_arch(arch: str) -> None:
+    """EncoderError unless ``arch`` is an OpenCLIP architecture this builder takes (the spec's check too)."""
     import open_clip
 
-    random_init = bool(kw.pop("random_init", False))
     if arch.startswith(("hf-hub:", "local-dir:")):
         raise EncoderError(
             f"open_clip:{arch}: hub/local-dir schemas are not supported; use open_clip:<arch> with "
@@ -55,6 +50,18 @@ def build_open_clip(arch: str, checkpoint: str | Path | None = None, **kw: objec
         raise EncoderError(
             f"unknown OpenCLIP architecture {arch!r}; known: {', '.join(open_clip.list_models()[:12])}, ..."
         )
+
+
+def build_open_clip(arch: str, checkpoint: str | Path | None = None, **kw: object) -> ModuleEncoder:
+    """``open_clip.create_model(arch, pretrained=None, **kw).visual`` + the checkpoint's visual weights.
+
+    ``kw`` go to ``create_model`` (they override the arch config, e.g. ``vision_cfg=...`` for a custom
+    tower). ``random_init=True`` skips the checkpoint (benchmarks only).
+    """
+    import open_clip
+
+    random_init = bool(kw.pop("random_init", False))
+    check_open_clip_arch(arch)
     if checkpoint is None and not random_init:
         raise EncoderError(
             f"open_clip:{arch} needs checkpoint=/path/to/weights (e.g. PLIP/QuiltNet's "

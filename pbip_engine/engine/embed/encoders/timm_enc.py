@@ -23,11 +23,16 @@ from pbip_engine.engine.embed.encoders.base import (
 _HEAD_PREFIXES = ("head.", "fc.", "classifier.", "head.fc.")
 
 
+def check_timm_name(name: str) -> None:
+    """EncoderError unless timm knows model ``name`` (the spec's check and the builder's)."""
+    if not timm.is_model(name):
+        raise EncoderError(f"unknown timm model {name!r} (see timm.list_models('*pattern*'))")
+
+
 def build_timm(name: str, checkpoint: str | Path | None = None, **kw: object) -> ModuleEncoder:
     """Pooled timm features; ``random_init=True`` skips the checkpoint (benchmarks only)."""
     random_init = bool(kw.pop("random_init", False))
-    if not timm.is_model(name):
-        raise EncoderError(f"unknown timm model {name!r} (see timm.list_models('*pattern*'))")
+    check_timm_name(name)
     if checkpoint is None and not random_init:
         raise EncoderError(
             f"timm:{name} needs checkpoint=/path/to/pytorch_model.bin or .safetensors (e.g. UNI's "
