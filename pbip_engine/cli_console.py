@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 from typing import IO
 
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+from pbip_engine.engine.io.terminal import ANSI
+
 RAY_PREFIX = re.compile(r"^\((?P<who>[\w.]+) pid=\d+(?:, ip=[\d.]+)?\)\s*")
 ENGINE_BAR = re.compile(r"^[a-z][a-z0-9 _-]*: +(\d+%\||\d+[a-z/]* \[)")  # with a total, or a count
 BAR_END = re.compile(r"^[^|]*\|[^|]*\|[^\]]*\]")  # "desc: 40%|####      | 2/5 [00:01<00:02, 2.0it/s]"

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pbip_engine.engine.io.atomic import temp_dirs
+from pbip_engine.engine.io.terminal import ANSI
 from pbip_engine.jobs.manifest import MANIFEST, input_hash, new_manifest, read_json, write_json_atomic
 from pbip_engine.jobs.stage import Stage, StageContext
 from pbip_engine.jobs.stages import all_stages
@@ -92,7 +93,6 @@ def select_stages(spec: JobSpec, only: Sequence[str] | None) -> list[Stage]:
     return [s for s in stages if s.name in only]
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(Error|Exception|Exit): \S")
 
 
@@ -104,7 +104,7 @@ def stage_error(e: BaseException) -> str:
     traceback in its text, and that is what the user can act on, so it comes first (the console shows
     the first line). Ray's colour codes go.
     """
-    text = _ANSI.sub("", str(e)).strip()
+    text = ANSI.sub("", str(e)).strip()
     whole = f"{type(e).__name__}: {text}"
     if type(e).__module__.split(".")[0] != "ray":
         return whole

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from pbip_engine.engine.io.terminal import ANSI
+
 # What libjpeg(-turbo) prints when it cannot decode (all of) a stream while still returning pixels.
 # "Corrupt JPEG data: N extraneous bytes before marker" is not one: libjpeg skips the stray bytes and
 # decodes the whole image.
@@ -29,7 +31,7 @@ DECODE_ERROR = re.compile(
 )
 # Lines another thread printed meanwhile (Ray's log monitor relays workers' output as "(Name pid=N) ...")
 # are not this decode's.
-_RELAYED = re.compile(r"^\s*(\x1b\[[0-9;]*m)?\([^)]*pid=\d+")
+_RELAYED = re.compile(r"^\s*\([^)]*pid=\d+")  # matched after ANSI codes are removed
 _capture_lock = threading.Lock()
 _sink_fd: dict[int, int] = {}  # pid -> the capture file's descriptor (one per process, forks included)
 
@@ -84,7 +86,8 @@ def captured_native_output() -> Iterator[list[str]]:
 
 def decoder_complaint(captured: list[str]) -> str | None:
     """The decoder's own words on one line (at most 200 characters) where it reported a broken stream."""
-    own = "\n".join(ln for ln in (captured[0] if captured else "").splitlines() if not _RELAYED.match(ln))
+    lines = (captured[0] if captured else "").splitlines()
+    own = "\n".join(ln for ln in lines if not _RELAYED.match(ANSI.sub("", ln)))
     if DECODE_ERROR.search(own):
         return " ".join(own.split())[:200]
     return None
