@@ -21,7 +21,7 @@ from typing import Any
 from pbip_engine.engine.io.atomic import temp_dirs
 from pbip_engine.engine.io.terminal import ANSI
 from pbip_engine.jobs.manifest import MANIFEST, input_hash, new_manifest, read_json, write_json_atomic
-from pbip_engine.jobs.stage import Stage, StageContext
+from pbip_engine.jobs.stage import Stage, StageContext, unit_reason
 from pbip_engine.jobs.stages import all_stages
 from pbip_engine.schemas.spec import JobSpec, SpecError, check_inputs
 
@@ -73,16 +73,22 @@ def check_upstream(spec: JobSpec, stages: Sequence[Stage], out: Path) -> None:
             )
 
 
+def check_stage_names(names: Sequence[str], option: str, also: Sequence[str] = ()) -> None:
+    """SpecError naming ``option`` when ``names`` is empty or holds a name that is no stage (nor in ``also``)."""
+    known = sorted(s.name for s in all_stages())
+    extra = "".join(f" or {a!r}" for a in also)
+    if not names:
+        raise SpecError(f"{option}: no stage named; stages are {known}{extra}")
+    unknown = sorted({n for n in names if n not in known and n not in also})
+    if unknown:
+        raise SpecError(f"{option}: unknown stage(s) {unknown}; stages are {known}{extra}")
+
+
 def select_stages(spec: JobSpec, only: Sequence[str] | None) -> list[Stage]:
     stages = [s for s in all_stages() if s.enabled(spec)]
     if only is None:
         return stages
-    known = {s.name for s in all_stages()}
-    if not only:
-        raise SpecError(f"--stages: no stage named; stages are {sorted(known)}")
-    unknown = [n for n in only if n not in known]
-    if unknown:
-        raise SpecError(f"--stages: unknown stage(s) {unknown}; stages are {sorted(known)}")
+    check_stage_names(only, "--stages")
     by_name = {s.name: s for s in all_stages()}
     unneeded = {n: by_name[n].not_needed(spec) for n in only if by_name[n].not_needed(spec)}
     if unneeded:
@@ -153,11 +159,8 @@ def run_pipeline(
     stages = select_stages(spec, only)
     check_upstream(spec, stages, Path(spec.run.output))
     force_set = set(force)
-    known = {s.name for s in all_stages()}
-    if force_set - known - {"all"}:
-        raise SpecError(
-            f"--force: unknown stage(s) {sorted(force_set - known - {'all'})}; stages are {sorted(known)} or 'all'"
-        )
+    if force_set:
+        check_stage_names(force, "--force", also=("all",))
     if "all" in force_set:
         force_set = {s.name for s in stages}
     out = Path(spec.run.output)
@@ -252,11 +255,7 @@ def run_pipeline(
             "status": result.status,
             "seconds": m["seconds"],
             "counts": result.counts,
-            # the unit's text (file and cause) where it has one, not only its reason code ("labels")
-            "failed_units": {
-                u: result.units[u].get("message") or result.units[u].get("reason")
-                for u in result.failed_units
-            },
+            "failed_units": {u: unit_reason(result.units[u]) for u in result.failed_units},
             "input_hash": h,
         }
         _write_run_json(out, spec, summary)

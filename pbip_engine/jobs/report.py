@@ -211,6 +211,8 @@ def _slides(
     names: list[str],
     assets: _Assets,
 ) -> list[dict[str, Any]]:
+    from pbip_engine.jobs.stage import unit_reason
+
     failed: dict[str, list[str]] = {}
     for stage, entry in run_stages.items():
         for unit, reason in ((entry or {}).get("failed_units") or {}).items():
@@ -218,7 +220,7 @@ def _slides(
     for stage, m in manifests.items():
         for unit, u in (m.get("units") or {}).items():
             if isinstance(u, dict) and u.get("status") == "failed":
-                why = f"{stage}: {u.get('message') or u.get('reason') or 'failed'}"  # as run.json has it
+                why = f"{stage}: {unit_reason(u) or 'failed'}"  # as run.json has it
                 if why not in failed.get(unit, []):
                     failed.setdefault(unit, []).append(why)
     seg_units = (manifests.get("segment") or {}).get("units") or {}

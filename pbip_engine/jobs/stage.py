@@ -16,6 +16,12 @@ from typing import Any
 from pbip_engine.schemas.spec import JobSpec
 
 
+def unit_reason(unit: dict[str, Any]) -> str | None:
+    """Why a unit (a slide) failed, as the user should read it: its message (file and cause) where it has
+    one, else its reason code ("labels", "unreadable")."""
+    return unit.get("message") or unit.get("reason")
+
+
 @dataclass
 class StageResult:
     counts: dict[str, Any] = field(default_factory=dict)

@@ -14,7 +14,7 @@ from typing import Any
 
 from pbip_engine.jobs.manifest import read_json, write_json_atomic
 from pbip_engine.jobs.rundir import cohort_slides, slide_id_of
-from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
+from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage, unit_reason
 from pbip_engine.schemas.spec import JobSpec, check_slide_ids
 
 ANNOTATION_SUFFIXES = (".geojson", ".json", ".geojson.gz")
@@ -171,7 +171,7 @@ class TileStage(Stage):
                         bar.set_postfix(tiles_per_s=f"{n_tiles / max(time.perf_counter() - t0, 1e-9):.0f}")
                         bar.update(1)
                         if rec["status"] == "failed":
-                            ctx.log(f"[tile] {sid} FAILED: {rec.get('message') or rec.get('reason')}")
+                            ctx.log(f"[tile] {sid} FAILED: {unit_reason(rec)}")
 
         done = [u for u in units.values() if u["status"] == "done"]
         counts = {
