@@ -49,6 +49,14 @@ def stage2_setup(config: dict[str, Any]):
     model = build_segmenter(config["arch"], n_classes=config["n_classes"], backbone=config["backbone"],
                             pretrained=config["pretrained"], crop_px=config.get("crop_px"),
                             separable=config.get("separable", True))  # fmt: skip
+    if config.get("init_backbone"):  # segmenter.backbone_init: stage1
+        from pbip_engine.engine.nn.backbones import load_into
+        from pbip_engine.engine.training.checkpoint import submodule_weights
+
+        path = config["init_backbone"]
+        model.backbone.load_report = load_into(  # tensors it lacks keep their ImageNet weights
+            model.backbone, submodule_weights(path, "backbone."), source=path, drop_prefixes=()
+        )
     loss = config.get("loss") or {"name": "ce", "options": {}}
     loss_fn = stage2_loss(loss["name"], loss["options"], class_weights=loss.get("class_weights"))
     task = SegmentationTask(model, amp=config["loop"]["amp"], loss=loss_fn)
@@ -134,6 +142,10 @@ class SegmenterStage(Stage):
     deps = ("synth", "tile", "pseudo")  # synth/tile: methods with their own labels (Method.stage2_labels)
     sections = ("classes", "method", "segmenter")
 
+    def dependencies(self, spec: JobSpec) -> tuple[str, ...]:
+        deps = super().dependencies(spec)  # + the stage-1 model it starts from (segmenter.backbone_init)
+        return (*deps, "classnet") if spec.segmenter.backbone_init == "stage1" else deps
+
     def run(self, ctx: StageContext) -> StageResult:
         import pyarrow.dataset as pads
         import ray
@@ -171,6 +183,8 @@ class SegmenterStage(Stage):
         if weight_record.get("class_pixels"):
             ctx.log(f"[segmenter] class weights {[round(w, 3) for w in weights]} (balanced: class pixels "
                     f"{weight_record['class_pixels']} in {weight_record['weight_masks']} pseudo masks)")  # fmt: skip
+        # stage 2 starts from the checkpoint the pseudo stage read the CAMs from (segmenter.backbone_init)
+        init = str(ctx.stage_dir("classnet") / "best.pt") if s.backbone_init == "stage1" else None
         config = {
             "loop": {
                 "epochs": s.epochs,
@@ -188,6 +202,7 @@ class SegmenterStage(Stage):
             "backbone": s.backbone,
             "separable": s.separable,
             "pretrained": s.backbone_checkpoint or True,
+            "init_backbone": init,
             "n_classes": len(spec.classes) + 1,
             "crop_px": s.crop_px
             or spec.tiling.tile_px,  # ASPP rates fit the training crop (deeplab.fit_rates)
@@ -208,7 +223,8 @@ class SegmenterStage(Stage):
             f"[segmenter] {len(history)} epoch(s) on {n} {'region crops' if regions else 'pseudo-labelled tiles'}"
             f" per epoch; last loss {last.get('loss'):.4f}"
         )
-        extra = {"last_epoch": {k: v for k, v in last.items() if k != "val"}, **weight_record}
+        extra = {"last_epoch": {k: v for k, v in last.items() if k != "val"}, "backbone_init": s.backbone_init,
+                 **weight_record}  # fmt: skip
         if regions is not None:
             extra["regions"] = regions
         if split is not None:

@@ -333,6 +333,12 @@ class SegmenterSection(_Section):
     )
     backbone: str = "efficientnet_lite0"
     backbone_checkpoint: str | None = None
+    backbone_init: Literal["imagenet", "stage1"] = Field(
+        "imagenet",
+        description="where stage 2's backbone starts: 'imagenet' = the packaged ImageNet weights (or "
+        "backbone_checkpoint); 'stage1' = the stage-1 model's backbone, already fine-tuned on the cohort's "
+        "tissue (method.backbone must be segmenter.backbone); the head starts fresh either way",
+    )
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(1e-4, gt=0)
@@ -559,6 +565,31 @@ class JobSpec(_Section):
             raise ValueError(
                 f"segmenter.class_weights: {len(w)} weight(s) {w}; it needs {len(self.classes) + 1} "
                 f"non-negative weights, background first, then one per entry of classes {self.class_names}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _segmenter_init(self) -> JobSpec:
+        s = self.segmenter
+        if s.backbone_init != "stage1":
+            return self
+        if s.backbone_checkpoint:
+            raise ValueError(
+                "segmenter.backbone_init: stage1 starts from the stage-1 model's backbone, and "
+                f"segmenter.backbone_checkpoint ({s.backbone_checkpoint}) names another start: set one of them"
+            )
+        from pbip_engine.methods import get_method
+
+        if "classnet" not in get_method(self.method.name).uses_stages(self.method):
+            raise ValueError(
+                f"segmenter.backbone_init: stage1, but method {self.method.name!r} trains no stage-1 model: "
+                "use imagenet"
+            )
+        stage1 = getattr(self.method, "backbone", None)
+        if stage1 != s.backbone:
+            raise ValueError(
+                f"segmenter.backbone_init: stage1 needs the stage-1 backbone, method.backbone {stage1!r}, to be "
+                f"segmenter.backbone ({s.backbone!r})"
             )
         return self
 

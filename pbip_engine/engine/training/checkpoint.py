@@ -88,6 +88,18 @@ def read_checkpoint(
     return state
 
 
+def submodule_weights(
+    path: str | Path, prefix: str, *, error: type[Exception] = CheckpointError
+) -> dict[str, Any]:
+    """The tensors of a checkpoint's model under ``prefix``, with the prefix removed: how stage 2 starts
+    from a stage-1 model's backbone (``backbone.``). A checkpoint with nothing under it raises, naming it."""
+    sd = read_checkpoint(path, error=error)["model"]
+    out = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    if not out:
+        raise error(f"{path}: the model has no weights under {prefix!r}")
+    return out
+
+
 def load_weights(
     p: Path,
     model: nn.Module,
