@@ -101,6 +101,7 @@ from pbip_engine.engine.inference.stitch import blend_window
 from pbip_engine.engine.ingest.datasets.common import labels_from_mask
 from pbip_engine.engine.ingest.datasets.glas import CLASSES, GlaSImages, GlaSPatches
 from pbip_engine.engine.metrics import IGNORE_INDEX, SegmentationMeter
+from pbip_engine.engine.nn.backbones import load_into
 from pbip_engine.engine.nn.deeplab import build_segmenter
 from pbip_engine.engine.prototypes.bank import BankParams, build_bank
 from pbip_engine.engine.pseudo.cams import fuse_cams
@@ -448,15 +449,19 @@ def pseudo_masks(model, cfg, images, masks, args, dev):
 # --------------------------------------------------------------------------------------------- stage 2
 
 
-def make_segmenter(args) -> torch.nn.Module:
-    """DeepLab for 2 tissue classes (+ the never-targeted background 0), ASPP rates fitted to the crop."""
-    return build_segmenter(args.arch, N_CLASSES + 1, "efficientnet_lite0", pretrained=True,
-                           output_stride=args.output_stride, crop_px=args.crop)  # fmt: skip
+def make_segmenter(args, init: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """DeepLab for 2 tissue classes (+ the never-targeted background 0), ASPP rates fitted to the crop; its
+    backbone from ImageNet, or from ``init`` (the stage-1 model's backbone: segmenter.backbone_init: stage1)."""
+    model = build_segmenter(args.arch, N_CLASSES + 1, "efficientnet_lite0", pretrained=True,
+                            output_stride=args.output_stride, crop_px=args.crop)  # fmt: skip
+    if init is not None:
+        model.backbone.load_report = load_into(model.backbone, init, source="stage 1", drop_prefixes=())
+    return model
 
 
-def train_stage2(images, masks, args, dev, tag: str):
+def train_stage2(images, masks, args, dev, tag: str, init: dict[str, torch.Tensor] | None = None):
     torch.manual_seed(args.seed)
-    model = make_segmenter(args)
+    model = make_segmenter(args, init)
     weights = None  # --class-weights balanced: the engine's segmenter.class_weights, from these masks
     if args.class_weights == "balanced":
         weights = balanced_weights(mask_class_counts([m.cpu().numpy() for m in masks], N_CLASSES + 1))
@@ -547,17 +552,21 @@ def test_segmenter(model, images, masks, args, dev) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ main
 
 
-def stage2_run(tag: str, tr_imgs, masks, te_imgs, te_masks, args, dev, clock: Clock, res: dict) -> None:
-    """Stage 2 on ``masks`` (pseudo or, for the control, true) and its testA score, into ``res[tag]``."""
+def stage2_run(
+    tag: str, tr_imgs, masks, te_imgs, te_masks, args, dev, clock: Clock, res: dict, init: dict | None = None
+) -> None:
+    """Stage 2 on ``masks`` (pseudo or, for the control, true) and its testA score, into ``res[tag]``;
+    ``init``: the backbone it starts from (None: ImageNet)."""
     t = time.perf_counter()
-    seg, last = train_stage2(tr_imgs, masks, args, dev, tag)
+    seg, last = train_stage2(tr_imgs, masks, args, dev, tag, init)
     t_train = time.perf_counter() - t
     t2 = time.perf_counter()
     score = test_segmenter(seg, te_imgs, te_masks, args, dev)
     sync(dev)
     res[f"{tag}_testA_miou"] = score["miou"]
     res[tag] = {**score, "iters_run": last["iters"], "class_weights": last["class_weights"], "train_loss": last["loss"], "images_per_s": last["images_per_s"], "train_s": t_train,
-                "test_s": time.perf_counter() - t2, "aspp_rates": unwrap(seg).config.get("aspp_rates")}  # fmt: skip
+                "test_s": time.perf_counter() - t2, "aspp_rates": unwrap(seg).config.get("aspp_rates"),
+                "backbone_init": "imagenet" if init is None else "stage1"}  # fmt: skip
     what = "pseudo masks" if tag == "stage2" else "TRUE masks (control)"
     clock.step(tag, t, f"DeepLab on {what}: {last['iters']} it, loss {last['loss']:.4f}, testA mIoU "
                f"{score['miou']:.4f} (IoU {np.round(score['iou'], 4).tolist()})")  # fmt: skip
@@ -670,6 +679,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--seg-wd", type=float, default=1e-4)
     g.add_argument("--class-weights", choices=["none", "balanced"], default="balanced",
                    help="stage-2 CE weighted by inverse class frequency of its masks (segmenter.class_weights)")  # fmt: skip
+    g.add_argument("--stage2-init", choices=["stage1", "imagenet"], default="stage1",
+                   help="stage 2's backbone on pseudo masks starts from the stage-1 model's (examples/glas.yaml's "
+                   "segmenter.backbone_init) or from ImageNet; the control always starts from ImageNet")  # fmt: skip
     g.add_argument("--tta-scales", type=floats, default=[0.75, 1.0, 1.25])
     g.add_argument("--test-tile", type=int, default=None,
                    help="testA in tiles of this edge (default --crop: the training context, as the engine's "
@@ -767,13 +779,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     clock.step(
         "pseudo", t, f"train pseudo masks mIoU {pres['miou']:.4f} (IoU {np.round(pres['iou'], 4).tolist()})"
     )
+    init = None  # stage 2 from the stage-1 backbone (the control, on true masks, stays on ImageNet)
+    if args.stage2_init == "stage1":
+        init = {k: v.detach().clone() for k, v in unwrap(model).backbone.state_dict().items()}
     del model, enc, patches
     if dev.type == "cuda":
         torch.cuda.empty_cache()
 
     runs = [("stage2", pseudo)] + ([] if args.no_control else [("control", tr_masks)])
     for tag, masks in runs:
-        stage2_run(tag, tr_imgs, masks, te_imgs, te_masks, args, dev, clock, res)
+        stage2_run(
+            tag, tr_imgs, masks, te_imgs, te_masks, args, dev, clock, res, init if tag == "stage2" else None
+        )
 
     control = "" if args.no_control else f", control {res['control_testA_miou']:.4f}"
     clock.close(res, f"pseudo {res['pseudo_miou']:.4f}, stage 2 {res['stage2_testA_miou']:.4f}{control}")
