@@ -150,9 +150,11 @@ def test_glas_gland_example_is_the_glas_protocol_with_only_the_budget_keys_chang
     assert max(spec.method.mpfp_sizes) <= spec.method.cam_px(spec.tiling.tile_px)
     for key in ("data", "classes", "tiling", "segment", "resources"):
         assert gland[key] == pbip[key], key
-    # stage 2's epochs are a budget key: gland's figures were measured at 6 (glas.yaml: 10 since session 23)
-    assert {k: v for k, v in gland["segmenter"].items() if k != "epochs"} == {
-        k: v for k, v in pbip["segmenter"].items() if k != "epochs"
+    # stage 2's epochs are a budget key: gland's figures were measured at 6 (glas.yaml: 10 since session 23);
+    # backbone_init: stage1 was measured on PBIP's ClassNet only (session 40), gland's figures start from ImageNet
+    seg_own = ("epochs", "backbone_init")
+    assert {k: v for k, v in gland["segmenter"].items() if k not in seg_own} == {
+        k: v for k, v in pbip["segmenter"].items() if k not in seg_own
     }
     assert {k: v for k, v in gland["stage1"].items() if k != "epochs"} == {
         k: v for k, v in pbip["stage1"].items() if k != "epochs"
