@@ -260,8 +260,9 @@ def test_rerun_after_failed_pseudo_counts_each_tile_once(pipeline_run: Path) -> 
     assert json.loads((final / "metrics.json").read_text())["n_images"] == n
 
 
-def test_balanced_class_weights_come_from_the_pseudo_masks(pipeline_run: Path, tmp_path: Path) -> None:
-    """segmenter.class_weights: balanced on a real Ray: counted from the stitched regions, recorded, trained."""
+def test_balanced_class_weights_and_the_stage1_backbone(pipeline_run: Path, tmp_path: Path) -> None:
+    """segmenter.class_weights: balanced on a real Ray: counted from the stitched regions, recorded, trained; in
+    the same run segmenter.backbone_init: stage1, whose Train worker reads the ClassNet's checkpoint."""
     import shutil
 
     from pbip_engine.engine.training.losses import balanced_weights
@@ -271,6 +272,7 @@ def test_balanced_class_weights_come_from_the_pseudo_masks(pipeline_run: Path, t
     raw = yaml.safe_load((pipeline_run.parent / "spec.yaml").read_text())
     raw["run"]["output"] = str(out)
     raw["segmenter"]["class_weights"] = "balanced"
+    raw["segmenter"]["backbone_init"] = "stage1"
     p = tmp_path / "spec.yaml"
     p.write_text(yaml.safe_dump(raw))
     s = run_pipeline(load_spec(p), only=["segmenter"], log=print, progress=False)
@@ -279,6 +281,7 @@ def test_balanced_class_weights_come_from_the_pseudo_masks(pipeline_run: Path, t
     assert len(m["class_pixels"]) == len(CLASSES) + 1 and sum(m["class_pixels"]) > 0
     assert m["class_weights"] == pytest.approx(balanced_weights(m["class_pixels"]))
     assert len(set(m["class_weights"])) > 1  # the synthetic cohort's classes are not balanced
+    assert m["backbone_init"] == "stage1" and "classnet" in m["inputs"]["upstream"], m["inputs"]["upstream"]
 
 
 def test_embedding_only_the_bank_tiles(pipeline_run: Path, tmp_path: Path) -> None:
