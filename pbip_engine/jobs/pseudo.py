@@ -24,7 +24,7 @@ import numpy as np
 from pbip_engine.engine.training.batches import decode_batch
 from pbip_engine.jobs.manifest import write_json_atomic
 from pbip_engine.jobs.resources import actor_pool_options, labelled_rows, read_options, write_parquet_fresh
-from pbip_engine.jobs.rundir import REGIONS, mask_relpath, synth_truth_dir, tile_files
+from pbip_engine.jobs.rundir import REGIONS, mask_relpath, stage1_model, synth_truth_dir, tile_files
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
 
 COLUMNS = ["tile_id", "slide_id", "x", "y", "size0", "image", "labels", "labelled"]
@@ -443,7 +443,7 @@ class PseudoStage(Stage):
         files = tile_files(ctx.stage_dir("tile"))
         model = {
             "spec": spec,
-            "model_path": str(ctx.stage_dir("classnet") / "best.pt"),
+            "model_path": str(stage1_model(ctx)),
             "bank_dir": str(ctx.stage_dir("bank")) if "bank" in self.dependencies(spec) else None,
             "out_dir": str(ctx.work_dir),
         }

@@ -18,6 +18,11 @@ from pbip_engine.schemas.spec import JobSpec, expand_slides
 MODEL_CARD = "model.json"  # beside the segmenter's weights
 
 
+def stage1_model(ctx: StageContext) -> Path:
+    """The stage-1 checkpoint the pseudo masks are read from, and stage 2 starts from (backbone_init: stage1)."""
+    return ctx.stage_dir("classnet") / "best.pt"
+
+
 def slide_id_of(path: Path) -> str:
     """A slide's id in every per-slide file name (the engine's one rule, shared with the writers)."""
     return slide_id(path)

@@ -12,7 +12,7 @@ from pbip_engine.engine.training.batches import decode_samples
 from pbip_engine.jobs.manifest import write_json_atomic
 from pbip_engine.jobs.ray_train import fit_on_ray, holdout_split
 from pbip_engine.jobs.resources import labelled_rows, read_options
-from pbip_engine.jobs.rundir import MODEL_CARD, REGIONS, model_card, synth_truth_dir, tile_files
+from pbip_engine.jobs.rundir import MODEL_CARD, REGIONS, model_card, stage1_model, synth_truth_dir, tile_files
 from pbip_engine.jobs.stage import Stage, StageContext, StageResult, register_stage
 from pbip_engine.schemas.spec import JobSpec
 
@@ -183,8 +183,7 @@ class SegmenterStage(Stage):
         if weight_record.get("class_pixels"):
             ctx.log(f"[segmenter] class weights {[round(w, 3) for w in weights]} (balanced: class pixels "
                     f"{weight_record['class_pixels']} in {weight_record['weight_masks']} pseudo masks)")  # fmt: skip
-        # stage 2 starts from the checkpoint the pseudo stage read the CAMs from (segmenter.backbone_init)
-        init = str(ctx.stage_dir("classnet") / "best.pt") if s.backbone_init == "stage1" else None
+        init = str(stage1_model(ctx)) if s.backbone_init == "stage1" else None  # segmenter.backbone_init
         config = {
             "loop": {
                 "epochs": s.epochs,
