@@ -27,11 +27,13 @@ def segmenter_arch(spec: JobSpec) -> str:
 
 
 def segmenter_loss(spec: JobSpec) -> dict[str, Any]:
-    """The stage-2 loss: ``segmenter.loss`` or the method's default, with its options (``segmenter.plf``)."""
+    """The stage-2 loss: ``segmenter.loss`` or the method's default, with its options (``segmenter.plf``,
+    ``segmenter.dice_weight``)."""
     from pbip_engine.methods import get_method
 
     name = spec.segmenter.loss or get_method(spec.method.name).stage2_defaults(spec.method).loss
-    return {"name": name, "options": spec.segmenter.plf.model_dump() if name == "plf" else {}}
+    options = {"plf": spec.segmenter.plf.model_dump(), "ce_dice": {"dice_weight": spec.segmenter.dice_weight}}
+    return {"name": name, "options": options.get(name, {})}
 
 
 def stage2_setup(config: dict[str, Any]):

@@ -316,10 +316,15 @@ class SegmenterSection(_Section):
     arch: Literal["deeplabv2", "deeplabv3plus"] | None = Field(
         None, description="default: the method's choice"
     )
-    loss: Literal["ce", "plf"] | None = Field(
-        None, description="pixel loss: cross-entropy or PLF (gland paper); default: the method's choice"
+    loss: Literal["ce", "ce_dice", "plf"] | None = Field(
+        None,
+        description="pixel loss: cross-entropy, cross-entropy + soft Dice, or PLF (gland paper); default: the "
+        "method's choice",
     )
     plf: PlfOptions = Field(default_factory=PlfOptions)
+    dice_weight: float = Field(
+        1.0, gt=0, description="loss: ce_dice: the weight of the Dice term beside the CE"
+    )
     class_weights: Literal["balanced"] | list[float] | None = Field(
         None,
         description="per-class weights of the pixel loss: 'balanced' = inverse pixel frequency in the pseudo "
