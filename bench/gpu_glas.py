@@ -466,7 +466,7 @@ def train_stage2(images, masks, args, dev, tag: str, init: dict[str, torch.Tenso
     if args.class_weights == "balanced":
         weights = balanced_weights(mask_class_counts([m.cpu().numpy() for m in masks], N_CLASSES + 1))
     task = SegmentationTask(model, head_lr_mult=args.head_lr_mult, amp=True,
-                            loss=stage2_loss("ce", class_weights=weights))  # fmt: skip
+                            loss=stage2_loss(args.stage2_loss, class_weights=weights))  # fmt: skip
     loop = LoopConfig(epochs=1, lr=args.seg_lr, weight_decay=args.seg_wd, schedule="poly", amp=True,
                       augment=False, seed=args.seed)  # fmt: skip
     trainer = Trainer(task, loop, NullStore(), device=dev, log_fn=None)
@@ -566,7 +566,7 @@ def stage2_run(
     res[f"{tag}_testA_miou"] = score["miou"]
     res[tag] = {**score, "iters_run": last["iters"], "class_weights": last["class_weights"], "train_loss": last["loss"], "images_per_s": last["images_per_s"], "train_s": t_train,
                 "test_s": time.perf_counter() - t2, "aspp_rates": unwrap(seg).config.get("aspp_rates"),
-                "backbone_init": "imagenet" if init is None else "stage1"}  # fmt: skip
+                "backbone_init": "imagenet" if init is None else "stage1", "loss": args.stage2_loss}  # fmt: skip
     what = "pseudo masks" if tag == "stage2" else "TRUE masks (control)"
     clock.step(tag, t, f"DeepLab on {what}: {last['iters']} it, loss {last['loss']:.4f}, testA mIoU "
                f"{score['miou']:.4f} (IoU {np.round(score['iou'], 4).tolist()})")  # fmt: skip
@@ -682,6 +682,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--stage2-init", choices=["stage1", "imagenet"], default="stage1",
                    help="stage 2's backbone on pseudo masks starts from the stage-1 model's (examples/glas.yaml's "
                    "segmenter.backbone_init) or from ImageNet; the control always starts from ImageNet")  # fmt: skip
+    g.add_argument("--stage2-loss", choices=["ce", "ce_dice"], default="ce_dice",
+                   help="stage 2's pixel loss, the control's too (examples/glas.yaml's segmenter.loss)")  # fmt: skip
     g.add_argument("--tta-scales", type=floats, default=[0.75, 1.0, 1.25])
     g.add_argument("--test-tile", type=int, default=None,
                    help="testA in tiles of this edge (default --crop: the training context, as the engine's "

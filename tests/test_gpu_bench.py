@@ -66,6 +66,8 @@ def test_gpu_glas_tiny(tmp_path: Path) -> None:
     assert len(weights) == 3 and weights[0] == 1.0 and all(0.1 <= w <= 10 for w in weights)
     # stage 2 on the pseudo masks starts from the stage-1 backbone (--stage2-init), the control from ImageNet
     assert (res["stage2"]["backbone_init"], res["control"]["backbone_init"]) == ("stage1", "imagenet")
+    # --stage2-loss (default ce_dice, as examples/glas.yaml) for both
+    assert res["stage2"]["loss"] == res["control"]["loss"] == "ce_dice"
 
 
 def test_gpu_glas_tiny_lpd(tmp_path: Path) -> None:

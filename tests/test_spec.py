@@ -178,3 +178,4 @@ def test_glas_paper_carries_the_cpu_protocols_mask_recipe() -> None:
     same = {k: v for k, v in cpu.pseudo.model_dump().items() if k != "max_hole_px"}
     assert same == {k: v for k, v in gpu.pseudo.model_dump().items() if k != "max_hole_px"}
     assert gpu.segmenter.class_weights == cpu.segmenter.class_weights and gpu.segmenter.val_fraction == 0
+    assert gpu.segmenter.loss == cpu.segmenter.loss == "ce_dice"
