@@ -2,7 +2,8 @@
 
 ``stage2_loss(name, options)`` returns ``loss(logits B,N,H,W, mask B,H,W) -> scalar``; ``ce`` is the plain
 pixel cross-entropy of ``engine.training.segmentation``, ``ce_dice`` cross-entropy plus soft Dice, ``plf`` the
-gland paper's Purified Labels Filtration. Each takes per-class weights (``class_weights``, background first; ``class_weights.py`` derives them).
+gland paper's Purified Labels Filtration. Each takes per-class weights (``class_weights``, background first;
+``class_weights.py`` derives them).
 """
 
 from __future__ import annotations
@@ -29,8 +30,7 @@ def stage2_loss(
     class_weights: Sequence[float] | None = None,
 ) -> LossFn:
     """The stage-2 loss ``name`` with its options (``plf``: ``normalize``, ``confidence``; ``ce_dice``:
-    ``dice_weight``) and optional
-    per-class weights (one per mask value 0..N)."""
+    ``dice_weight``) and optional per-class weights (one per mask value 0..N)."""
     w = None if class_weights is None else torch.tensor([float(x) for x in class_weights])
     if name == "ce":
         from pbip_engine.engine.training.segmentation import segmentation_loss
