@@ -116,7 +116,7 @@ from pbip_engine.engine.training.device_augment import (
 )
 from pbip_engine.engine.training.inputs import unwrap
 from pbip_engine.engine.training.loop import LoopConfig, Trainer
-from pbip_engine.engine.training.losses import balanced_weights, mask_class_counts, stage2_loss
+from pbip_engine.engine.training.losses import STAGE2_LOSSES, balanced_weights, mask_class_counts, stage2_loss
 from pbip_engine.engine.training.segmentation import SegmentationTask
 from pbip_engine.engine.wsi.grid import grid_positions
 from pbip_engine.methods.lpd.model import LpdNetConfig, build_lpdnet, initial_prototypes
@@ -682,7 +682,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--stage2-init", choices=["stage1", "imagenet"], default="stage1",
                    help="stage 2's backbone on pseudo masks starts from the stage-1 model's (examples/glas.yaml's "
                    "segmenter.backbone_init) or from ImageNet; the control always starts from ImageNet")  # fmt: skip
-    g.add_argument("--stage2-loss", choices=["ce", "ce_dice"], default="ce_dice",
+    g.add_argument("--stage2-loss", choices=STAGE2_LOSSES, default="ce_dice",
                    help="stage 2's pixel loss, the control's too (examples/glas.yaml's segmenter.loss)")  # fmt: skip
     g.add_argument("--tta-scales", type=floats, default=[0.75, 1.0, 1.25])
     g.add_argument("--test-tile", type=int, default=None,

@@ -28,8 +28,8 @@ def ce_dice_loss(
     from pbip_engine.engine.training.segmentation import segmentation_loss
 
     ce = segmentation_loss(logits, mask, ignore_index=ignore_index, weight=class_weights)
-    if not bool((mask != ignore_index).any()):
-        return ce
-    return ce + float(dice_weight) * dice_loss(
-        logits.float(), mask, average="macro", ignore_index=ignore_index
-    )
+    # kornia scores an all-ignored image 1; the flag zeroes it on the device (segmentation_loss already paid the
+    # one host sync of the step for the same question)
+    labelled = (mask != ignore_index).any()
+    dice = dice_loss(logits.float(), mask, average="macro", ignore_index=ignore_index)
+    return ce + float(dice_weight) * dice * labelled
