@@ -35,9 +35,10 @@ class GlandMethod(Method):
     # Each slide's CAMs re-read against its own prototypes: pseudo masks 0.573 / 0.580 -> 0.649 / 0.650 on GlaS
     # (stage-1 seeds 0 / 1), 0.838 -> 0.870 on the demo cohort (BENCHMARKS.md, gland, sessions 30-32).
     image_prototypes_default = 0.5
-    # No stage2_defaults: stage 2 keeps cross-entropy, not the paper's PLF. On the same pseudo masks PLF was below
-    # CE on the demo (0.851 / 0.863 vs 0.884 / 0.880, two seeds; under its own masks' 0.874 where CE is above) and
-    # level on GlaS testA (0.673 / 0.672 vs 0.683 / 0.671, inside the noise): BENCHMARKS.md, gland, session 33.
+    # No stage2_defaults: the base's DeepLab-v3+ and cross-entropy, not the paper's PLF. On the same pseudo masks
+    # PLF was below CE on the demo (0.851 / 0.863 vs 0.884 / 0.880, two seeds; under its own masks' 0.874 where CE
+    # is above) and level on GlaS testA (0.673 / 0.672 vs 0.683 / 0.671, inside the noise): BENCHMARKS.md, gland,
+    # session 33.
     summary = "gland (AAAI 2025): CAMs with Consistency Correlation Attention + MPFP pooling (PLF: segmenter.loss: plf)"
 
     def stage1_task(self, cfg: GlandConfig, inputs: Stage1Inputs) -> GlandTask:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pbip_engine.methods.base import Method, Stage1Inputs, Stage2Defaults, network_config
+from pbip_engine.methods.base import Method, Stage1Inputs, network_config
 from pbip_engine.methods.pbip.config import CAM_READOUT_KEYS, PbipConfig
 from pbip_engine.methods.registry import register_method
 
@@ -34,11 +34,6 @@ class PbipMethod(Method):
     region_cams = True
     cam_context_default = "regions"
     image_prototypes_default = 0.5
-
-    def stage2_defaults(self, cfg: PbipConfig) -> Stage2Defaults:
-        # PBIP publishes no stage-2 code; DeepLab-v3+ is the template of its peers (MLPS, METHODS.md). On the demo
-        # cohort it beat DeepLab-v2 on the same pseudo masks (0.87 -> 0.93 whole-slide mIoU, BENCHMARKS.md session 41)
-        return Stage2Defaults(arch="deeplabv3plus")
 
     def stage1_task(self, cfg: PbipConfig, inputs: Stage1Inputs) -> PbipTask:
         from pbip_engine.engine.embed.encoders import create_encoder
