@@ -386,11 +386,20 @@ def report(run_dir: str) -> None:
 def methods() -> None:
     """List the registered segmentation methods and their spec keys (``method:`` section)."""
     from pbip_engine.methods import METHODS
+    from pbip_engine.methods.base import Method
 
     for name, m in sorted(METHODS.items()):
         keys = [k for k in m.config_model.model_fields if k != "name"]
         stages = ", ".join(s for s in ("bank", "classnet", "pseudo") if s in m.stages) or "no CAM stages"
-        click.echo(f"{name}: {m.summary} (stages: {stages})\n  keys: {', '.join(keys)}")
+        s2 = m.stage2_defaults(m.config_model(name=name))  # with the method's default keys
+        # a method with its own stage-2 task trains with its own losses (its method keys), not segmenter.loss
+        own_task = type(m).stage2_task is not Method.stage2_task
+        stage2 = (
+            f"{s2.arch} with its own losses (method keys)"
+            if own_task
+            else f"{s2.arch}, {s2.loss} loss by default (segmenter.arch, segmenter.loss)"
+        )
+        click.echo(f"{name}: {m.summary} (stages: {stages})\n  keys: {', '.join(keys)}\n  stage 2: {stage2}")
 
 
 def _register_cluster_commands() -> None:

@@ -219,5 +219,8 @@ def test_registry_rejects_clashes_and_unknown_names():
 def test_cli_lists_methods_and_demo_refuses_an_unknown_one(tmp_path):
     r = CliRunner().invoke(main, ["methods"])
     assert r.exit_code == 0 and "pbip:" in r.output and "sim_size" in r.output
+    stage2 = [line for line in r.output.splitlines() if line.startswith("  stage 2: ")]
+    assert len(stage2) == 4 and sum(": deeplabv3plus, ce loss by default" in line for line in stage2) == 3
+    assert "  stage 2: transunet with its own losses (method keys)" in stage2
     r = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"), "--method", "nope"])
     assert r.exit_code != 0 and "unknown method 'nope'" in r.output and not (tmp_path / "d").exists()
