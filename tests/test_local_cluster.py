@@ -172,7 +172,8 @@ def _counts(out: Path, stage: str, keys: tuple[str, ...]) -> dict:
     return {k: run["stages"][stage]["counts"][k] for k in keys}
 
 
-@pytest.mark.timeout(480)  # the embed case runs two ~1 min embed stages on a busy 2-core machine
+# the embed case runs two ~1 min embed stages on a busy 2-core machine, and a missed kill one more (below)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize(("stages", "task_name", "keys", "check"), FAULT_CASES)
 def test_stage_survives_a_worker_node_kill(
     full_cluster: LocalCluster,
@@ -188,36 +189,46 @@ def test_stage_survives_a_worker_node_kill(
     assert ref.wait(timeout=240) == 0, (tmp / f"ref-{last}.log").read_text()[-3000:]
     expected = _counts(tmp / "reference", last, keys)
 
-    log = tmp / f"faulty-{last}.log"
-    drv = _driver(cluster, "run", str(cohort["faulty"]), "--stages", stages, log=log)
+    def tasks() -> list[dict]:
+        return [
+            t for t in cluster.state_api("tasks", {"detail": "true"}) if task_name in (t.get("name") or "")
+        ]
 
-    def busy_worker():
-        if drv.poll() is not None:
-            raise AssertionError(f"the run ended before a {task_name} task ran on a worker node")
-        busy = cluster.busy_workers(task_name)
-        return busy[0] if busy else None
+    # A kill that lands just after its task finished hits nothing to retry (a short tile task on a busy machine
+    # can end between the check and the kill): then the whole disturbed run is redone and its node killed again,
+    # up to three times. Every run must match the undisturbed one; one of them must have retried a killed task.
+    for attempt in range(3):
+        while len([w for w in cluster.workers if not w.killed]) < 2:
+            cluster.add_worker()
+        log = tmp / f"faulty-{last}-{attempt}.log"
+        force = ["--force", stages] if attempt else []
+        drv = _driver(cluster, "run", str(cohort["faulty"]), "--stages", stages, *force, log=log)
 
-    try:
-        victim = wait_until(
-            busy_worker, timeout=120, poll=0.02, what=f"a running {task_name} task on a worker"
-        )
-        cluster.kill_worker(victim)
-        assert drv.wait(timeout=240) == 0, log.read_text()[-3000:]
-    finally:
-        if drv.poll() is None:
-            drv.kill()
-    assert not victim.alive() and victim.node_id() is None
-    cluster.wait_for_nodes(2, timeout=60)  # the GCS marks the killed node dead
-    assert _counts(tmp / "faulty", last, keys) == expected
-    if check is not None:
-        check(tmp / "faulty")
-    # The killed task (or the actor task in flight on the killed node) really ran again.
-    retried = [
-        t for t in cluster.state_api("tasks", {"detail": "true"}) if task_name in (t.get("name") or "")
-    ]
-    assert any(t.get("attempt_number", 0) >= 1 for t in retried), [
-        (t.get("name"), t.get("attempt_number"), t.get("state")) for t in retried
-    ]
+        def busy_worker(drv=drv):
+            if drv.poll() is not None:
+                raise AssertionError(f"the run ended before a {task_name} task ran on a worker node")
+            busy = cluster.busy_workers(task_name)
+            return busy[0] if busy else None
+
+        try:
+            victim = wait_until(
+                busy_worker, timeout=120, poll=0.02, what=f"a running {task_name} task on a worker"
+            )
+            cluster.kill_worker(victim)
+            assert drv.wait(timeout=240) == 0, log.read_text()[-3000:]
+        finally:
+            if drv.poll() is None:
+                drv.kill()
+        assert not victim.alive() and victim.node_id() is None
+        cluster.wait_for_nodes(2, timeout=60)  # the GCS marks the killed node dead
+        assert _counts(tmp / "faulty", last, keys) == expected
+        if check is not None:
+            check(tmp / "faulty")
+        # The killed task (or the actor task in flight on the killed node) really ran again.
+        if any(t.get("attempt_number", 0) >= 1 for t in tasks()):
+            break
+    else:
+        raise AssertionError([(t.get("name"), t.get("attempt_number"), t.get("state")) for t in tasks()])
 
 
 # -- a Ray Train worker dies mid-epoch ---------------------------------------------------------------------
