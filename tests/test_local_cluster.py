@@ -158,12 +158,17 @@ def cohort(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> d
     return {**specs, "tmp": tmp}
 
 
-@pytest.fixture
-def full_cluster(cluster: LocalCluster) -> LocalCluster:
-    """The module cluster with two live worker nodes (a previous case may have killed one)."""
+def _two_live_workers(cluster: LocalCluster) -> LocalCluster:
+    """Start worker nodes until two are alive (a previous kill may have taken one)."""
     while len([w for w in cluster.workers if not w.killed]) < 2:
         cluster.add_worker()
     return cluster
+
+
+@pytest.fixture
+def full_cluster(cluster: LocalCluster) -> LocalCluster:
+    """The module cluster with two live worker nodes (a previous case may have killed one)."""
+    return _two_live_workers(cluster)
 
 
 def _counts(out: Path, stage: str, keys: tuple[str, ...]) -> dict:
@@ -198,8 +203,7 @@ def test_stage_survives_a_worker_node_kill(
     # can end between the check and the kill): then the whole disturbed run is redone and its node killed again,
     # up to three times. Every run must match the undisturbed one; one of them must have retried a killed task.
     for attempt in range(3):
-        while len([w for w in cluster.workers if not w.killed]) < 2:
-            cluster.add_worker()
+        _two_live_workers(cluster)
         log = tmp / f"faulty-{last}-{attempt}.log"
         force = ["--force", stages] if attempt else []
         drv = _driver(cluster, "run", str(cohort["faulty"]), "--stages", stages, *force, log=log)
